@@ -1,0 +1,51 @@
+"""Config parsing: overrides, one-line errors with dotted key paths, no evaluation of strings."""
+
+from __future__ import annotations
+
+import pytest
+
+from vptlab.config import build_config, dump_config, load_config, parse_override
+from vptlab.errors import ConfigError
+
+
+def test_overrides_are_typed_and_nested() -> None:
+    cfg = build_config({}, ["train.lr=0.25", "data.augment.crop_pad=3", "model.options.depth=2"])
+    assert cfg.train.lr == 0.25
+    assert cfg.data.augment.crop_pad == 3
+    assert cfg.model.options == {"depth": 2}
+
+
+def test_override_values_are_never_evaluated() -> None:
+    _, value = parse_override("name=__import__('os').system('false')")
+    assert value == "__import__('os').system('false')"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.lr=-1", "train.lr: Input should be greater than 0, got -1"),
+        ("train.lrr=0.1", "train.lrr: unknown key"),
+        ("data.augment.flip=maybe", "data.augment.flip: Input should be a valid boolean"),
+        ("adapt.mode=half", "adapt.mode: Input should be 'prompt', 'linear', 'full' or 'prompt+full'"),
+        ("train=3", "train: Input should be a valid dictionary"),
+        ("epochs", "override 'epochs' must look like key.sub=value"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({}, [override])
+    message = str(info.value)
+    assert message.startswith(expected)
+    assert "\n" not in message
+
+
+def test_yaml_round_trip(tmp_path) -> None:
+    cfg = build_config({"name": "x", "train": {"epochs": 3}}, ["adapt.prompt.depth=[0,1]"])
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+def test_missing_config_file(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")

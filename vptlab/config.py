@@ -1,0 +1,159 @@
+"""Typed experiment configs: YAML presets plus `key.sub=value` overrides, validated by pydantic."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vptlab.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(Section):
+    crop_pad: int = Field(0, ge=0, description="random shifts of up to this many pixels")
+    flip: bool = False
+
+
+class DataConfig(Section):
+    name: str = "mnist-5k"
+    root: str | None = None
+    img_size: int | None = Field(None, gt=0, description="resize to this size; None keeps it")
+    batch_size: int = Field(128, gt=0)
+    eval_batch_size: int = Field(512, gt=0)
+    num_workers: int = Field(2, ge=0)
+    augment: AugmentConfig = AugmentConfig()
+    options: dict[str, Any] = Field(default_factory=dict, description="dataset keyword arguments")
+
+
+class ModelConfig(Section):
+    name: str = "simplenet"
+    pretrained: bool | str = False
+    options: dict[str, Any] = Field(default_factory=dict, description="model keyword arguments")
+
+
+class PromptSection(Section):
+    num_prompts: int = Field(10, ge=0)
+    deep: bool = True
+    depth: list[int] | None = None
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class AdaptConfig(Section):
+    mode: Literal["prompt", "linear", "full", "prompt+full"] = "full"
+    prompt: PromptSection = PromptSection()
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.05, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    step_size: int = Field(30, gt=0, description="epochs between decays of the step schedule")
+    gamma: float = Field(0.1, gt=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0)
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    eval_every: int = Field(1, gt=0)
+    compile: bool = Field(False, description="torch.compile the model (pays off on GPU)")
+
+
+class OutputConfig(Section):
+    dir: str = "runs"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class ExperimentConfig(Section):
+    name: str = "run"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    adapt: AdaptConfig = AdaptConfig()
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _check_name(self) -> ExperimentConfig:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"name must be a plain folder name, got {self.name!r}")
+        return self
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    value = first.get("input")
+    got = "" if first["type"] == "extra_forbidden" or isinstance(value, dict) else f", got {value!r}"
+    return f"{key}: {msg}{got}{extra}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=0.1` -> (["train", "lr"], 0.1); values are parsed as YAML scalars, never evaluated."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    path = [part for part in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from None
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(path)}: '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return raw
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    raw = apply_overrides(copy.deepcopy(raw), overrides or [])
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    return build_config(load_yaml(path) if path else {}, overrides)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,120 @@
+"""What every dataset returns: [0,1] float images (N,C,H,W) and int64 labels, split by a seed.
+
+Also the dataset registry and the small seeded helpers every reader shares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from vptlab.errors import DataError
+from vptlab.registry import Registry
+
+
+@dataclass
+class TensorSplit:
+    """A split small enough to live as tensors on the training device."""
+
+    x: torch.Tensor  # (N, C, H, W) float32 in [0, 1], C is 1 or 3
+    y: torch.Tensor  # (N,) int64
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 4 or len(self.x) != len(self.y):
+            raise ValueError(
+                f"TensorSplit needs x (N,C,H,W) and y (N,), got {tuple(self.x.shape)} and "
+                f"{tuple(self.y.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to(self, device: str | torch.device) -> TensorSplit:
+        return TensorSplit(self.x.to(device), self.y.to(device))
+
+
+@dataclass
+class DataSplits:
+    """Train and test splits of one dataset; a split is a TensorSplit or a streaming Dataset."""
+
+    name: str
+    train: TensorSplit | Dataset
+    test: TensorSplit | Dataset
+    num_classes: int
+    classes: list[str] = field(default_factory=list)
+
+
+DATASETS = Registry[DataSplits]("dataset")
+
+
+def seeded_generator(*seed: int) -> torch.Generator:
+    """A CPU generator from a tuple of ints (seed, epoch, stream...), well mixed by SeedSequence.
+
+    CPU on purpose: the same seed then gives the same order and augmentation on any device.
+    """
+    state = np.random.SeedSequence(list(seed)).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def seeded_permutation(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=seeded_generator(seed))
+
+
+def stratified_split(
+    y: torch.Tensor, test_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, test), each class split by `test_fraction`, both shuffled by the seed.
+
+    Stratified so that even a small test split holds every class in its true proportion.
+    """
+    g = seeded_generator(seed)
+    train_parts, test_parts = [], []
+    for label in torch.unique(y):
+        members = torch.nonzero(y == label).flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        n_test = round(len(members) * test_fraction)
+        test_parts.append(members[:n_test])
+        train_parts.append(members[n_test:])
+    train, test = torch.cat(train_parts), torch.cat(test_parts)
+    # Labels came grouped by class above: shuffle so no split is ever sorted by label.
+    return (
+        train[torch.randperm(len(train), generator=g)],
+        test[torch.randperm(len(test), generator=g)],
+    )
+
+
+def subset(split: TensorSplit | Dataset, n: int | None, seed: int) -> TensorSplit | Dataset:
+    """A seeded random subset of `n` samples (the whole split when n is None or >= its size)."""
+    size = len(split)  # type: ignore[arg-type]
+    if n is None or n >= size:
+        return split
+    if n < 1:
+        raise ValueError(f"subset size must be >= 1, got {n}")
+    index = seeded_permutation(size, seed)[:n]
+    if isinstance(split, TensorSplit):
+        return TensorSplit(split.x[index], split.y[index])
+    return Subset(split, index.tolist())
+
+
+def uint8_images(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (N,C,H,W) -> float32 in [0,1]."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).float().div_(255.0)
+
+
+def int64_labels(labels: Sequence[int] | np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(labels, dtype=np.int64))
+
+
+def require_root(dataset: str, root: str | None, expected: str) -> Path:
+    """The user's folder as a Path, or one DataError that says what belongs there."""
+    if root is None:
+        raise DataError(f"{dataset}: no root folder given; expected {expected} (set data.root)")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(f"{dataset}: expected {expected} under {path}; that folder does not exist")
+    return path

@@ -1,0 +1,126 @@
+"""Atomic, pickle-free checkpoints: weights in safetensors, loop state through `weights_only=True`."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vptlab.errors import VptlabError
+
+
+VPTLAB_FORMAT = "vptlab"  # metadata mark of checkpoints written by save_model
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)` on a temp file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def model_state(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The model's tensors; with `trainable_only`, just parameters that require grad (prompts, head)."""
+    if trainable_only:
+        state = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    else:
+        state = model.state_dict()
+    # safetensors refuses shared or non-contiguous storage: store independent copies.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_model(model: nn.Module, path: str | Path, trainable_only: bool = False) -> None:
+    state = model_state(model, trainable_only)
+    meta = {"format": VPTLAB_FORMAT, "trainable_only": str(trainable_only)}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def load_model(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a safetensors checkpoint; a partial one (trainable only) must cover every trainable tensor."""
+    path = Path(path)
+    if not path.is_file():
+        raise VptlabError(f"checkpoint not found: {path}")
+    state = load_file(str(path), device=str(next(model.parameters()).device))
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise VptlabError(
+            f"checkpoint {path} does not fit this model; unexpected keys: {', '.join(unexpected[:5])}"
+        )
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    with safe_open(str(path), framework="pt") as f:
+        partial = (f.metadata() or {}).get("trainable_only") == "True"
+    missing = sorted((trainable if partial else set(own)) - set(state))
+    if missing:
+        raise VptlabError(f"checkpoint {path} lacks keys: {', '.join(missing[:5])}")
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise VptlabError(
+                f"checkpoint {path}: '{key}' has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(own[key].shape)}"
+            )
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def save_state(state: dict[str, Any], path: str | Path) -> None:
+    """Optimizer / scheduler / RNG state: plain tensors and containers, readable with weights_only."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def is_vptlab_checkpoint(path: str | Path) -> bool:
+    """True for a .safetensors file written by `save_model` (keys as in our ImageClassifier)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("format") == VPTLAB_FORMAT
+
+
+def load_backbone(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a full vptlab checkpoint as pretrained weights, skipping tensors whose shape differs.
+
+    Only the classifier head may differ (another number of classes); anything else is an error.
+    """
+    state = load_file(str(path), device=str(next(model.parameters()).device))
+    own = model.state_dict()
+    head = {f"{name}.{k}" for name, m in model.named_modules() if m is model.get_classifier()
+            for k in m.state_dict()}
+    keep = {}
+    for key, value in state.items():
+        if key not in own:
+            raise VptlabError(f"pretrained {path}: unexpected key '{key}' for this model")
+        if own[key].shape == value.shape:
+            keep[key] = value
+        elif key not in head:
+            raise VptlabError(
+                f"pretrained {path}: '{key}' has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(own[key].shape)}"
+            )
+    missing = sorted(set(own) - set(state) - head)
+    if missing:
+        raise VptlabError(f"pretrained {path} lacks keys: {', '.join(missing[:5])}")
+    model.load_state_dict(keep, strict=False)
+    return model

@@ -1,0 +1,96 @@
+"""One experiment end to end: config -> data + model -> the loop -> a run folder; and back again."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vptlab.config import ExperimentConfig, build_config, load_yaml
+from vptlab.data.base import DataSplits
+from vptlab.engine.build import build_data, build_model, image_size
+from vptlab.engine.checkpoint import atomic_write_text, load_model
+from vptlab.engine.loop import CONFIG_FILE, MODEL_FILE, STATE_FILE, fit, resolve_device
+from vptlab.errors import ConfigError, VptlabError
+
+
+def run_dir_of(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.output.dir) / cfg.name
+
+
+def train(
+    cfg: ExperimentConfig,
+    *,
+    force: bool = False,
+    stop_after_epochs: int | None = None,
+) -> dict[str, Any]:
+    """Train a fresh run into `output.dir/name`; an existing run is kept unless `force`."""
+    run_dir = run_dir_of(cfg)
+    if (run_dir / STATE_FILE).exists():
+        if not force:
+            raise ConfigError(
+                f"run folder {run_dir} already holds a run; resume it with --resume {run_dir}, "
+                "pick another name=..., or pass --force to overwrite"
+            )
+        shutil.rmtree(run_dir)
+    torch.manual_seed(cfg.seed)
+    data = build_data(cfg)
+    model = build_model(cfg, data.num_classes, image_size(data, cfg))
+    metrics = fit(model, data, cfg, run_dir, stop_after_epochs=stop_after_epochs)
+    write_run_report(run_dir, metrics)
+    return metrics
+
+
+def resume(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Continue an interrupted run from its last checkpoint, to the same result as one go."""
+    run_dir = Path(run_dir)
+    if not (run_dir / STATE_FILE).is_file():
+        raise VptlabError(f"nothing to resume in {run_dir}: no {STATE_FILE} there")
+    cfg = build_config(load_yaml(run_dir / CONFIG_FILE), overrides)
+    torch.manual_seed(cfg.seed)
+    data = build_data(cfg)
+    model = build_model(cfg, data.num_classes, image_size(data, cfg))
+    metrics = fit(model, data, cfg, run_dir, resume=True)
+    write_run_report(run_dir, metrics)
+    return metrics
+
+
+def load_run(
+    run_dir: str | Path, device: str = "auto", data: str | None = None, root: str | None = None
+) -> tuple[ExperimentConfig, nn.Module, DataSplits]:
+    """Rebuild a run's model with its trained weights, and its data (or another dataset)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise VptlabError(f"{run_dir} is not a run folder: no {CONFIG_FILE} there")
+    overrides = [f"device={device}"]
+    if data is not None:
+        overrides += [f"data.name={data}", "data.options={}"]
+    if root is not None:
+        overrides.append(f"data.root={root}")
+    cfg = build_config(load_yaml(run_dir / CONFIG_FILE), overrides)
+    torch.manual_seed(cfg.seed)
+    splits = build_data(cfg)
+    model = build_model(cfg, splits.num_classes, image_size(splits, cfg))
+    load_model(model, run_dir / MODEL_FILE)
+    return cfg, model.to(resolve_device(cfg.device)).eval(), splits
+
+
+def write_run_report(run_dir: Path, metrics: dict[str, Any]) -> None:
+    final = metrics.get("final", {})
+    params = metrics["params"]
+    lines = [
+        f"# Run `{metrics['name']}`",
+        "",
+        "| model | mode | dataset | trainable / total params | top-1 | top-5 | best top-1 "
+        "| s/epoch | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {metrics['model']} | {metrics['mode']} | {metrics['dataset']} "
+        f"| {params['trainable']:,} / {params['total']:,} | {final.get('test_top1', float('nan')):.2f} "
+        f"| {final.get('test_top5', float('nan')):.2f} | {metrics.get('best_top1', float('nan')):.2f} "
+        f"| {metrics.get('seconds_per_epoch', float('nan')):.1f} | {metrics.get('status')} |",
+        "",
+    ]
+    atomic_write_text(run_dir / "report.md", "\n".join(lines))

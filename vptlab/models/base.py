@@ -1,0 +1,49 @@
+"""The model contract: pixels in [0,1] go in, logits come out; each model owns its normalization."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; constants, so they are kept out of checkpoints."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class ImageClassifier(nn.Module):
+    """Normalization followed by a backbone `net` that follows timm's conventions.
+
+    `net` must provide `forward`, `forward_features`, `forward_head(features, pre_logits=False)` and
+    `get_classifier()`; ViT-like nets also have `blocks`, `cls_token` and `embed_dim`, which is what
+    prompts and distillation hook into.
+    """
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(self.normalize(x))
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.net.forward_head(features, pre_logits=pre_logits)
+
+    def get_classifier(self) -> nn.Module:
+        return self.net.get_classifier()

@@ -1,0 +1,40 @@
+"""Training curves as one PNG: train and test accuracy per epoch, one line per run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are written on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "") -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for label, history in histories.items():
+        epochs = [row["epoch"] for row in history]
+        line = axes[0].plot(epochs, [row["train_acc"] for row in history], label=label)[0]
+        tested = [row for row in history if "test_top1" in row]
+        axes[1].plot(
+            [row["epoch"] for row in tested],
+            [row["test_top1"] for row in tested],
+            label=label,
+            color=line.get_color(),
+            marker="o" if len(tested) < 15 else None,
+        )
+    for ax, name in zip(axes, ("train accuracy", "test top-1"), strict=True):
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("%")
+    axes[1].legend(loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,138 @@
+"""A study: several runs sharing a base config (optionally on a cached pretrained backbone),
+reported together as one Markdown table and one PNG of training curves."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vptlab.config import apply_overrides, build_config
+from vptlab.engine.checkpoint import atomic_write_text
+from vptlab.engine.loop import METRICS_FILE, MODEL_FILE
+from vptlab.engine.runner import train
+from vptlab.errors import ConfigError
+from vptlab.report.plots import plot_curves
+
+
+class StudyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    study: str
+    title: str = ""
+    description: str = ""
+    output: str = "runs"
+    base: dict[str, Any] = Field(default_factory=dict)
+    backbone: dict[str, Any] | None = Field(
+        None, description="a run config trained once and cached; the runs start from its weights"
+    )
+    runs: dict[str, dict[str, Any]]
+
+
+def is_study(raw: dict[str, Any]) -> bool:
+    return "runs" in raw
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("VPTLAB_CACHE", Path.home() / ".cache" / "vptlab"))
+
+
+def cached_backbone(raw: dict[str, Any], overrides: list[str]) -> Path:
+    """Train the backbone config once and return its weights; reused while the config is unchanged."""
+    cfg = build_config(raw, overrides)
+    recipe = cfg.model_dump(mode="json", exclude={"device", "output"})
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    name = f"{cfg.name}-{digest}"
+    folder = cache_root() / "backbones"
+    run_dir = folder / name
+    metrics_path = run_dir / METRICS_FILE
+    if metrics_path.is_file() and json.loads(metrics_path.read_text()).get("status") == "complete":
+        return run_dir / MODEL_FILE
+    cfg = build_config(raw, [*overrides, f"name={name}", f"output.dir={folder}"])
+    train(cfg, force=True)
+    return run_dir / MODEL_FILE
+
+
+def run_study(
+    raw: dict[str, Any], overrides: list[str] | None = None, only: list[str] | None = None
+) -> Path:
+    """Train every run of the study (overrides apply to each), then write its report; returns it."""
+    overrides = overrides or []
+    try:
+        study = StudyConfig.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    out_dir = Path(study.output) / study.study
+    device_overrides = [o for o in overrides if o.startswith("device=")]
+    pretrained = None
+    if study.backbone is not None:
+        pretrained = cached_backbone(study.backbone, device_overrides)
+    results: dict[str, dict[str, Any]] = {}
+    for label, spec in study.runs.items():
+        if only and label not in only:
+            continue
+        merged = deep_merge(study.base, spec)
+        merged = apply_overrides(merged, [f"name={label}", f"output.dir={out_dir}"])
+        if pretrained is not None and not merged.get("model", {}).get("pretrained"):
+            merged = apply_overrides(merged, [f"model.pretrained={pretrained}"])
+        cfg = build_config(merged, overrides)
+        start = time.perf_counter()
+        metrics = train(cfg, force=True)
+        metrics["wall_seconds"] = time.perf_counter() - start
+        results[label] = metrics
+    return write_study_report(study, out_dir, results, backbone=pretrained)
+
+
+def write_study_report(
+    study: StudyConfig,
+    out_dir: Path,
+    results: dict[str, dict[str, Any]],
+    backbone: Path | None = None,
+) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_curves(
+        {label: m["history"] for label, m in results.items()},
+        out_dir / "curves.png",
+        title=study.title or study.study,
+    )
+    lines = [f"# {study.title or study.study}", ""]
+    if study.description:
+        lines += [study.description.strip(), ""]
+    if backbone is not None:
+        lines += [f"Backbone: pretrained once and cached (`{backbone.parent.name}`).", ""]
+    lines += [
+        "| run | model | mode | dataset | trainable params | total params | top-1 | top-5 "
+        "| best top-1 | s / epoch | wall s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, m in results.items():
+        final = m.get("final", {})
+        lines.append(
+            f"| {label} | {m['model']} | {m['mode']} | {m['dataset']} "
+            f"| {m['params']['trainable']:,} | {m['params']['total']:,} "
+            f"| {final.get('test_top1', float('nan')):.2f} | {final.get('test_top5', float('nan')):.2f} "
+            f"| {m.get('best_top1', float('nan')):.2f} | {m.get('seconds_per_epoch', float('nan')):.2f} "
+            f"| {m.get('wall_seconds', float('nan')):.1f} |"
+        )
+    lines += ["", "![training curves](curves.png)", ""]
+    report = out_dir / "report.md"
+    atomic_write_text(report, "\n".join(lines))
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
+    return report
