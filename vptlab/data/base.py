@@ -113,7 +113,9 @@ def int64_labels(labels: Sequence[int] | np.ndarray) -> torch.Tensor:
 def require_root(dataset: str, root: str | None, expected: str) -> Path:
     """The user's folder as a Path, or one DataError that says what belongs there."""
     if root is None:
-        raise DataError(f"{dataset}: no root folder given; expected {expected} (set data.root)")
+        raise DataError(
+            f"{dataset}: expected {expected} in a local folder; no root folder was given"
+        )
     path = Path(root).expanduser()
     if not path.is_dir():
         raise DataError(f"{dataset}: expected {expected} under {path}; that folder does not exist")

@@ -5,23 +5,20 @@ from __future__ import annotations
 from torch import nn
 
 from vptlab.config import ExperimentConfig
-from vptlab.data import load_dataset
+from vptlab.data import dataset_options, load_dataset
 from vptlab.data.base import DataSplits, TensorSplit
-from vptlab.data.loaders import resize
 from vptlab.engine.checkpoint import is_vptlab_checkpoint, load_backbone
 from vptlab.models import create_model
 from vptlab.prompts import PromptConfig, adapt
 
 
 def build_data(cfg: ExperimentConfig) -> DataSplits:
+    """Load the dataset; `data.img_size` reaches folder readers here and the loaders per batch."""
     dcfg = cfg.data
     options = dict(dcfg.options)
-    splits = load_dataset(dcfg.name, root=dcfg.root, seed=cfg.seed, **options)
-    if dcfg.img_size is not None:
-        for split in (splits.train, splits.test):
-            if isinstance(split, TensorSplit) and split.x.shape[-1] != dcfg.img_size:
-                split.x = resize(split.x, dcfg.img_size)
-    return splits
+    if dcfg.img_size is not None and "img_size" in dataset_options(dcfg.name):
+        options.setdefault("img_size", dcfg.img_size)
+    return load_dataset(dcfg.name, root=dcfg.root, seed=cfg.seed, **options)
 
 
 def image_size(splits: DataSplits, cfg: ExperimentConfig) -> int:

@@ -96,11 +96,11 @@ def fit(
     train_loader = make_loader(
         data.train, cfg.data.batch_size, train=True, device=device, seed=cfg.seed,
         crop_pad=cfg.data.augment.crop_pad, flip=cfg.data.augment.flip,
-        num_workers=cfg.data.num_workers,
+        num_workers=cfg.data.num_workers, img_size=cfg.data.img_size,
     )
     test_loader = make_loader(
         data.test, cfg.data.eval_batch_size, train=False, device=device, seed=cfg.seed,
-        num_workers=cfg.data.num_workers,
+        num_workers=cfg.data.num_workers, img_size=cfg.data.img_size,
     )
     optimizer = build_optimizer(model, tcfg)
     scheduler = build_scheduler(optimizer, len(train_loader), tcfg)

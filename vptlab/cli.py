@@ -1,0 +1,127 @@
+"""The `vptlab` command: train, eval, models, run (the main job). Errors print as one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vptlab.errors import VptlabError
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def _device_overrides(args: argparse.Namespace) -> list[str]:
+    device = args.device
+    if args.gpu is not None:  # the MiniPlaces scripts' spelling: --gpu=-1 means the CPU
+        device = "cpu" if args.gpu < 0 else "cuda"
+    return [f"device={device}"] if device else []
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    parser.add_argument("--gpu", type=int, default=None, help="-1 for the CPU (same as --device cpu)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vptlab.config import build_config, load_yaml
+    from vptlab.engine import runner
+    from vptlab.report.study import is_study, run_study
+
+    overrides = list(args.overrides) + _device_overrides(args)
+    if args.resume:
+        metrics = runner.resume(args.resume, _device_overrides(args))
+        print(json.dumps(metrics.get("final", {})))
+        return 0
+    if not args.config:
+        raise VptlabError("train needs -c CONFIG (or --resume RUN_DIR)")
+    raw = load_yaml(args.config)
+    if is_study(raw):
+        report = run_study(raw, overrides)
+        print(f"report: {report}")
+        return 0
+    metrics = runner.train(build_config(raw, overrides), force=args.force)
+    print(json.dumps({"run": metrics["name"], **metrics.get("final", {})}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vptlab.data.loaders import make_loader
+    from vptlab.engine.loop import amp_dtype_for
+    from vptlab.engine.runner import load_run
+    from vptlab.metrics.accuracy import evaluate
+
+    device = (_device_overrides(args) or ["device=auto"])[0].split("=", 1)[1]
+    cfg, model, splits = load_run(args.run_dir, device=device, data=args.data, root=args.root)
+    dev = next(model.parameters()).device
+    loader = make_loader(
+        splits.test, cfg.data.eval_batch_size, train=False, device=dev, seed=cfg.seed,
+        num_workers=cfg.data.num_workers, img_size=cfg.data.img_size,
+    )
+    result = evaluate(model, loader, amp_dtype_for(dev, cfg.train.amp))
+    print(json.dumps({"run": str(args.run_dir), "dataset": splits.name, **result}))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from vptlab.models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from vptlab.config import load_yaml
+    from vptlab.report.study import run_study
+
+    config = Path(args.config) if args.config else DEMO_CONFIG
+    report = run_study(load_yaml(config), list(args.overrides) + _device_overrides(args))
+    print(f"report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vptlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one run or a study from a YAML config")
+    p.add_argument("-c", "--config", help="YAML preset (configs/...)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    _add_device(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run folder's model")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="evaluate on another dataset (same classes)")
+    p.add_argument("--root", help="folder of that dataset")
+    _add_device(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("models", help="list the registered models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("run", help="the main job: a study preset (default: the mnist-5k demo)")
+    p.add_argument("-c", "--config", help=f"study preset (default {DEMO_CONFIG.name})")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides for every run")
+    _add_device(p)
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VptlabError as err:
+        print(f"vptlab: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vptlab: interrupted; resume with `vptlab train --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Image datasets kept on disk and streamed: `imagefolder` (class folders) and `miniplaces` (lists).
+
+Both give a Dataset of (3,S,S) float tensors in [0,1] and int labels, loaded with PIL and resized
+to `img_size` in the worker processes, so only a batch at a time is in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vptlab.data.base import DATASETS, DataSplits, require_root
+from vptlab.errors import DataError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MINIPLACES_CLASSES = 100
+MINIPLACES_LIST_DIRS = (".", "data", "development_kit/data")  # where the release keeps its lists
+
+
+class ImageFileDataset(Dataset):
+    """Images listed as (path, label): RGB, resized to img_size x img_size, float in [0,1]."""
+
+    def __init__(self, samples: Sequence[tuple[Path, int]], img_size: int) -> None:
+        if img_size < 1:
+            raise ValueError(f"img_size must be >= 1, got {img_size}")
+        self.samples = list(samples)
+        self.img_size = img_size
+        # Labels without opening images: poisoning and class counts need only these.
+        self.targets = [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return load_image(path, self.img_size), label
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """One image file as a (3, size, size) float tensor in [0,1]; gray and RGBA become RGB."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except OSError as error:
+        raise DataError(f"cannot read image {path}: {error}") from None
+    if image.size != (size, size):
+        # Pillow's bilinear filter widens with the scale factor, so downscaling is antialiased.
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
+    return pixels.permute(2, 0, 1).contiguous().float().div_(255.0)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files anywhere below `folder`, in a stable order (ImageFolder's walk)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        found += [Path(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS)]
+    return found
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _scan_classes(folder: Path, class_to_idx: dict[str, int]) -> list[tuple[Path, int]]:
+    unknown = [name for name in _class_dirs(folder) if name not in class_to_idx]
+    if unknown:
+        raise DataError(
+            f"imagefolder: {folder} has class folders that train/ lacks: {', '.join(unknown)}"
+        )
+    return [
+        (path, index)
+        for name, index in class_to_idx.items()
+        if (folder / name).is_dir()
+        for path in _image_files(folder / name)
+    ]
+
+
+@DATASETS.register("imagefolder")
+def load_imagefolder(root: str | None = None, seed: int = 0, img_size: int = 64) -> DataSplits:
+    """`root/train/<class>/*.jpg` and `root/val/<class>/...` (or `test/`), classes sorted by name.
+
+    Images are squashed to img_size x img_size (set it to the model's input size); the seed is
+    unused because the folders already fix the split.
+    """
+    expected = "train/ and val/ (or test/) folders of class folders of images"
+    base = require_root("imagefolder", root, expected)
+    test_dir = next((base / n for n in ("val", "test") if (base / n).is_dir()), None)
+    missing = [] if (base / "train").is_dir() else ["train/"]
+    missing += [] if test_dir is not None else ["val/ (or test/)"]
+    if missing:
+        raise DataError(
+            f"imagefolder: expected {expected} under {base}; missing {' and '.join(missing)}"
+        )
+    classes = _class_dirs(base / "train")
+    class_to_idx = {name: i for i, name in enumerate(classes)}
+    train = _scan_classes(base / "train", class_to_idx)
+    test = _scan_classes(test_dir, class_to_idx)
+    for folder, samples in ((base / "train", train), (test_dir, test)):
+        if not samples:
+            raise DataError(
+                f"imagefolder: expected class folders of images ({', '.join(IMG_EXTENSIONS)}) "
+                f"under {folder}; found none"
+            )
+    return DataSplits(
+        "imagefolder",
+        ImageFileDataset(train, img_size),
+        ImageFileDataset(test, img_size),
+        num_classes=len(classes),
+        classes=classes,
+    )
+
+
+def _find_list_dir(base: Path) -> Path | None:
+    for sub in MINIPLACES_LIST_DIRS:
+        if all((base / sub / f"{s}.txt").is_file() for s in ("train", "val")):
+            return (base / sub).resolve()
+    return None
+
+
+def read_list_file(path: Path, images: Path, num_classes: int) -> list[tuple[Path, int]]:
+    """`relative/path.jpg label` lines -> (images/relative/path.jpg, label)."""
+    samples = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].isdigit() or int(parts[1]) >= num_classes:
+            raise DataError(
+                f"miniplaces: {path}:{number}: expected 'relative/path.jpg label' with a label "
+                f"in 0..{num_classes - 1}, got {line.strip()!r}"
+            )
+        samples.append((images / parts[0], int(parts[1])))
+    if not samples:
+        raise DataError(f"miniplaces: {path} lists no images")
+    # Checking every file costs a stat per image; the first one catches a wrong images/ folder.
+    if not samples[0][0].is_file():
+        raise DataError(
+            f"miniplaces: {path.name} lists {samples[0][0].relative_to(images)} but "
+            f"{samples[0][0]} does not exist (images belong under {images})"
+        )
+    return samples
+
+
+def read_categories(list_dir: Path, train: list[tuple[Path, int]], images: Path) -> list[str]:
+    """Class names from categories.txt (`/a/abbey 0`), else from the train paths' folders."""
+    names = [str(i) for i in range(MINIPLACES_CLASSES)]
+    path = list_dir / "categories.txt"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) == 2 and parts[1].isdigit() and int(parts[1]) < MINIPLACES_CLASSES:
+                # '/b/bakery/shop' -> 'bakery/shop': drop the leading letter folder.
+                names[int(parts[1])] = parts[0].strip("/").split("/", 1)[-1]
+        return names
+    for file, label in train:  # train/a/abbey/00000001.jpg
+        folders = file.relative_to(images).parts[2:-1]
+        if folders:
+            names[label] = "/".join(folders)
+    return names
+
+
+@DATASETS.register("miniplaces")
+def load_miniplaces(root: str | None = None, seed: int = 0, img_size: int = 128) -> DataSplits:
+    """MiniPlaces (100 scenes, 128x128): `images/train/...`, `images/val/...` and the lists
+    `train.txt` / `val.txt` in root, root/data or root/development_kit/data.
+    """
+    expected = "images/ and train.txt, val.txt ('train/a/abbey/00000001.jpg 0' lines)"
+    base = require_root("miniplaces", root, expected)
+    list_dir = _find_list_dir(base)
+    images = base / "images"
+    missing = [] if images.is_dir() else ["images/"]
+    missing += [] if list_dir is not None else ["train.txt and val.txt"]
+    if missing:
+        raise DataError(
+            f"miniplaces: expected {expected} under {base} (lists may sit in data/ or "
+            f"development_kit/data/); missing {' and '.join(missing)}"
+        )
+    train = read_list_file(list_dir / "train.txt", images, MINIPLACES_CLASSES)
+    test = read_list_file(list_dir / "val.txt", images, MINIPLACES_CLASSES)
+    return DataSplits(
+        "miniplaces",
+        ImageFileDataset(train, img_size),
+        ImageFileDataset(test, img_size),
+        num_classes=MINIPLACES_CLASSES,
+        classes=read_categories(list_dir, train, images),
+    )
