@@ -1,0 +1,103 @@
+"""Models by name: `create_model("vit-scratch", num_classes=10, img_size=28)` returns an
+`ImageClassifier` that takes (B,3,H,W) pixels in [0,1] and returns logits.
+
+Our own models (simplenet, vit-scratch) and a list of timm models are registered in `MODELS`;
+any other name timm knows is built through the same timm path.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from vptlab.errors import ConfigError, DataError, RegistryError
+from vptlab.models.base import ImageClassifier
+from vptlab.registry import Registry
+
+MODELS = Registry[nn.Module]("model")
+
+
+def _check_pixels(module: nn.Module, args: tuple[Any, ...]) -> None:
+    # Normalize would broadcast a (B,1,H,W) batch into 3 channels and fail on others with an
+    # opaque shape error; the contract is (B,3,H,W), so say so before anything runs.
+    x = args[0]
+    channels = module.mean.shape[1]
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != channels:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DataError(
+            f"models take (B, {channels}, H, W) pixels in [0, 1], got {shape}; "
+            "repeat gray images to 3 channels in the dataset"
+        )
+
+
+def build_classifier(
+    net: nn.Module, mean: Sequence[float], std: Sequence[float]
+) -> ImageClassifier:
+    """`ImageClassifier(net, mean, std)` whose input shape is checked before normalization."""
+    model = ImageClassifier(net, mean, std)
+    model.normalize.register_forward_pre_hook(_check_pixels)
+    return model
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    img_size: int = 224,
+    pretrained: bool | str = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build model `name`; extra keyword arguments go to that model's factory (e.g. `depth=2`)."""
+    if name in MODELS:
+        factory = MODELS.get(name)
+    elif _timm_knows(name):
+        factory = timm_models.timm_factory(name)
+    else:
+        raise RegistryError(
+            f"unknown model '{name}'; choose from: {', '.join(list_models())} "
+            "(or any name in timm.list_models())"
+        )
+    _check_kwargs(name, factory, kwargs)
+    return factory(num_classes=num_classes, img_size=img_size, pretrained=pretrained, **kwargs)
+
+
+def _check_kwargs(name: str, factory: Any, kwargs: dict[str, Any]) -> None:
+    # A misspelt option should name the options, not surface as a TypeError deep in a factory.
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # timm models: timm reports what it does not take
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        allowed = sorted(set(params) - {"num_classes", "img_size", "pretrained"})
+        raise ConfigError(
+            f"model '{name}' does not take {', '.join(unknown)}; it takes: {', '.join(allowed)}"
+        )
+
+
+def list_models() -> list[str]:
+    """Names registered here (timm's other models are reachable too, but not listed)."""
+    return MODELS.names()
+
+
+def _timm_knows(name: str) -> bool:
+    # is_model also accepts names with a pretrained tag, e.g. "vit_base_patch16_224.augreg_in1k".
+    return timm.is_model(name)
+
+
+# Imported last: each submodule registers its models into MODELS defined above.
+from vptlab.models import simplenet, timm_models, vit_scratch  # noqa: E402
+
+__all__ = [
+    "MODELS",
+    "ImageClassifier",
+    "build_classifier",
+    "create_model",
+    "list_models",
+    "simplenet",
+    "timm_models",
+    "vit_scratch",
+]

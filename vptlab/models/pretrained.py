@@ -1,0 +1,131 @@
+"""Loading weights into a freshly built backbone: read a file without unpickling code, fit the
+state dict to the target (re-patch a ViT, drop a head of another size) and load it strictly.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from torch import nn
+
+from vptlab.errors import ConfigError
+
+StateDict = dict[str, torch.Tensor]
+# Prefixes that wrappers add in front of a backbone's keys: our ImageClassifier ("net."),
+# DataParallel/DDP ("module.") and some training scripts ("model.").
+_WRAPPER_PREFIXES = ("net.", "module.", "model.")
+
+
+def read_state_dict(path: str | Path) -> StateDict:
+    """Tensors of a `.safetensors` file, or of a `.pth`/`.pt`/`.bin` file read with weights_only."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pretrained weights not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        state = load_file(str(path))
+    elif suffix in (".pth", ".pt", ".bin"):
+        try:
+            # weights_only: a checkpoint is data; a pickle that names other objects runs code.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise ConfigError(
+                f"{path} holds more than tensors, so it is refused "
+                f"(loaded with weights_only=True): {first_line}"
+            ) from None
+    else:
+        raise ConfigError(f"pretrained weights must be .safetensors, .pth, .pt or .bin, got {path}")
+    # Training scripts often save {"model": state} or {"state_dict": state}.
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{path} does not hold a state dict of tensors")
+    return strip_wrapper_prefix(state)
+
+
+def strip_wrapper_prefix(state: StateDict) -> StateDict:
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            return strip_wrapper_prefix({k[len(prefix) :]: v for k, v in state.items()})
+    return state
+
+
+def resample_vit_state(state: StateDict, net: nn.Module) -> StateDict:
+    """Fit a ViT state dict to `net`'s patch size and token grid (timm attribute names).
+
+    The patch kernel is resampled with FlexiViT's pseudo-inverse (`resample_patch_embed`): the new
+    kernel on a patch shrunk from 16x16 to 4x4 gives about the token the old one gave on the full
+    patch. The position embedding is interpolated to the new grid, the class token's entry kept.
+    """
+    state = dict(state)
+    kernel = state.get("patch_embed.proj.weight")
+    if kernel is not None and hasattr(net, "patch_embed"):
+        target = net.patch_embed.proj.weight.shape[-2:]
+        if kernel.shape[-2:] != target:
+            state["patch_embed.proj.weight"] = resample_patch_embed(kernel, list(target))
+    pos_embed = state.get("pos_embed")
+    if pos_embed is not None and getattr(net, "pos_embed", None) is not None:
+        if pos_embed.shape != net.pos_embed.shape:
+            num_prefix = 0 if getattr(net, "no_embed_class", False) else net.num_prefix_tokens
+            state["pos_embed"] = resample_abs_pos_embed(
+                pos_embed, new_size=list(net.patch_embed.grid_size), num_prefix_tokens=num_prefix
+            )
+    return state
+
+
+def classifier_keys(net: nn.Module) -> set[str]:
+    """State-dict keys of the module `net.get_classifier()` returns (e.g. `head.weight`)."""
+    classifier = net.get_classifier()
+    for name, module in net.named_modules():
+        if module is classifier:
+            prefix = f"{name}." if name else ""
+            return {prefix + k for k in module.state_dict()}
+    return set()
+
+
+def load_backbone_state(net: nn.Module, state: StateDict, source: str) -> nn.Module:
+    """Load `state` into `net`: a classifier of another size is dropped (kept at its fresh init),
+    every other key must be present with the right shape."""
+    own = net.state_dict()
+    head = classifier_keys(net)
+    state = {
+        k: v for k, v in state.items() if not (k in head and k in own and v.shape != own[k].shape)
+    }
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state) - head)
+    wrong = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:5])}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected[:5])}")
+    if wrong:
+        problems.extend(
+            f"'{k}' has shape {tuple(state[k].shape)}, the model expects {tuple(own[k].shape)}"
+            for k in wrong[:5]
+        )
+    if problems:
+        raise ConfigError(
+            f"pretrained weights {source} do not fit the model: {'; '.join(problems)}"
+        )
+    net.load_state_dict(state, strict=False)
+    return net
+
+
+def load_pretrained_file(
+    net: nn.Module,
+    path: str | Path,
+    adapt: Callable[[StateDict, nn.Module], StateDict] | None = None,
+) -> nn.Module:
+    """Read `path`, pass it through `adapt(state, net)` (re-patching, key renames) and load it."""
+    state = read_state_dict(path)
+    if adapt is not None:
+        state = adapt(state, net)
+    return load_backbone_state(net, state, str(path))
