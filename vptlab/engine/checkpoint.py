@@ -15,7 +15,6 @@ from torch import nn
 
 from vptlab.errors import VptlabError
 
-
 VPTLAB_FORMAT = "vptlab"  # metadata mark of checkpoints written by save_model
 
 

@@ -196,7 +196,7 @@ def _train_epoch(
             correct = correct.to(y.device) + (logits.detach().argmax(1) == y).sum()
             seen += len(y)
             if step % _CHECK_EVERY == 0:
-                _check_finite(float(loss), epoch, step)
+                _check_finite(float(loss.detach()), epoch, step)
             advance()
     train_loss = float(loss_sum) / max(seen, 1)
     _check_finite(train_loss, epoch, len(loader))

@@ -15,6 +15,7 @@ from vptlab.engine.build import build_data, build_model, image_size
 from vptlab.engine.checkpoint import atomic_write_text, load_model
 from vptlab.engine.loop import CONFIG_FILE, MODEL_FILE, STATE_FILE, fit, resolve_device
 from vptlab.errors import ConfigError, VptlabError
+from vptlab.report.tables import RUN_HEADER, run_row
 
 
 def run_dir_of(cfg: ExperimentConfig) -> Path:
@@ -79,18 +80,6 @@ def load_run(
 
 
 def write_run_report(run_dir: Path, metrics: dict[str, Any]) -> None:
-    final = metrics.get("final", {})
-    params = metrics["params"]
-    lines = [
-        f"# Run `{metrics['name']}`",
-        "",
-        "| model | mode | dataset | trainable / total params | top-1 | top-5 | best top-1 "
-        "| s/epoch | status |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| {metrics['model']} | {metrics['mode']} | {metrics['dataset']} "
-        f"| {params['trainable']:,} / {params['total']:,} | {final.get('test_top1', float('nan')):.2f} "
-        f"| {final.get('test_top5', float('nan')):.2f} | {metrics.get('best_top1', float('nan')):.2f} "
-        f"| {metrics.get('seconds_per_epoch', float('nan')):.1f} | {metrics.get('status')} |",
-        "",
-    ]
-    atomic_write_text(run_dir / "report.md", "\n".join(lines))
+    status = f"Status: {metrics.get('status')}, {metrics.get('epochs_done', 0)} epochs done."
+    text = f"# Run `{metrics['name']}`\n\n{status}\n\n{RUN_HEADER}\n{run_row(metrics['name'], metrics)}\n"
+    atomic_write_text(run_dir / "report.md", text)

@@ -19,6 +19,7 @@ from vptlab.engine.loop import METRICS_FILE, MODEL_FILE
 from vptlab.engine.runner import train
 from vptlab.errors import ConfigError
 from vptlab.report.plots import plot_curves
+from vptlab.report.tables import RUN_HEADER, run_row
 
 
 class StudyConfig(BaseModel):
@@ -117,20 +118,7 @@ def write_study_report(
         lines += [study.description.strip(), ""]
     if backbone is not None:
         lines += [f"Backbone: pretrained once and cached (`{backbone.parent.name}`).", ""]
-    lines += [
-        "| run | model | mode | dataset | trainable params | total params | top-1 | top-5 "
-        "| best top-1 | s / epoch | wall s |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for label, m in results.items():
-        final = m.get("final", {})
-        lines.append(
-            f"| {label} | {m['model']} | {m['mode']} | {m['dataset']} "
-            f"| {m['params']['trainable']:,} | {m['params']['total']:,} "
-            f"| {final.get('test_top1', float('nan')):.2f} | {final.get('test_top5', float('nan')):.2f} "
-            f"| {m.get('best_top1', float('nan')):.2f} | {m.get('seconds_per_epoch', float('nan')):.2f} "
-            f"| {m.get('wall_seconds', float('nan')):.1f} |"
-        )
+    lines += [RUN_HEADER, *(run_row(label, m) for label, m in results.items())]
     lines += ["", "![training curves](curves.png)", ""]
     report = out_dir / "report.md"
     atomic_write_text(report, "\n".join(lines))
