@@ -1,11 +1,11 @@
-"""Training throughput and peak memory of ViT adaptation modes next to a plain timm fine-tuning loop.
+"""Training throughput and peak memory of ViT adaptation modes beside a plain timm fine-tuning loop.
 
-Each case runs in its own process (so the CPU's peak RSS belongs to that case alone), the same model,
-batch and input for every mode, bf16 autocast on CUDA, warm-up steps excluded, timings bracketed by
-`torch.cuda.synchronize()`. Usage:
+Each case runs in its own process (so the CPU's peak RSS belongs to that case alone), the same
+model, batch and input for every mode, bf16 autocast on CUDA, warm-up steps excluded, timings
+bracketed by `torch.cuda.synchronize()`. Usage:
 
-    python benchmarks/vpt_throughput.py                      # GPU set-up: batch 256, ViT-B/16@224, ViT-B/4@32
-    python benchmarks/vpt_throughput.py --cpu-small          # CPU stand-in: smaller batch and steps
+    python benchmarks/vpt_throughput.py              # GPU: batch 256, ViT-B/16@224, ViT-B/4@32
+    python benchmarks/vpt_throughput.py --cpu-small  # CPU stand-in: smaller batch and steps
 """
 
 from __future__ import annotations

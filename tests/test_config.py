@@ -26,7 +26,10 @@ def test_override_values_are_never_evaluated() -> None:
         ("train.lr=-1", "train.lr: Input should be greater than 0, got -1"),
         ("train.lrr=0.1", "train.lrr: unknown key"),
         ("data.augment.flip=maybe", "data.augment.flip: Input should be a valid boolean"),
-        ("adapt.mode=half", "adapt.mode: Input should be 'prompt', 'linear', 'full' or 'prompt+full'"),
+        (
+            "adapt.mode=half",
+            "adapt.mode: Input should be 'prompt', 'linear', 'full' or 'prompt+full'",
+        ),
         ("train=3", "train: Input should be a valid dictionary"),
         ("epochs", "override 'epochs' must look like key.sub=value"),
     ],

@@ -21,7 +21,9 @@ def _device_overrides(args: argparse.Namespace) -> list[str]:
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
-    parser.add_argument("--gpu", type=int, default=None, help="-1 for the CPU (same as --device cpu)")
+    parser.add_argument(
+        "--gpu", type=int, default=None, help="-1 for the CPU (same as --device cpu)"
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -98,12 +98,16 @@ def _format_error(err: ValidationError) -> str:
         msg = "unknown key"
     extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     value = first.get("input")
-    got = "" if first["type"] == "extra_forbidden" or isinstance(value, dict) else f", got {value!r}"
+    hide_value = first["type"] == "extra_forbidden" or isinstance(value, dict)
+    got = "" if hide_value else f", got {value!r}"
     return f"{key}: {msg}{got}{extra}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=0.1` -> (["train", "lr"], 0.1); values are parsed as YAML scalars, never evaluated."""
+    """Split an override: `train.lr=0.1` -> (["train", "lr"], 0.1).
+
+    Values are parsed as YAML scalars, never evaluated.
+    """
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value")
     key, raw = text.split("=", 1)

@@ -1,4 +1,4 @@
-"""A tiny name -> factory registry, so models, datasets, attacks and defenses are reachable by name."""
+"""A tiny name -> factory registry: models, datasets, attacks and defenses are reachable by name."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The one loop: learns, resumes to the same result, guards against NaN, writes pickle-free files."""
+"""The one loop: learns, resumes exactly, guards against NaN, writes pickle-free files."""
 
 from __future__ import annotations
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BUILDERS, images, tiny_vit
 from torch import nn
 
 from vptlab.engine.checkpoint import load_model, save_model
@@ -31,7 +32,9 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train_steps(model: nn.Module, kind: str, steps: int = 3) -> None:
+def train_steps(
+    model: nn.Module, kind: str, images: Callable[..., torch.Tensor], steps: int = 3
+) -> None:
     # Every parameter goes to the optimizer, with weight decay: frozen ones must still not move.
     opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
     model.train()
@@ -51,7 +54,7 @@ def head_names(model: nn.Module) -> set[str]:
     return {k for k, p in model.named_parameters() if any(p is q for q in head.parameters())}
 
 
-def test_unknown_mode_lists_the_modes() -> None:
+def test_unknown_mode_lists_the_modes(tiny_vit) -> None:
     with pytest.raises(ConfigError, match="prompt, linear, full, prompt\\+full.*'lora'"):
         adapt(tiny_vit(), "lora")
 
@@ -62,7 +65,7 @@ def test_prompt_mode_needs_a_vit_or_tinyvit() -> None:
         adapt(ImageClassifier(net, IMAGENET_MEAN, IMAGENET_STD), "prompt")
 
 
-def test_adapting_twice_is_refused() -> None:
+def test_adapting_twice_is_refused(tiny_vit) -> None:
     model = adapt(tiny_vit(), "prompt")
     with pytest.raises(ConfigError, match="already adapted"):
         adapt(model, "prompt")
@@ -75,8 +78,8 @@ def test_prompt_config_is_validated(bad: dict) -> None:
 
 
 @pytest.mark.parametrize("mode", ADAPT_MODES)
-def test_what_each_mode_trains(kind: str, mode: str) -> None:
-    model = adapt(BUILDERS[kind](), mode, PromptConfig(num_prompts=3))
+def test_what_each_mode_trains(kind: str, mode: str, builders) -> None:
+    model = adapt(builders[kind](), mode, PromptConfig(num_prompts=3))
     assert isinstance(model, AdaptedClassifier) and isinstance(model, ImageClassifier)
     prompt_ids = {id(p) for p in prompt_parameters(model)}
     prompts = {k for k, p in model.named_parameters() if id(p) in prompt_ids}
@@ -93,19 +96,19 @@ def test_what_each_mode_trains(kind: str, mode: str) -> None:
     assert total == sum(p.numel() for p in model.parameters())
 
 
-def test_prompted_state_dict_keeps_the_backbone_keys(kind: str) -> None:
-    base_keys = set(BUILDERS[kind]().state_dict())
-    model = adapt(BUILDERS[kind](), "prompt+full", PromptConfig(num_prompts=3))
+def test_prompted_state_dict_keeps_the_backbone_keys(kind: str, builders) -> None:
+    base_keys = set(builders[kind]().state_dict())
+    model = adapt(builders[kind](), "prompt+full", PromptConfig(num_prompts=3))
     extra = set(model.state_dict()) - base_keys
     assert base_keys <= set(model.state_dict())
     assert extra and all("prompt" in k for k in extra)
 
 
 @pytest.mark.parametrize("mode", ["prompt", "linear"])
-def test_frozen_backbone_stays_bit_identical(kind: str, mode: str) -> None:
-    model = adapt(BUILDERS[kind](drop_rate=0.2), mode, PromptConfig(num_prompts=3, dropout=0.1))
+def test_frozen_backbone_stays_bit_identical(kind: str, mode: str, builders, images) -> None:
+    model = adapt(builders[kind](drop_rate=0.2), mode, PromptConfig(num_prompts=3, dropout=0.1))
     before = snapshot(model)
-    train_steps(model, kind)
+    train_steps(model, kind, images)
     after = snapshot(model)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == trainable_names(model)  # prompts and head moved; weights AND buffers did not
@@ -113,8 +116,8 @@ def test_frozen_backbone_stays_bit_identical(kind: str, mode: str) -> None:
         assert any(k.endswith("running_mean") for k in before)
 
 
-def test_train_mode_keeps_the_frozen_backbone_in_eval(kind: str) -> None:
-    model = adapt(BUILDERS[kind](), "prompt", PromptConfig(num_prompts=3, dropout=0.1)).train()
+def test_train_mode_keeps_the_frozen_backbone_in_eval(kind: str, builders) -> None:
+    model = adapt(builders[kind](), "prompt", PromptConfig(num_prompts=3, dropout=0.1)).train()
     assert model.training and model.get_classifier().training
     owners = [m for m in model.net.modules() if any(p.requires_grad for p in m.parameters(False))]
     training = {id(c) for m in owners for c in m.modules()}  # prompt holders with their dropout
@@ -123,21 +126,21 @@ def test_train_mode_keeps_the_frozen_backbone_in_eval(kind: str) -> None:
         assert m.training == (id(m) in training), m
     model.eval()
     assert not any(m.training for m in model.modules())
-    full = adapt(BUILDERS[kind](), "full").train()
+    full = adapt(builders[kind](), "full").train()
     assert all(m.training for m in full.modules())  # full fine-tuning keeps dropout, BN updates
 
 
 @pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
 def test_prompt_checkpoint_round_trips_onto_a_fresh_backbone(
-    kind: str, deep: bool, tmp_path
+    kind: str, deep: bool, tmp_path, builders, images
 ) -> None:
     cfg = PromptConfig(num_prompts=3, deep=deep)
-    model = adapt(BUILDERS[kind](seed=0), "prompt", cfg)
-    train_steps(model, kind, steps=2)
+    model = adapt(builders[kind](seed=0), "prompt", cfg)
+    train_steps(model, kind, images, steps=2)
     path = tmp_path / "prompts.safetensors"
     save_model(model, path, trainable_only=True)
 
-    fresh = adapt(BUILDERS[kind](seed=0), "prompt", cfg)  # same backbone, other prompts and head
+    fresh = adapt(builders[kind](seed=0), "prompt", cfg)  # same backbone, other prompts and head
     x = images(kind)
     assert not torch.equal(fresh.eval()(x), model.eval()(x))
     load_model(fresh, path)
@@ -152,7 +155,7 @@ def digits(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x.clamp(0, 1), torch.tensor(data.target[:n])
 
 
-def test_prompt_tuning_learns_digits_on_a_frozen_random_vit() -> None:
+def test_prompt_tuning_learns_digits_on_a_frozen_random_vit(tiny_vit) -> None:
     x, y = digits(512)
     # timm's default init (std 0.02) leaves a random ViT's cls output nearly input-independent;
     # 'jax' init (Xavier, zero head) gives features a head can use, and a start loss of ln(10).
@@ -176,7 +179,7 @@ def test_prompt_tuning_learns_digits_on_a_frozen_random_vit() -> None:
 
 
 @pytest.mark.parametrize("name", [n for n in list_models() if n not in HEAVY])
-def test_every_registered_model_adapts(name: str) -> None:
+def test_every_registered_model_adapts(name: str, images) -> None:
     """Prompts where the net is a ViT or TinyViT (zero prompts: the base logits), else a clear
     ConfigError; linear probing everywhere."""
     torch.manual_seed(0)

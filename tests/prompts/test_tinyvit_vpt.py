@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import images, tiny_tinyvit
 
 from vptlab.errors import ConfigError
 from vptlab.prompts import (
@@ -34,7 +33,7 @@ def random_biases(model: torch.nn.Module) -> None:
         (PromptConfig(num_prompts=3, deep=False), DIMS[:1]),
     ],
 )
-def test_prompt_parameter_count(cfg: PromptConfig, dims: list[int]) -> None:
+def test_prompt_parameter_count(cfg: PromptConfig, dims: list[int], tiny_tinyvit) -> None:
     model = adapt(tiny_tinyvit(), "prompt", cfg)
     assert [p.numel() for p in prompt_parameters(model)] == [cfg.num_prompts * d for d in dims]
     head = sum(p.numel() for p in model.get_classifier().parameters())
@@ -43,7 +42,9 @@ def test_prompt_parameter_count(cfg: PromptConfig, dims: list[int]) -> None:
 
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "manual"])
 @pytest.mark.parametrize("deep", [False, True], ids=["shallow", "deep"])
-def test_zero_prompts_give_the_base_logits_exactly(deep: bool, fused: bool) -> None:
+def test_zero_prompts_give_the_base_logits_exactly(
+    deep: bool, fused: bool, images, tiny_tinyvit
+) -> None:
     x = images("tinyvit")
     base = tiny_tinyvit()
     random_biases(base)
@@ -71,7 +72,7 @@ def reference_attention(attn: PromptedWindowAttention, x: torch.Tensor) -> torch
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "manual"])
-def test_window_attention_matches_the_reference(fused: bool) -> None:
+def test_window_attention_matches_the_reference(fused: bool, tiny_tinyvit) -> None:
     model = adapt(tiny_tinyvit(), "prompt", PromptConfig(num_prompts=5)).eval()
     random_biases(model)
     for block in attention_blocks(model.net):
@@ -83,7 +84,7 @@ def test_window_attention_matches_the_reference(fused: bool) -> None:
 
 
 @pytest.mark.parametrize("deep", [False, True], ids=["shallow", "deep"])
-def test_prompts_get_gradients_and_steer_the_output(deep: bool) -> None:
+def test_prompts_get_gradients_and_steer_the_output(deep: bool, images, tiny_tinyvit) -> None:
     model = adapt(tiny_tinyvit(), "prompt", PromptConfig(num_prompts=4, deep=deep))
     x = images("tinyvit")
     model(x).logsumexp(1).sum().backward()
@@ -97,19 +98,19 @@ def test_prompts_get_gradients_and_steer_the_output(deep: bool) -> None:
     assert not torch.allclose(model(x), before)
 
 
-def test_shallow_prompts_only_the_first_attention_block() -> None:
+def test_shallow_prompts_only_the_first_attention_block(tiny_tinyvit) -> None:
     model = adapt(tiny_tinyvit(), "prompt", PromptConfig(num_prompts=4, deep=False))
     wrapped = [isinstance(b.attn, PromptedWindowAttention) for b in attention_blocks(model.net)]
     assert wrapped == [True, False, False, False]
 
 
-def test_prompts_start_within_the_vpt_bound() -> None:
+def test_prompts_start_within_the_vpt_bound(tiny_tinyvit) -> None:
     model = adapt(tiny_tinyvit(), "prompt", PromptConfig(num_prompts=50))
     for p, dim in zip(prompt_parameters(model), DIMS, strict=True):
         bound = (6 / (3 * 4 * 4 + dim)) ** 0.5  # the stem's stride 4 as the patch size
         assert 0.8 * bound < p.abs().max() <= bound
 
 
-def test_depth_counts_attention_blocks() -> None:
+def test_depth_counts_attention_blocks(tiny_tinyvit) -> None:
     with pytest.raises(ConfigError, match=r"\[0, 4\) .*attention blocks"):
         adapt(tiny_tinyvit(), "prompt", PromptConfig(depth=[4]))

@@ -1,4 +1,4 @@
-"""Offline transfer: a ViT pretrained on Fashion-MNIST, prompt-tuned on mnist-5k, saved and reloaded."""
+"""Offline transfer: ViT pretrained on Fashion-MNIST, prompt-tuned on mnist-5k, saved, reloaded."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from vptlab.metrics.accuracy import evaluate
 from vptlab.report.study import run_study
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-# patch 7 (16 tokens) and average pooling: the quickest small ViT to learn from a few thousand images
+# patch 7 (16 tokens) and average pooling: the quickest small ViT to learn from few images
 VIT = {
     "name": "vit-scratch",
     "options": {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 7, "global_pool": "avg"},

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from conftest import images, tiny_vit
 
 from vptlab.errors import ConfigError
 from vptlab.models import create_model
@@ -31,7 +30,7 @@ def block_inputs(model: torch.nn.Module) -> list[torch.Tensor]:
         (PromptConfig(num_prompts=7, deep=False), 1),
     ],
 )
-def test_prompt_parameter_count(cfg: PromptConfig, sets: int) -> None:
+def test_prompt_parameter_count(cfg: PromptConfig, sets: int, tiny_vit) -> None:
     model = adapt(tiny_vit(), "prompt", cfg)
     (prompts,) = prompt_parameters(model)
     assert prompts.numel() == sets * cfg.num_prompts * DIM
@@ -45,7 +44,9 @@ def test_prompt_parameter_count(cfg: PromptConfig, sets: int) -> None:
     [{}, {"global_pool": "avg"}, {"class_token": False, "global_pool": "avg"}, {"reg_tokens": 2}],
     ids=["token", "cls+avg", "avg", "registers"],
 )
-def test_zero_prompts_give_the_base_logits_exactly(deep: bool, vit_kwargs: dict) -> None:
+def test_zero_prompts_give_the_base_logits_exactly(
+    deep: bool, vit_kwargs: dict, images, tiny_vit
+) -> None:
     x = images("vit")
     expected = tiny_vit(**vit_kwargs)(x)
     model = adapt(tiny_vit(**vit_kwargs), "prompt", PromptConfig(num_prompts=0, deep=deep)).eval()
@@ -53,7 +54,9 @@ def test_zero_prompts_give_the_base_logits_exactly(deep: bool, vit_kwargs: dict)
 
 
 @pytest.mark.parametrize("vit_kwargs", [{}, {"reg_tokens": 2}], ids=["cls", "cls+registers"])
-def test_deep_prompts_replace_the_previous_blocks_prompts(vit_kwargs: dict) -> None:
+def test_deep_prompts_replace_the_previous_blocks_prompts(
+    vit_kwargs: dict, images, tiny_vit
+) -> None:
     model = adapt(tiny_vit(**vit_kwargs), "prompt", PromptConfig(num_prompts=5)).eval()
     prompt = model.net.prompt
     n = model.net.num_prefix_tokens
@@ -65,7 +68,7 @@ def test_deep_prompts_replace_the_previous_blocks_prompts(vit_kwargs: dict) -> N
     assert features.shape[1] == n + TOKENS  # the last block drops them
 
 
-def test_deep_prompts_can_start_at_a_later_block() -> None:
+def test_deep_prompts_can_start_at_a_later_block(images, tiny_vit) -> None:
     model = adapt(tiny_vit(), "prompt", PromptConfig(num_prompts=5, depth=[1, 2])).eval()
     seen = block_inputs(model)
     model(images("vit"))
@@ -73,7 +76,7 @@ def test_deep_prompts_can_start_at_a_later_block() -> None:
     assert torch.equal(seen[1][:, 1:6], model.net.prompt.embeddings[0].expand(4, -1, -1))
 
 
-def test_shallow_prompts_are_carried_through_the_blocks() -> None:
+def test_shallow_prompts_are_carried_through_the_blocks(images, tiny_vit) -> None:
     model = adapt(tiny_vit(), "prompt", PromptConfig(num_prompts=5, deep=False)).eval()
     seen = block_inputs(model)
     model(images("vit"))
@@ -83,7 +86,7 @@ def test_shallow_prompts_are_carried_through_the_blocks() -> None:
 
 
 @pytest.mark.parametrize("deep", [False, True])
-def test_prompts_get_gradients_and_steer_the_output(deep: bool) -> None:
+def test_prompts_get_gradients_and_steer_the_output(deep: bool, images, tiny_vit) -> None:
     model = adapt(tiny_vit(), "prompt", PromptConfig(num_prompts=4, deep=deep))
     x = images("vit")
     model(x).logsumexp(1).sum().backward()
@@ -98,7 +101,7 @@ def test_prompts_get_gradients_and_steer_the_output(deep: bool) -> None:
     assert not torch.allclose(model(x), before)
 
 
-def test_avg_pooling_excludes_the_prompts() -> None:
+def test_avg_pooling_excludes_the_prompts(images, tiny_vit) -> None:
     model = adapt(
         tiny_vit(class_token=False, global_pool="avg"), "prompt", PromptConfig(num_prompts=6)
     ).eval()
@@ -114,7 +117,7 @@ def test_avg_pooling_excludes_the_prompts() -> None:
     assert not torch.allclose(logits, with_prompts, atol=1e-4)
 
 
-def test_prompt_dropout_only_in_training() -> None:
+def test_prompt_dropout_only_in_training(images, tiny_vit) -> None:
     model = adapt(tiny_vit(), "prompt", PromptConfig(num_prompts=4, dropout=0.5))
     x = images("vit")
     model.train()
@@ -123,7 +126,7 @@ def test_prompt_dropout_only_in_training() -> None:
     assert torch.equal(model(x), model(x))
 
 
-def test_deepcopy_keeps_its_own_prompts() -> None:
+def test_deepcopy_keeps_its_own_prompts(images, tiny_vit) -> None:
     model = adapt(tiny_vit(), "prompt", PromptConfig(num_prompts=4)).eval()
     twin = copy.deepcopy(model)
     x = images("vit")
@@ -135,14 +138,14 @@ def test_deepcopy_keeps_its_own_prompts() -> None:
     assert not torch.allclose(twin(x), before)
 
 
-def test_depth_errors_name_the_key() -> None:
+def test_depth_errors_name_the_key(tiny_vit) -> None:
     with pytest.raises(ConfigError, match=r"prompt.depth .*\[0, 3\)"):
         adapt(tiny_vit(), "prompt", PromptConfig(depth=[0, 3]))
     with pytest.raises(ConfigError, match="prompt.depth"):
         PromptConfig(deep=False, depth=[0])
 
 
-def test_vit_base_repatched_to_patch_4() -> None:
+def test_vit_base_repatched_to_patch_4(images) -> None:
     torch.manual_seed(0)
     base = create_model("vit_base_patch16_224", num_classes=10, img_size=32, patch_size=4)
     assert base.net.patch_embed.patch_size == (4, 4)

@@ -1,4 +1,7 @@
-"""Studies: every run trained and tabled, curves plotted, a pretrained backbone trained once and reused."""
+"""Studies: every run trained and tabled, curves plotted.
+
+A pretrained backbone is trained once and reused.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +51,9 @@ def test_study_report_and_backbone_cache(
     assert (report.parent / "curves.png").read_bytes()[:4] == b"\x89PNG"
     # the linear probe trains the head only: far fewer trainable parameters than full
     full_row, linear_row = rows
-    assert int(linear_row.split("|")[5].replace(",", "")) < int(full_row.split("|")[5].replace(",", ""))
+    linear_params = int(linear_row.split("|")[5].replace(",", ""))
+    full_params = int(full_row.split("|")[5].replace(",", ""))
+    assert linear_params < full_params
 
     trained.clear()
     run_study(raw, only=["linear"])

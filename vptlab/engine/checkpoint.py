@@ -1,4 +1,4 @@
-"""Atomic, pickle-free checkpoints: weights in safetensors, loop state through `weights_only=True`."""
+"""Atomic, pickle-free checkpoints: weights in safetensors, loop state via `weights_only=True`."""
 
 from __future__ import annotations
 
@@ -37,7 +37,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def model_state(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
-    """The model's tensors; with `trainable_only`, just parameters that require grad (prompts, head)."""
+    """The model's tensors; with `trainable_only`, just parameters that require grad.
+
+    Typically those are the prompts and the head.
+    """
     if trainable_only:
         state = {k: p for k, p in model.named_parameters() if p.requires_grad}
     else:
@@ -53,7 +56,10 @@ def save_model(model: nn.Module, path: str | Path, trainable_only: bool = False)
 
 
 def load_model(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a safetensors checkpoint; a partial one (trainable only) must cover every trainable tensor."""
+    """Load a safetensors checkpoint into `model`.
+
+    A partial checkpoint (trainable only) must cover every trainable tensor.
+    """
     path = Path(path)
     if not path.is_file():
         raise VptlabError(f"checkpoint not found: {path}")
@@ -62,7 +68,8 @@ def load_model(model: nn.Module, path: str | Path) -> nn.Module:
     unexpected = sorted(set(state) - set(own))
     if unexpected:
         raise VptlabError(
-            f"checkpoint {path} does not fit this model; unexpected keys: {', '.join(unexpected[:5])}"
+            f"checkpoint {path} does not fit this model; "
+            f"unexpected keys: {', '.join(unexpected[:5])}"
         )
     trainable = {k for k, p in model.named_parameters() if p.requires_grad}
     with safe_open(str(path), framework="pt") as f:
@@ -81,7 +88,7 @@ def load_model(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 def save_state(state: dict[str, Any], path: str | Path) -> None:
-    """Optimizer / scheduler / RNG state: plain tensors and containers, readable with weights_only."""
+    """Optimizer/scheduler/RNG state: plain tensors and containers, readable with weights_only."""
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 

@@ -1,4 +1,7 @@
-"""A rich progress bar for long loops that disappears when disabled or when output is not a terminal."""
+"""A rich progress bar for long loops.
+
+It disappears when disabled or when output is not a terminal.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ from rich.progress import (
 
 
 @contextmanager
-def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[], None]]:
+def progress_bar(
+    description: str, total: int, enabled: bool = True
+) -> Iterator[Callable[[], None]]:
     """Yield an `advance()` callable; a no-op when the bar is disabled."""
     if not enabled:
         yield lambda: None

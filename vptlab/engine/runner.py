@@ -81,5 +81,8 @@ def load_run(
 
 def write_run_report(run_dir: Path, metrics: dict[str, Any]) -> None:
     status = f"Status: {metrics.get('status')}, {metrics.get('epochs_done', 0)} epochs done."
-    text = f"# Run `{metrics['name']}`\n\n{status}\n\n{RUN_HEADER}\n{run_row(metrics['name'], metrics)}\n"
+    text = (
+        f"# Run `{metrics['name']}`\n\n{status}\n\n"
+        f"{RUN_HEADER}\n{run_row(metrics['name'], metrics)}\n"
+    )
     atomic_write_text(run_dir / "report.md", text)

@@ -10,7 +10,10 @@ from torch import nn
 
 
 def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
-    """Number of samples whose label is among the k highest logits, for each k (capped at #classes)."""
+    """For each k, the number of samples whose label is among the k highest logits.
+
+    k is capped at the number of classes.
+    """
     kmax = min(max(ks), logits.shape[1])
     top = logits.topk(kmax, dim=1).indices
     hits = top.eq(y[:, None])
@@ -23,7 +26,10 @@ def evaluate(
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Mean loss, top-1 and top-5 accuracy (in %) of `model` over `loader`; restores the model's mode."""
+    """Mean loss, top-1 and top-5 accuracy (in %) of `model` over `loader`.
+
+    The model's train/eval mode is restored afterwards.
+    """
     was_training = model.training
     model.eval()
     n, loss_sum, c1, c5 = 0, 0.0, 0, 0

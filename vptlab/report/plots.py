@@ -11,7 +11,9 @@ matplotlib.use("Agg")  # headless: reports are written on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "") -> None:
+def plot_curves(
+    histories: dict[str, list[dict[str, Any]]], path: str | Path, title: str = ""
+) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for label, history in histories.items():
         epochs = [row["epoch"] for row in history]

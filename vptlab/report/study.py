@@ -55,7 +55,7 @@ def cache_root() -> Path:
 
 
 def cached_backbone(raw: dict[str, Any], overrides: list[str]) -> Path:
-    """Train the backbone config once and return its weights; reused while the config is unchanged."""
+    """Train the backbone config once and return its weights; reused until the config changes."""
     cfg = build_config(raw, overrides)
     recipe = cfg.model_dump(mode="json", exclude={"device", "output"})
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
