@@ -14,7 +14,7 @@ from vptlab.config import ExperimentConfig, build_config
 from vptlab.engine import runner
 from vptlab.engine.checkpoint import load_state
 from vptlab.engine.tasks import ClassificationTask
-from vptlab.errors import TrainingDiverged
+from vptlab.errors import ConfigError, TrainingDiverged
 
 
 def digits_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
@@ -62,7 +62,7 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
 def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
     cfg = digits_config(tmp_path, "train.epochs=1")
     runner.train(cfg)
-    with pytest.raises(Exception, match="already holds a run"):
+    with pytest.raises(ConfigError, match="already holds a run"):
         runner.train(cfg)
 
 
@@ -78,12 +78,11 @@ class ExplodingTask(ClassificationTask):
 
 
 def test_nan_guard_keeps_last_good_checkpoint(tmp_path: Path) -> None:
-    from vptlab.engine.build import build_data, build_model, image_size
+    from vptlab.engine.build import build_experiment
     from vptlab.engine.loop import fit
 
     cfg = digits_config(tmp_path, "train.epochs=3")
-    data = build_data(cfg)
-    model = build_model(cfg, data.num_classes, image_size(data, cfg))
+    data, model = build_experiment(cfg)
     steps_per_epoch = -(-len(data.train) // cfg.data.batch_size)
     run_dir = tmp_path / "nan"
     with pytest.raises(TrainingDiverged, match="last good checkpoint"):

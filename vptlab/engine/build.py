@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from vptlab.config import ExperimentConfig
@@ -46,3 +47,10 @@ def build_model(cfg: ExperimentConfig, num_classes: int, img_size: int) -> nn.Mo
     p = cfg.adapt.prompt
     prompt = PromptConfig(num_prompts=p.num_prompts, deep=p.deep, depth=p.depth, dropout=p.dropout)
     return adapt(model, cfg.adapt.mode, prompt)
+
+
+def build_experiment(cfg: ExperimentConfig) -> tuple[DataSplits, nn.Module]:
+    """Data and adapted model of a config; seeded, so the same config gives the same start."""
+    torch.manual_seed(cfg.seed)
+    data = build_data(cfg)
+    return data, build_model(cfg, data.num_classes, image_size(data, cfg))

@@ -6,12 +6,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from vptlab.config import ExperimentConfig, build_config, load_yaml
 from vptlab.data.base import DataSplits
-from vptlab.engine.build import build_data, build_model, image_size
+from vptlab.engine.build import build_experiment
 from vptlab.engine.checkpoint import atomic_write_text, load_model
 from vptlab.engine.loop import CONFIG_FILE, MODEL_FILE, STATE_FILE, fit, resolve_device
 from vptlab.errors import ConfigError, VptlabError
@@ -37,9 +36,7 @@ def train(
                 "pick another name=..., or pass --force to overwrite"
             )
         shutil.rmtree(run_dir)
-    torch.manual_seed(cfg.seed)
-    data = build_data(cfg)
-    model = build_model(cfg, data.num_classes, image_size(data, cfg))
+    data, model = build_experiment(cfg)
     metrics = fit(model, data, cfg, run_dir, stop_after_epochs=stop_after_epochs)
     write_run_report(run_dir, metrics)
     return metrics
@@ -51,9 +48,7 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str,
     if not (run_dir / STATE_FILE).is_file():
         raise VptlabError(f"nothing to resume in {run_dir}: no {STATE_FILE} there")
     cfg = build_config(load_yaml(run_dir / CONFIG_FILE), overrides)
-    torch.manual_seed(cfg.seed)
-    data = build_data(cfg)
-    model = build_model(cfg, data.num_classes, image_size(data, cfg))
+    data, model = build_experiment(cfg)
     metrics = fit(model, data, cfg, run_dir, resume=True)
     write_run_report(run_dir, metrics)
     return metrics
@@ -72,9 +67,7 @@ def load_run(
     if root is not None:
         overrides.append(f"data.root={root}")
     cfg = build_config(load_yaml(run_dir / CONFIG_FILE), overrides)
-    torch.manual_seed(cfg.seed)
-    splits = build_data(cfg)
-    model = build_model(cfg, splits.num_classes, image_size(splits, cfg))
+    splits, model = build_experiment(cfg)
     load_model(model, run_dir / MODEL_FILE)
     return cfg, model.to(resolve_device(cfg.device)).eval(), splits
 
