@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise VptlabError("train needs -c CONFIG (or --resume RUN_DIR)")
     raw = load_yaml(args.config)
     if is_study(raw):
-        report = run_study(raw, overrides)
+        report = run_study(raw, overrides, fresh=args.fresh)
         print(f"report: {report}")
         return 0
     metrics = runner.train(build_config(raw, overrides), force=args.force)
@@ -78,7 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vptlab.report.study import run_study
 
     config = Path(args.config) if args.config else DEMO_CONFIG
-    report = run_study(load_yaml(config), list(args.overrides) + _device_overrides(args))
+    overrides = list(args.overrides) + _device_overrides(args)
+    report = run_study(load_yaml(config), overrides, fresh=args.fresh)
     print(f"report: {report}")
     return 0
 
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help="YAML preset (configs/...)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    p.add_argument("--fresh", action="store_true", help="studies: retrain finished runs too")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     _add_device(p)
     p.set_defaults(func=cmd_train)
@@ -107,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the main job: a study preset (default: the mnist-5k demo)")
     p.add_argument("-c", "--config", help=f"study preset (default {DEMO_CONFIG.name})")
+    p.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides for every run")
     _add_device(p)
     p.set_defaults(func=cmd_run)

@@ -56,5 +56,11 @@ def test_study_report_and_backbone_cache(
     assert linear_params < full_params
 
     trained.clear()
-    run_study(raw, only=["linear"])
-    assert trained == ["linear"]  # the cached backbone was reused
+    again = run_study(raw)
+    assert trained == []  # the cached backbone and both finished runs were reused
+    assert again.read_text() == text
+
+    run_study(raw, only=["linear"], fresh=True)
+    assert trained == ["linear"]
+    run_study(raw, overrides=["train.epochs=1"], only=["full"])
+    assert trained == ["linear", "full"]  # a changed config is trained anew

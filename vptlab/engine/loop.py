@@ -136,16 +136,18 @@ def fit(
             if stop_after_epochs is not None and epoch >= stop_after_epochs:
                 metrics["status"] = "stopped"
                 break
+            epoch_start = time.perf_counter()
             row = _train_epoch(
                 step_model, task, train_loader, optimizer, scheduler, params, epoch, cfg, amp_dtype
             )
             if (epoch + 1) % tcfg.eval_every == 0 or epoch + 1 == tcfg.epochs:
                 test = evaluate(model, test_loader, amp_dtype)
                 row.update(test_loss=test["loss"], test_top1=test["top1"], test_top5=test["top5"])
+            row["wall_seconds"] = time.perf_counter() - epoch_start  # training + evaluation
             history.append(row)
             if writer is not None:
                 for key, value in row.items():
-                    if key != "epoch":
+                    if key not in ("epoch", "wall_seconds"):
                         writer.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
                 writer.flush()
             _checkpoint(model, optimizer, scheduler, history, epoch + 1, run_dir, trainable_only)
@@ -248,4 +250,5 @@ def _summary(history: list[dict[str, float]]) -> dict[str, Any]:
         summary["best_top1"] = max(row["test_top1"] for row in evaluated)
     if history:
         summary["seconds_per_epoch"] = sum(r["seconds"] for r in history) / len(history)
+        summary["wall_seconds"] = sum(r["wall_seconds"] for r in history)
     return summary

@@ -7,16 +7,15 @@ import copy
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vptlab.config import apply_overrides, build_config
+from vptlab.config import ExperimentConfig, apply_overrides, build_config, load_yaml
 from vptlab.engine.checkpoint import atomic_write_text
-from vptlab.engine.loop import METRICS_FILE, MODEL_FILE
-from vptlab.engine.runner import train
+from vptlab.engine.loop import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
+from vptlab.engine.runner import resume, run_dir_of, train
 from vptlab.errors import ConfigError
 from vptlab.report.plots import plot_curves
 from vptlab.report.tables import RUN_HEADER, run_row
@@ -70,10 +69,30 @@ def cached_backbone(raw: dict[str, Any], overrides: list[str]) -> Path:
     return run_dir / MODEL_FILE
 
 
+def _run_or_reuse(cfg: ExperimentConfig, fresh: bool) -> dict[str, Any]:
+    """Train a study's run; unless `fresh`, a finished run of the same config is reused and an
+    interrupted one resumed, so a stopped study picks up where it was."""
+    run_dir = run_dir_of(cfg)
+    saved = run_dir / CONFIG_FILE
+    if not fresh and saved.is_file() and build_config(load_yaml(saved)) == cfg:
+        metrics_path = run_dir / METRICS_FILE
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        if metrics.get("status") == "complete":
+            return metrics
+        if (run_dir / STATE_FILE).is_file():
+            return resume(run_dir)
+    return train(cfg, force=True)
+
+
 def run_study(
-    raw: dict[str, Any], overrides: list[str] | None = None, only: list[str] | None = None
+    raw: dict[str, Any],
+    overrides: list[str] | None = None,
+    only: list[str] | None = None,
+    fresh: bool = False,
 ) -> Path:
-    """Train every run of the study (overrides apply to each), then write its report; returns it."""
+    """Train every run of the study (overrides apply to each), then write its report; returns it.
+
+    Finished runs with an unchanged config are reused unless `fresh`."""
     overrides = overrides or []
     try:
         study = StudyConfig.model_validate(raw)
@@ -93,11 +112,7 @@ def run_study(
         merged = apply_overrides(merged, [f"name={label}", f"output.dir={out_dir}"])
         if pretrained is not None and not merged.get("model", {}).get("pretrained"):
             merged = apply_overrides(merged, [f"model.pretrained={pretrained}"])
-        cfg = build_config(merged, overrides)
-        start = time.perf_counter()
-        metrics = train(cfg, force=True)
-        metrics["wall_seconds"] = time.perf_counter() - start
-        results[label] = metrics
+        results[label] = _run_or_reuse(build_config(merged, overrides), fresh)
     return write_study_report(study, out_dir, results, backbone=pretrained)
 
 
