@@ -108,9 +108,18 @@ class _EpochLoader:
         seed: int,
         augment: BatchAugment | None,
         img_size: int | None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.rank, self.world_size = rank, world_size
+        self.total_samples = num_samples
+        # Each rank takes every world_size-th sample of the shared order, the order padded by
+        # wrapping around so all ranks run the same number of steps (DDP would hang otherwise).
+        num_samples = -(-num_samples // world_size)
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -140,14 +149,22 @@ class _EpochLoader:
         return epoch, start
 
     def _order(self, epoch: int) -> torch.Tensor:
+        """This rank's sample indices for `epoch`: one shared (seed, epoch) order, sharded."""
+        n = self.total_samples
         if not self.shuffle:
-            return torch.arange(self.num_samples)
-        return torch.randperm(self.num_samples, generator=seeded_generator(self.seed, epoch))
+            order = torch.arange(n)
+        else:
+            order = torch.randperm(n, generator=seeded_generator(self.seed, epoch))
+        if self.world_size == 1:
+            return order
+        padded = order.repeat(-(-self.num_samples * self.world_size // n))
+        return padded[: self.num_samples * self.world_size][self.rank :: self.world_size]
 
     def _finish(self, x: torch.Tensor, y: torch.Tensor, epoch: int, batch: int) -> Batch:
         if self.augment is not None:
             # Seeded per batch, so resuming at batch k draws what the uninterrupted run drew.
-            generator = seeded_generator(self.seed, epoch, batch, _AUGMENT_STREAM)
+            stream = (_AUGMENT_STREAM,) if self.world_size == 1 else (_AUGMENT_STREAM, self.rank)
+            generator = seeded_generator(self.seed, epoch, batch, *stream)
             x = self.augment(x, generator)
         if self.img_size is not None:
             # Per batch, on the device: a 224px copy of a whole split would not fit in memory.
@@ -169,6 +186,8 @@ class TensorLoader(_EpochLoader):
         augment: BatchAugment | None = None,
         img_size: int | None = None,
         device: str | torch.device | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         super().__init__(
             len(split),
@@ -178,6 +197,8 @@ class TensorLoader(_EpochLoader):
             seed=seed,
             augment=augment,
             img_size=img_size,
+            rank=rank,
+            world_size=world_size,
         )
         self.device = torch.device(device) if device is not None else split.x.device
         self.split = split.to(self.device)  # once: every batch is then an on-device gather
@@ -220,6 +241,8 @@ class StreamLoader(_EpochLoader):
         img_size: int | None = None,
         device: str | torch.device = "cpu",
         num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         super().__init__(
             len(dataset),  # type: ignore[arg-type]
@@ -229,10 +252,12 @@ class StreamLoader(_EpochLoader):
             seed=seed,
             augment=augment,
             img_size=img_size,
+            rank=rank,
+            world_size=world_size,
         )
         self.device = torch.device(device)
         self.dataset = dataset
-        self.sampler = _PassSampler(self.num_samples)
+        self.sampler = _PassSampler(self.total_samples)
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -264,6 +289,8 @@ def make_loader(
     num_workers: int = 0,
     drop_last: bool = False,
     img_size: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> TensorLoader | StreamLoader:
     """A loader of device batches (B,3,H,W): shuffled and augmented when `train`, else in order.
 
@@ -278,6 +305,8 @@ def make_loader(
         augment=BatchAugment(crop_pad=crop_pad, flip=flip) if train else None,
         img_size=img_size,
         device=device,
+        rank=rank,
+        world_size=world_size,
     )
     if isinstance(split, TensorSplit):
         return TensorLoader(split, batch_size, **options)

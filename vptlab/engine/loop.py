@@ -25,6 +25,7 @@ from vptlab.engine.checkpoint import (
     save_model,
     save_state,
 )
+from vptlab.engine.distributed import average_buffers, setup_distributed, wrap_model
 from vptlab.engine.optim import build_optimizer, build_scheduler
 from vptlab.engine.progress import progress_bar
 from vptlab.engine.tasks import ClassificationTask, Task
@@ -89,7 +90,8 @@ def fit(
     task = task or ClassificationTask(tcfg.label_smoothing)
     if trainable_only is None:
         trainable_only = cfg.adapt.mode in ("prompt", "linear")
-    device = resolve_device(cfg.device)
+    dist_info, device = setup_distributed(resolve_device(cfg.device))
+    is_main = dist_info.is_main
     amp_dtype = amp_dtype_for(device, tcfg.amp)
     model.to(device)
 
@@ -97,6 +99,7 @@ def fit(
         data.train, cfg.data.batch_size, train=True, device=device, seed=cfg.seed,
         crop_pad=cfg.data.augment.crop_pad, flip=cfg.data.augment.flip,
         num_workers=cfg.data.num_workers, img_size=cfg.data.img_size,
+        rank=dist_info.rank, world_size=dist_info.world_size,
     )
     test_loader = make_loader(
         data.test, cfg.data.eval_batch_size, train=False, device=device, seed=cfg.seed,
@@ -117,12 +120,14 @@ def fit(
             torch.cuda.set_rng_state(state["rng_cuda"], device)
         history = state["history"]
         start_epoch = state["epoch"]
-    else:
+    elif is_main:
         atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
 
-    step_model = torch.compile(model) if tcfg.compile else model
+    step_model = wrap_model(model, dist_info, device)
+    if tcfg.compile:
+        step_model = torch.compile(step_model)
     params = [p for p in model.parameters() if p.requires_grad]
-    writer = _tensorboard(run_dir, cfg.output.tensorboard)
+    writer = _tensorboard(run_dir, cfg.output.tensorboard and is_main)
     metrics: dict[str, Any] = {
         "name": cfg.name,
         "model": cfg.model.name,
@@ -138,8 +143,10 @@ def fit(
                 break
             epoch_start = time.perf_counter()
             row = _train_epoch(
-                step_model, task, train_loader, optimizer, scheduler, params, epoch, cfg, amp_dtype
+                step_model, task, train_loader, optimizer, scheduler, params, epoch, cfg, amp_dtype,
+                show_progress=cfg.output.progress and is_main,
             )
+            average_buffers(model, dist_info)
             if (epoch + 1) % tcfg.eval_every == 0 or epoch + 1 == tcfg.epochs:
                 test = evaluate(model, test_loader, amp_dtype)
                 row.update(test_loss=test["loss"], test_top1=test["top1"], test_top5=test["top5"])
@@ -150,16 +157,20 @@ def fit(
                     if key not in ("epoch", "wall_seconds"):
                         writer.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
                 writer.flush()
-            _checkpoint(model, optimizer, scheduler, history, epoch + 1, run_dir, trainable_only)
             metrics.update(_summary(history), status="running")
-            _write_metrics(run_dir, metrics)
+            if is_main:
+                _checkpoint(
+                    model, optimizer, scheduler, history, epoch + 1, run_dir, trainable_only
+                )
+                _write_metrics(run_dir, metrics)
         else:
             metrics["status"] = "complete"
     finally:
         if writer is not None:
             writer.close()
     metrics.update(_summary(history))
-    _write_metrics(run_dir, metrics)
+    if is_main:
+        _write_metrics(run_dir, metrics)
     return metrics
 
 
@@ -173,6 +184,7 @@ def _train_epoch(
     epoch: int,
     cfg: ExperimentConfig,
     amp_dtype: torch.dtype | None,
+    show_progress: bool,
 ) -> dict[str, float]:
     tcfg = cfg.train
     model.train()
@@ -183,7 +195,7 @@ def _train_epoch(
     lr = optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
     with progress_bar(
-        f"{cfg.name} epoch {epoch + 1}/{tcfg.epochs}", len(loader), cfg.output.progress
+        f"{cfg.name} epoch {epoch + 1}/{tcfg.epochs}", len(loader), show_progress
     ) as advance:
         for step, (x, y) in enumerate(loader):
             with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

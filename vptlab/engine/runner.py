@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,11 @@ from vptlab.engine.checkpoint import atomic_write_text, load_model
 from vptlab.engine.loop import CONFIG_FILE, MODEL_FILE, STATE_FILE, fit, resolve_device
 from vptlab.errors import ConfigError, VptlabError
 from vptlab.report.tables import RUN_HEADER, run_row
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or the only process; only it touches the run folder."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def run_dir_of(cfg: ExperimentConfig) -> Path:
@@ -35,10 +41,12 @@ def train(
                 f"run folder {run_dir} already holds a run; resume it with --resume {run_dir}, "
                 "pick another name=..., or pass --force to overwrite"
             )
-        shutil.rmtree(run_dir)
+        if _is_main_process():
+            shutil.rmtree(run_dir)
     data, model = build_experiment(cfg)
     metrics = fit(model, data, cfg, run_dir, stop_after_epochs=stop_after_epochs)
-    write_run_report(run_dir, metrics)
+    if _is_main_process():
+        write_run_report(run_dir, metrics)
     return metrics
 
 
@@ -50,7 +58,8 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str,
     cfg = build_config(load_yaml(run_dir / CONFIG_FILE), overrides)
     data, model = build_experiment(cfg)
     metrics = fit(model, data, cfg, run_dir, resume=True)
-    write_run_report(run_dir, metrics)
+    if _is_main_process():
+        write_run_report(run_dir, metrics)
     return metrics
 
 
