@@ -8,7 +8,6 @@ from torch import nn
 from vptlab.config import ExperimentConfig
 from vptlab.data import dataset_options, load_dataset
 from vptlab.data.base import DataSplits, TensorSplit
-from vptlab.engine.checkpoint import is_vptlab_checkpoint, load_backbone
 from vptlab.models import create_model
 from vptlab.prompts import PromptConfig, adapt
 
@@ -32,18 +31,15 @@ def image_size(splits: DataSplits, cfg: ExperimentConfig) -> int:
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int, img_size: int) -> nn.Module:
-    pretrained = cfg.model.pretrained
-    # A backbone we trained ourselves (e.g. the cached offline one) has our own key layout.
-    own_backbone = isinstance(pretrained, str) and is_vptlab_checkpoint(pretrained)
+    # A path may also be a run's own model.safetensors (e.g. the cached offline backbone):
+    # the models' loader strips our `net.` prefix and drops a head of another size.
     model = create_model(
         cfg.model.name,
         num_classes=num_classes,
         img_size=img_size,
-        pretrained=False if own_backbone else pretrained,
+        pretrained=cfg.model.pretrained,
         **cfg.model.options,
     )
-    if own_backbone:
-        load_backbone(model, pretrained)
     p = cfg.adapt.prompt
     prompt = PromptConfig(num_prompts=p.num_prompts, deep=p.deep, depth=p.depth, dropout=p.dropout)
     return adapt(model, cfg.adapt.mode, prompt)

@@ -15,8 +15,6 @@ from torch import nn
 
 from vptlab.errors import VptlabError
 
-VPTLAB_FORMAT = "vptlab"  # metadata mark of checkpoints written by save_model
-
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` on a temp file beside `path`, then rename it over `path`."""
@@ -51,7 +49,7 @@ def model_state(model: nn.Module, trainable_only: bool = False) -> dict[str, tor
 
 def save_model(model: nn.Module, path: str | Path, trainable_only: bool = False) -> None:
     state = model_state(model, trainable_only)
-    meta = {"format": VPTLAB_FORMAT, "trainable_only": str(trainable_only)}
+    meta = {"trainable_only": str(trainable_only)}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
@@ -95,38 +93,3 @@ def save_state(state: dict[str, Any], path: str | Path) -> None:
 def load_state(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
-
-def is_vptlab_checkpoint(path: str | Path) -> bool:
-    """True for a .safetensors file written by `save_model` (keys as in our ImageClassifier)."""
-    path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("format") == VPTLAB_FORMAT
-
-
-def load_backbone(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a full vptlab checkpoint as pretrained weights, skipping tensors whose shape differs.
-
-    Only the classifier head may differ (another number of classes); anything else is an error.
-    """
-    state = load_file(str(path), device=str(next(model.parameters()).device))
-    own = model.state_dict()
-    head = {f"{name}.{k}" for name, m in model.named_modules() if m is model.get_classifier()
-            for k in m.state_dict()}
-    keep = {}
-    for key, value in state.items():
-        if key not in own:
-            raise VptlabError(f"pretrained {path}: unexpected key '{key}' for this model")
-        if own[key].shape == value.shape:
-            keep[key] = value
-        elif key not in head:
-            raise VptlabError(
-                f"pretrained {path}: '{key}' has shape {tuple(value.shape)}, "
-                f"the model expects {tuple(own[key].shape)}"
-            )
-    missing = sorted(set(own) - set(state) - head)
-    if missing:
-        raise VptlabError(f"pretrained {path} lacks keys: {', '.join(missing[:5])}")
-    model.load_state_dict(keep, strict=False)
-    return model
