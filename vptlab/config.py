@@ -35,6 +35,9 @@ class DataConfig(Section):
 class ModelConfig(Section):
     name: str = "simplenet"
     pretrained: bool | str = False
+    keep_head: bool = Field(
+        False, description="keep a pretrained backbone's classifier (default: a fresh head)"
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="model keyword arguments")
 
 
@@ -55,6 +58,7 @@ class TrainConfig(Section):
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = Field(False, description="Nesterov momentum for sgd (off, as in VPT)")
     weight_decay: float = Field(0.05, ge=0)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0)
@@ -64,7 +68,16 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(None, gt=0)
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     eval_every: int = Field(1, gt=0)
+    checkpoint_every_steps: int | None = Field(
+        None, gt=0, description="also checkpoint every N optimizer steps (mid-epoch resume)"
+    )
     compile: bool = Field(False, description="torch.compile the model (pays off on GPU)")
+
+    @model_validator(mode="after")
+    def _check_nesterov(self) -> TrainConfig:
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs optimizer 'sgd' with momentum > 0")
+        return self
 
 
 class OutputConfig(Section):
