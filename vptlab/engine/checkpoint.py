@@ -47,9 +47,15 @@ def model_state(model: nn.Module, trainable_only: bool = False) -> dict[str, tor
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-def save_model(model: nn.Module, path: str | Path, trainable_only: bool = False) -> None:
+def save_model(
+    model: nn.Module,
+    path: str | Path,
+    trainable_only: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write the model's tensors (or just the trained ones) with string `metadata` beside them."""
     state = model_state(model, trainable_only)
-    meta = {"trainable_only": str(trainable_only)}
+    meta = {**(metadata or {}), "trainable_only": str(trainable_only)}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
