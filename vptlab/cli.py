@@ -33,7 +33,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + _device_overrides(args)
     if args.resume:
-        metrics = runner.resume(args.resume, _device_overrides(args))
+        metrics = runner.resume(args.resume, overrides)
         print(json.dumps(metrics.get("final", {})))
         return 0
     if not args.config:
@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vptlab.engine.distributed import teardown_distributed
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vptlab: interrupted; resume with `vptlab train --resume RUN_DIR`", file=sys.stderr)
         return 130
+    finally:
+        teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class NumberedDataset(Dataset):
 
 
 def labels_of(loader) -> list[list[int]]:
-    return [y.tolist() for _, y in loader]
+    return [b.y.tolist() for b in loader]
 
 
 def test_every_sample_once_per_epoch_and_batch_count() -> None:
@@ -72,12 +72,12 @@ def test_resume_mid_epoch_gives_the_same_batches() -> None:
     loader.set_epoch(2, start_batch=2)
     resumed = list(loader)
     assert len(resumed) == 2
-    for (x_full, y_full), (x_res, y_res) in zip(full[2:], resumed, strict=True):
+    for (x_full, y_full, _), (x_res, y_res, _) in zip(full[2:], resumed, strict=True):
         assert torch.equal(y_full, y_res) and torch.equal(x_full, x_res)
 
 
 def test_output_is_three_channel_view_of_gray() -> None:
-    x, y = next(iter(TensorLoader(numbered_split(4), batch_size=4)))
+    x, y, _ = next(iter(TensorLoader(numbered_split(4), batch_size=4)))
     assert x.shape == (4, 3, 6, 6) and y.dtype == torch.int64
     assert x.stride(1) == 0  # expanded, not copied
     gray = torch.rand(2, 1, 5, 5)
@@ -94,7 +94,7 @@ def test_random_crop_moves_content_within_pad() -> None:
     x[:, :, 4, 4] = 1.0  # one bright pixel in the centre
     split = TensorSplit(x, torch.zeros(n, dtype=torch.long))
     loader = TensorLoader(split, n, shuffle=True, augment=BatchAugment(crop_pad=pad))
-    out, _ = next(iter(loader))
+    out = next(iter(loader)).x
     assert out.shape == (n, 3, size, size) and 0.0 <= out.min() and out.max() <= 1.0
     positions = out[:, 0].flatten(1).argmax(1)
     rows, cols = positions // size, positions % size
@@ -107,9 +107,9 @@ def test_flip_is_off_by_default_and_mirrors_when_on() -> None:
     x = torch.zeros(32, 1, 4, 4)
     x[:, :, :, 0] = 1.0  # left column lit
     split = TensorSplit(x, torch.zeros(32, dtype=torch.long))
-    plain, _ = next(iter(make_loader(split, 32, train=True)))
+    plain = next(iter(make_loader(split, 32, train=True))).x
     assert torch.equal(plain, to_rgb(x))
-    flipped, _ = next(iter(make_loader(split, 32, train=True, flip=True)))
+    flipped = next(iter(make_loader(split, 32, train=True, flip=True))).x
     right = flipped[:, 0, :, 3].sum(1) == 4
     assert right.any() and (~right).any()
     assert torch.equal(flipped[right][:, 0], x[right][:, 0].flip(-1))
@@ -119,7 +119,7 @@ def test_eval_loader_neither_shuffles_nor_augments() -> None:
     split = numbered_split(10)
     loader = make_loader(split, 4, train=False, crop_pad=2, flip=True)
     assert isinstance(loader, TensorLoader) and loader.augment is None
-    x, y = next(iter(loader))
+    x, y, _ = next(iter(loader))
     assert y.tolist() == [0, 1, 2, 3] and torch.equal(x, to_rgb(split.x[:4]))
 
 
@@ -131,7 +131,7 @@ def test_stream_loader_matches_tensor_loader(num_workers: int) -> None:
     assert isinstance(stream, StreamLoader) and len(stream) == 3
     for loader in (stream, tensor):
         loader.set_epoch(1)
-    for (xs, ys), (xt, yt) in zip(stream, tensor, strict=True):
+    for (xs, ys, _), (xt, yt, _) in zip(stream, tensor, strict=True):
         assert xs.shape[1] == 3 and ys.dtype == torch.int64
         assert torch.equal(ys, yt) and torch.equal(xs, xt)
     stream.set_epoch(1, start_batch=2)
@@ -141,7 +141,7 @@ def test_stream_loader_matches_tensor_loader(num_workers: int) -> None:
 
 def test_loader_resizes_batches_to_img_size() -> None:
     loader = make_loader(numbered_split(6, size=7), 4, train=True, crop_pad=1, img_size=12)
-    x, _ = next(iter(loader))
+    x = next(iter(loader)).x
     assert x.shape == (4, 3, 12, 12) and 0.0 <= x.min() and x.max() <= 1.0
 
 

@@ -14,7 +14,7 @@ from vptlab.config import ExperimentConfig, build_config
 from vptlab.engine import runner
 from vptlab.engine.checkpoint import load_state
 from vptlab.engine.tasks import ClassificationTask
-from vptlab.errors import ConfigError, TrainingDiverged
+from vptlab.errors import ConfigError, TrainingDiverged, VptlabError
 
 
 def digits_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
@@ -40,23 +40,155 @@ def test_learns_digits(tmp_path: Path) -> None:
     assert json.loads((run / "metrics.json").read_text())["epochs_done"] == 4
 
 
+def _strip(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if "seconds" not in k} for row in history]
+
+
+def _same_weights(a_dir: Path, b_dir: Path) -> bool:
+    a = load_file(str(a_dir / "model.safetensors"))
+    b = load_file(str(b_dir / "model.safetensors"))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# Dropout draws from the global RNG, so only an exact RNG restore gives the same run.
+RESUME_OPTS = ("data.augment.crop_pad=1", "train.epochs=3", "model.options.drop_rate=0.3")
+
+
 def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
-    # augmentation and dropout-free shuffling both depend on RNG state that resume must restore
-    opts = ("data.augment.crop_pad=1", "train.epochs=3")
-    full = runner.train(digits_config(tmp_path / "a", *opts))
-    stopped = runner.train(digits_config(tmp_path / "b", *opts), stop_after_epochs=1)
+    full = runner.train(digits_config(tmp_path / "a", *RESUME_OPTS))
+    stopped = runner.train(digits_config(tmp_path / "b", *RESUME_OPTS), stop_after_epochs=1)
     assert stopped["status"] == "stopped" and stopped["epochs_done"] == 1
     resumed = runner.resume(tmp_path / "b" / "digits")
     assert resumed["status"] == "complete"
+    assert _strip(resumed["history"]) == _strip(full["history"])
+    assert _same_weights(tmp_path / "a" / "digits", tmp_path / "b" / "digits")
 
-    def strip(history: list[dict]) -> list[dict]:
-        return [{k: v for k, v in row.items() if "seconds" not in k} for row in history]
 
-    assert strip(resumed["history"]) == strip(full["history"])
-    a = load_file(str(tmp_path / "a" / "digits" / "model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "digits" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def test_resume_without_rng_restore_would_differ(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The test above can catch a broken RNG restore: with it skipped, the run comes out different.
+    full = runner.train(digits_config(tmp_path / "a", *RESUME_OPTS))
+    runner.train(digits_config(tmp_path / "b", *RESUME_OPTS), stop_after_epochs=1)
+    monkeypatch.setattr(torch, "set_rng_state", lambda state: None)
+    torch.manual_seed(1234)
+    resumed = runner.resume(tmp_path / "b" / "digits")
+    assert _strip(resumed["history"]) != _strip(full["history"])
+
+
+class KilledAt(ClassificationTask):
+    """Raises after `steps` optimizer steps, as a kill would end the process there."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.calls, self.steps = 0, steps
+
+    def loss(self, model, batch, raw_model):
+        if self.calls == self.steps:
+            raise KeyboardInterrupt
+        self.calls += 1
+        return super().loss(model, batch, raw_model)
+
+
+def _killed_run(cfg: ExperimentConfig, steps: int) -> Path:
+    from vptlab.engine.build import build_experiment
+    from vptlab.engine.loop import fit
+
+    data, model = build_experiment(cfg)
+    run_dir = tmp_run = Path(cfg.output.dir) / cfg.name
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, data, cfg, tmp_run, task=KilledAt(steps))
+    return run_dir
+
+
+def test_mid_epoch_checkpoints_resume_exactly(tmp_path: Path) -> None:
+    # digits: 1,438 train images / 64 = 23 steps an epoch; killed in epoch 2 at step 30,
+    # checkpoints every 4 steps: resumes at step 28 of 69.
+    opts = (*RESUME_OPTS, "train.checkpoint_every_steps=4")
+    full = runner.train(digits_config(tmp_path / "a", *opts))
+    run_dir = _killed_run(digits_config(tmp_path / "b", *opts), steps=30)
+    state = load_state(run_dir / "state.pt")
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 5, 28)
+    resumed = runner.resume(run_dir)
+    assert _strip(resumed["history"]) == _strip(full["history"])
+    assert _same_weights(tmp_path / "a" / "digits", run_dir)
+
+
+def test_folder_killed_before_its_first_checkpoint_resumes_from_the_start(
+    tmp_path: Path,
+) -> None:
+    full = runner.train(digits_config(tmp_path / "a", "train.epochs=1"))
+    run_dir = _killed_run(digits_config(tmp_path / "b", "train.epochs=1"), steps=3)
+    assert not (run_dir / "state.pt").exists() and (run_dir / "config.yaml").is_file()
+    resumed = runner.resume(run_dir)
+    assert resumed["status"] == "complete"
+    assert _strip(resumed["history"]) == _strip(full["history"])
+
+
+def test_kill_between_model_and_state_write_is_repaired(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vptlab.engine import loop
+
+    full = runner.train(digits_config(tmp_path / "a", *RESUME_OPTS))
+    real_save_state, calls = loop.save_state, []
+
+    def dies_on_second_epoch(state, path):
+        calls.append(state["epoch"])
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt  # model.safetensors of epoch 2 is already written
+        real_save_state(state, path)
+
+    monkeypatch.setattr(loop, "save_state", dies_on_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        runner.train(digits_config(tmp_path / "b", *RESUME_OPTS))
+    monkeypatch.setattr(loop, "save_state", real_save_state)
+    run_dir = tmp_path / "b" / "digits"
+    assert load_state(run_dir / "state.pt")["epoch"] == 1
+    from vptlab.engine.checkpoint import read_metadata
+
+    assert read_metadata(run_dir / "model.safetensors")["epoch"] == "2"  # one write ahead
+    resumed = runner.resume(run_dir)
+    assert _strip(resumed["history"]) == _strip(full["history"])
+    assert _same_weights(tmp_path / "a" / "digits", run_dir)
+
+
+def test_mismatched_model_and_state_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vptlab.engine import loop
+
+    def dies_on_second_epoch(state, path):
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt
+        torch.save(state, path)
+
+    monkeypatch.setattr(loop, "save_state", dies_on_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        runner.train(digits_config(tmp_path, *RESUME_OPTS))
+    run_dir = tmp_path / "digits"
+    (run_dir / loop.PREVIOUS_MODEL_FILE).unlink()  # nothing left to repair from
+    with pytest.raises(VptlabError, match="epoch 2.*epoch 1.*not a pair"):
+        runner.resume(run_dir)
+
+
+def test_resume_takes_only_overrides_that_keep_the_results(tmp_path: Path) -> None:
+    runner.train(digits_config(tmp_path, "train.epochs=2"), stop_after_epochs=1)
+    run_dir = tmp_path / "digits"
+    with pytest.raises(ConfigError, match="train.lr cannot change when resuming"):
+        runner.resume(run_dir, ["train.lr=0.5"])
+    metrics = runner.resume(run_dir, ["train.epochs=3", "output.progress=false"])
+    assert metrics["status"] == "complete" and metrics["epochs_done"] == 3
+    assert "epochs: 3" in (run_dir / "config.yaml").read_text()
+
+
+def test_cli_resume_passes_overrides(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from vptlab.cli import main
+
+    runner.train(digits_config(tmp_path, "train.epochs=2"), stop_after_epochs=1)
+    assert main(["train", "--resume", str(tmp_path / "digits"), "seed=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "seed cannot change when resuming" in err
 
 
 def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
@@ -71,8 +203,8 @@ class ExplodingTask(ClassificationTask):
         super().__init__()
         self.calls, self.after = 0, after
 
-    def loss(self, model, x, y):
-        loss, logits = super().loss(model, x, y)
+    def loss(self, model, batch, raw_model):
+        loss, logits = super().loss(model, batch, raw_model)
         self.calls += 1
         return (loss * float("nan") if self.calls > self.after else loss), logits
 
@@ -91,6 +223,8 @@ def test_nan_guard_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     assert state["epoch"] == 1  # the epoch that went bad was not saved
     saved = load_file(str(run_dir / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in saved.values())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and "loss became nan" in metrics["error"]
 
 
 def test_checkpoints_need_no_pickle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vptlab.data.base import TensorSplit, seeded_generator
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+
+class Batch(NamedTuple):
+    """A device batch: images (B,3,H,W) in [0,1], labels (B,), and each sample's index in its split.
+
+    The index lets poisoned and original labels, or per-sample results, travel with the batch.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+
 _AUGMENT_STREAM = 1  # keeps augmentation draws independent of the shuffling draws
 
 
@@ -110,6 +121,7 @@ class _EpochLoader:
         img_size: int | None,
         rank: int = 0,
         world_size: int = 1,
+        pad: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -117,9 +129,14 @@ class _EpochLoader:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         self.rank, self.world_size = rank, world_size
         self.total_samples = num_samples
-        # Each rank takes every world_size-th sample of the shared order, the order padded by
-        # wrapping around so all ranks run the same number of steps (DDP would hang otherwise).
-        num_samples = -(-num_samples // world_size)
+        # Each rank takes every world_size-th sample of the shared order. For training the order
+        # is padded by wrapping around so all ranks run the same number of steps (DDP would hang
+        # otherwise); evaluation shards are left unpadded so no sample is counted twice.
+        self.pad = pad
+        if pad:
+            num_samples = -(-num_samples // world_size)
+        else:
+            num_samples = len(range(rank, num_samples, world_size))
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -157,10 +174,14 @@ class _EpochLoader:
             order = torch.randperm(n, generator=seeded_generator(self.seed, epoch))
         if self.world_size == 1:
             return order
+        if not self.pad:
+            return order[self.rank :: self.world_size]
         padded = order.repeat(-(-self.num_samples * self.world_size // n))
         return padded[: self.num_samples * self.world_size][self.rank :: self.world_size]
 
-    def _finish(self, x: torch.Tensor, y: torch.Tensor, epoch: int, batch: int) -> Batch:
+    def _finish(
+        self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, epoch: int, batch: int
+    ) -> Batch:
         if self.augment is not None:
             # Seeded per batch, so resuming at batch k draws what the uninterrupted run drew.
             stream = (_AUGMENT_STREAM,) if self.world_size == 1 else (_AUGMENT_STREAM, self.rank)
@@ -169,11 +190,11 @@ class _EpochLoader:
         if self.img_size is not None:
             # Per batch, on the device: a 224px copy of a whole split would not fit in memory.
             x = resize(x, self.img_size, chunk_size=len(x))
-        return to_rgb(x), y
+        return Batch(to_rgb(x), y, index)
 
 
 class TensorLoader(_EpochLoader):
-    """Batches (x, y) of a TensorSplit kept on `device`; shuffled per (seed, epoch) if asked."""
+    """Batches of a TensorSplit kept on `device`; shuffled per (seed, epoch) if asked."""
 
     def __init__(
         self,
@@ -188,6 +209,7 @@ class TensorLoader(_EpochLoader):
         device: str | torch.device | None = None,
         rank: int = 0,
         world_size: int = 1,
+        pad: bool = True,
     ) -> None:
         super().__init__(
             len(split),
@@ -199,6 +221,7 @@ class TensorLoader(_EpochLoader):
             img_size=img_size,
             rank=rank,
             world_size=world_size,
+            pad=pad,
         )
         self.device = torch.device(device) if device is not None else split.x.device
         self.split = split.to(self.device)  # once: every batch is then an on-device gather
@@ -208,7 +231,7 @@ class TensorLoader(_EpochLoader):
         order = self._order(epoch).to(self.device)
         for batch in range(start, len(self)):
             index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
-            yield self._finish(self.split.x[index], self.split.y[index], epoch, batch)
+            yield self._finish(self.split.x[index], self.split.y[index], index, epoch, batch)
 
 
 class _PassSampler(Sampler[int]):
@@ -243,6 +266,7 @@ class StreamLoader(_EpochLoader):
         num_workers: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        pad: bool = True,
     ) -> None:
         super().__init__(
             len(dataset),  # type: ignore[arg-type]
@@ -254,6 +278,7 @@ class StreamLoader(_EpochLoader):
             img_size=img_size,
             rank=rank,
             world_size=world_size,
+            pad=pad,
         )
         self.device = torch.device(device)
         self.dataset = dataset
@@ -271,11 +296,14 @@ class StreamLoader(_EpochLoader):
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, start = self._begin_pass()
-        self.sampler.order = self._order(epoch)[start * self.batch_size :]
+        order = self._order(epoch)[start * self.batch_size :]
+        self.sampler.order = order
         for batch, (x, y) in enumerate(self.loader, start=start):
+            first = (batch - start) * self.batch_size
+            index = order[first : first + len(x)].to(self.device, non_blocking=True)
             x = x.to(self.device, non_blocking=True)
             y = torch.as_tensor(y, dtype=torch.int64).to(self.device, non_blocking=True)
-            yield self._finish(x, y, epoch, batch)
+            yield self._finish(x, y, index, epoch, batch)
 
 
 def make_loader(
@@ -307,6 +335,7 @@ def make_loader(
         device=device,
         rank=rank,
         world_size=world_size,
+        pad=train,  # evaluation shards are disjoint and unpadded
     )
     if isinstance(split, TensorSplit):
         return TensorLoader(split, batch_size, **options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -16,15 +17,44 @@ from torch import nn
 from vptlab.errors import VptlabError
 
 
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: str | Path) -> None:
+    """Flush a file's (or a folder's) content to the disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on some platforms: nothing to flush there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` on a temp file beside `path`, then rename it over `path`."""
+    """Call `write(tmp_path)` on a temp file beside `path`, then rename it over `path`.
+
+    The temp file gets the mode a plain `open` would give (mkstemp makes it 0600), and it is
+    flushed to disk before the rename and the folder after it, so a crash leaves either the old
+    file or the new one, complete.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -89,6 +119,22 @@ def load_model(model: nn.Module, path: str | Path) -> nn.Module:
             )
     model.load_state_dict(state, strict=False)
     return model
+
+
+def tensor_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of names, dtypes, shapes and bytes of a state dict: identifies a set of weights."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata in a safetensors header, without reading the tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 def save_state(state: dict[str, Any], path: str | Path) -> None:

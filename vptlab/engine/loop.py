@@ -1,14 +1,17 @@
 """The one train/eval loop: setup, epochs of steps, evaluation, atomic checkpoint, resume.
 
 Everything that trains in vptlab (plain training, prompt tuning, adversarial training, repair by
-fine-tuning or distillation) goes through `fit`; what differs is the `Task` that computes the loss.
+fine-tuning or distillation) goes through `fit`; what differs is the `Task` that computes the loss
+and the evaluators that measure the model after an epoch.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +25,34 @@ from vptlab.engine.checkpoint import (
     atomic_write_text,
     load_model,
     load_state,
+    model_state,
+    read_metadata,
     save_model,
     save_state,
+    tensor_digest,
 )
-from vptlab.engine.distributed import average_buffers, setup_distributed, wrap_model
+from vptlab.engine.distributed import (
+    DistInfo,
+    all_gather_rows,
+    all_reduce_sum,
+    average_batchnorm_statistics,
+    setup_distributed,
+    wrap_model,
+)
+from vptlab.engine.evaluators import EvalContext, Evaluator, TestAccuracy
 from vptlab.engine.optim import build_optimizer, build_scheduler
 from vptlab.engine.progress import progress_bar
 from vptlab.engine.tasks import ClassificationTask, Task
-from vptlab.errors import ConfigError, TrainingDiverged
-from vptlab.metrics.accuracy import evaluate
+from vptlab.errors import ConfigError, TrainingDiverged, VptlabError
+from vptlab.prompts import count_parameters
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
+# The last consistent model file, kept (as a hard link) while its successor and the new state are
+# written: a kill between the two writes is repaired from it on resume.
+PREVIOUS_MODEL_FILE = ".model.prev.safetensors"
 _CHECK_EVERY = 50  # steps between NaN checks: each check is a device sync
 
 
@@ -51,11 +68,6 @@ def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
     return torch.bfloat16 if enabled and device.type == "cuda" else None
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 def _write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2))
 
@@ -68,6 +80,26 @@ def _tensorboard(run_dir: Path, enabled: bool) -> Any:
     return SummaryWriter(log_dir=str(run_dir))
 
 
+@dataclass
+class Position:
+    """Where training stands: `batch` batches of epoch `epoch` done, `step` optimizer steps in all,
+    plus the running sums of the epoch in progress (so a mid-epoch resume reports the same row)."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+    lr: float | None = None
+
+    def next_epoch(self) -> None:
+        self.epoch, self.batch = self.epoch + 1, 0
+        self.loss_sum, self.correct, self.seen, self.seconds, self.lr = 0.0, 0, 0, 0.0, None
+
+
 def fit(
     model: nn.Module,
     data: DataSplits,
@@ -75,58 +107,52 @@ def fit(
     run_dir: str | Path,
     *,
     task: Task | None = None,
+    evaluators: list[Evaluator] | None = None,
     resume: bool = False,
     trainable_only: bool | None = None,
     stop_after_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Train `model` on `data` as `cfg` says, writing checkpoints and metrics into `run_dir`.
 
-    `trainable_only` saves just the trained tensors (prompts, head); by default it follows the
-    adaptation mode. `stop_after_epochs` ends the call early, as an interrupted run would.
+    `evaluators` measure the model after each evaluated epoch (default: clean top-1/top-5 on the
+    test split). `trainable_only` saves just the trained tensors (prompts, head); by default it
+    follows the adaptation mode. `stop_after_epochs` ends the call early, as an interrupted run.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     tcfg = cfg.train
     task = task or ClassificationTask(tcfg.label_smoothing)
+    evaluators = evaluators if evaluators is not None else [TestAccuracy(data.test)]
     if trainable_only is None:
         trainable_only = cfg.adapt.mode in ("prompt", "linear")
     dist_info, device = setup_distributed(resolve_device(cfg.device))
     is_main = dist_info.is_main
     amp_dtype = amp_dtype_for(device, tcfg.amp)
     model.to(device)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     train_loader = make_loader(
         data.train, cfg.data.batch_size, train=True, device=device, seed=cfg.seed,
         crop_pad=cfg.data.augment.crop_pad, flip=cfg.data.augment.flip,
         num_workers=cfg.data.num_workers, img_size=cfg.data.img_size,
         rank=dist_info.rank, world_size=dist_info.world_size,
-    )
-    test_loader = make_loader(
-        data.test, cfg.data.eval_batch_size, train=False, device=device, seed=cfg.seed,
-        num_workers=cfg.data.num_workers, img_size=cfg.data.img_size,
-    )
+    )  # fmt: skip
     optimizer = build_optimizer(model, tcfg)
     scheduler = build_scheduler(optimizer, len(train_loader), tcfg)
     trainable, total = count_parameters(model)
-    history: list[dict[str, float]] = []
-    start_epoch = 0
+    # Each rank draws its own dropout masks (nanoGPT: seed + rank); the model was built from the
+    # shared seed, and DDP starts every rank from rank 0's weights anyway.
+    torch.manual_seed(cfg.seed + dist_info.rank)
+    pos = Position()
     if resume:
-        load_model(model, run_dir / MODEL_FILE)
-        state = load_state(run_dir / STATE_FILE)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-        history = state["history"]
-        start_epoch = state["epoch"]
-    elif is_main:
+        pos = _restore(model, optimizer, scheduler, run_dir, trainable_only, dist_info, device)
+    if is_main:  # on resume too: the allowed overrides (epochs, device, output) are recorded
         atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
 
     step_model = wrap_model(model, dist_info, device)
     if tcfg.compile:
         step_model = torch.compile(step_model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    ctx = EvalContext(cfg, device, amp_dtype, dist_info)
     writer = _tensorboard(run_dir, cfg.output.tensorboard and is_main)
     metrics: dict[str, Any] = {
         "name": cfg.name,
@@ -136,39 +162,47 @@ def fit(
         "device": str(device),
         "params": {"trainable": trainable, "total": total},
     }
+
+    def checkpoint(position: Position) -> None:
+        _checkpoint(model, optimizer, scheduler, position, run_dir, trainable_only, dist_info)
+
     try:
-        for epoch in range(start_epoch, tcfg.epochs):
-            if stop_after_epochs is not None and epoch >= stop_after_epochs:
+        while pos.epoch < tcfg.epochs:
+            if stop_after_epochs is not None and pos.epoch >= stop_after_epochs:
                 metrics["status"] = "stopped"
                 break
             epoch_start = time.perf_counter()
             row = _train_epoch(
-                step_model, task, train_loader, optimizer, scheduler, params, epoch, cfg, amp_dtype,
-                show_progress=cfg.output.progress and is_main,
-            )
-            average_buffers(model, dist_info)
-            if (epoch + 1) % tcfg.eval_every == 0 or epoch + 1 == tcfg.epochs:
-                test = evaluate(model, test_loader, amp_dtype)
-                row.update(test_loss=test["loss"], test_top1=test["top1"], test_top5=test["top5"])
+                step_model, model, task, train_loader, optimizer, scheduler, pos, cfg, amp_dtype,
+                dist_info, checkpoint, show_progress=cfg.output.progress and is_main,
+            )  # fmt: skip
+            average_batchnorm_statistics(model, dist_info)
+            if pos.epoch % tcfg.eval_every == 0 or pos.epoch == tcfg.epochs:
+                for evaluator in evaluators:
+                    row.update(evaluator(model, ctx))
             row["wall_seconds"] = time.perf_counter() - epoch_start  # training + evaluation
-            history.append(row)
+            pos.history.append(row)
             if writer is not None:
                 for key, value in row.items():
                     if key not in ("epoch", "wall_seconds"):
-                        writer.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
+                        writer.add_scalar(key.replace("_", "/", 1), value, pos.epoch)
                 writer.flush()
-            metrics.update(_summary(history), status="running")
+            metrics.update(_summary(pos.history), status="running")
+            checkpoint(pos)
             if is_main:
-                _checkpoint(
-                    model, optimizer, scheduler, history, epoch + 1, run_dir, trainable_only
-                )
                 _write_metrics(run_dir, metrics)
         else:
             metrics["status"] = "complete"
+    except TrainingDiverged as error:
+        # Recorded, so a study does not resume (and diverge again) on every call.
+        metrics.update(_summary(pos.history), status="diverged", error=str(error))
+        if is_main:
+            _write_metrics(run_dir, metrics)
+        raise
     finally:
         if writer is not None:
             writer.close()
-    metrics.update(_summary(history))
+    metrics.update(_summary(pos.history))
     if is_main:
         _write_metrics(run_dir, metrics)
     return metrics
@@ -176,81 +210,196 @@ def fit(
 
 def _train_epoch(
     model: nn.Module,
+    raw_model: nn.Module,
     task: Task,
     loader: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    params: list[nn.Parameter],
-    epoch: int,
+    pos: Position,
     cfg: ExperimentConfig,
     amp_dtype: torch.dtype | None,
+    dist_info: DistInfo,
+    checkpoint: Any,
     show_progress: bool,
 ) -> dict[str, float]:
+    """Run the rest of epoch `pos.epoch` from batch `pos.batch`; advances `pos` to the next epoch
+    and returns the epoch's row (train loss and accuracy over all ranks, lr, seconds)."""
     tcfg = cfg.train
+    every = tcfg.checkpoint_every_steps
+    params = [p for p in raw_model.parameters() if p.requires_grad]
     model.train()
-    loader.set_epoch(epoch)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
-    seen = 0
-    lr = optimizer.param_groups[0]["lr"]
+    loader.set_epoch(pos.epoch, pos.batch)
+    if pos.lr is None:
+        pos.lr = optimizer.param_groups[0]["lr"]
+    # Sums stay on the device (reading them back is a sync) and continue the checkpointed ones
+    # in the same order of additions, so a resumed epoch reports the uninterrupted numbers.
+    loss_sum = torch.tensor(pos.loss_sum, dtype=torch.float64)
+    correct = torch.tensor(pos.correct, dtype=torch.int64)
     start = time.perf_counter()
     with progress_bar(
-        f"{cfg.name} epoch {epoch + 1}/{tcfg.epochs}", len(loader), show_progress
-    ) as advance:
-        for step, (x, y) in enumerate(loader):
-            with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, logits = task.loss(model, x, y)
+        f"{cfg.name} epoch {pos.epoch + 1}/{tcfg.epochs}", len(loader), show_progress,
+        completed=pos.batch,
+    ) as advance:  # fmt: skip
+        for batch in loader:
+            device_type = batch.x.device.type
+            with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss, logits = task.loss(model, batch, raw_model)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tcfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
             optimizer.step()
             scheduler.step()
-            loss_sum = loss_sum.to(loss.device) + loss.detach().double() * len(y)
-            correct = correct.to(y.device) + (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
-            if step % _CHECK_EVERY == 0:
-                _check_finite(float(loss.detach()), epoch, step)
+            loss_sum = loss_sum.to(loss.device) + loss.detach().double() * len(batch.y)
+            correct = correct.to(batch.y.device) + (logits.detach().argmax(1) == batch.y).sum()
+            pos.seen += len(batch.y)
+            pos.batch += 1
+            pos.step += 1
+            if pos.step % _CHECK_EVERY == 0:
+                _check_finite(float(loss.detach()), pos)
+            if every is not None and pos.step % every == 0 and pos.batch < len(loader):
+                _check_finite(float(loss.detach()), pos)
+                pos.loss_sum, pos.correct = float(loss_sum), int(correct)
+                pos.seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                checkpoint(pos)
             advance()
-    train_loss = float(loss_sum) / max(seen, 1)
-    _check_finite(train_loss, epoch, len(loader))
-    return {
-        "epoch": epoch + 1,
+    pos.loss_sum, pos.correct = float(loss_sum), int(correct)
+    pos.seconds += time.perf_counter() - start
+    sums = all_reduce_sum(
+        torch.tensor([pos.loss_sum, pos.correct, pos.seen], dtype=torch.float64), dist_info
+    )
+    train_loss = float(sums[0]) / max(float(sums[2]), 1.0)
+    row = {
+        "epoch": pos.epoch + 1,
         "train_loss": train_loss,
-        "train_acc": 100.0 * float(correct) / max(seen, 1),
-        "lr": lr,
-        "seconds": time.perf_counter() - start,
+        "train_acc": 100.0 * float(sums[1]) / max(float(sums[2]), 1.0),
+        "lr": pos.lr,
+        "seconds": pos.seconds,
     }
+    _check_finite(train_loss, pos)
+    pos.next_epoch()
+    return row
 
 
-def _check_finite(loss: float, epoch: int, step: int) -> None:
+def _check_finite(loss: float, pos: Position) -> None:
     if not math.isfinite(loss):
         raise TrainingDiverged(
-            f"loss became {loss} in epoch {epoch + 1} (step {step}); the last good checkpoint "
-            "is kept. Lower train.lr or set train.grad_clip."
+            f"loss became {loss} in epoch {pos.epoch + 1} (step {pos.step}); the last good "
+            "checkpoint is kept. Lower train.lr or set train.grad_clip."
         )
+
+
+def _rng_states(info: DistInfo) -> dict[str, torch.Tensor]:
+    """Every rank's RNG state, one row per rank, so a resumed rank continues its own stream."""
+    states = {"rng_cpu": all_gather_rows(torch.get_rng_state()[None], info)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["rng_cuda"] = all_gather_rows(torch.cuda.get_rng_state()[None], info)
+    return states
 
 
 def _checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    history: list[dict[str, float]],
-    epoch: int,
+    pos: Position,
     run_dir: Path,
     trainable_only: bool,
+    info: DistInfo,
 ) -> None:
+    """Write model and loop state as a pair that resume can check (same position and digest).
+
+    Two files cannot be replaced at once; the previous model file is kept as a hard link until
+    the new state is written, so a kill in between leaves a pair that resume can repair.
+    """
+    rng = _rng_states(info)  # a collective: every rank takes part, rank 0 writes
+    if not info.is_main:
+        return
+    weights = model_state(model, trainable_only)
+    digest = tensor_digest(weights)
+    place = {"epoch": pos.epoch, "batch": pos.batch, "step": pos.step}
     state: dict[str, Any] = {
-        "epoch": epoch,
+        **place,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "history": history,
+        **rng,
+        "history": pos.history,
+        "partial": [pos.loss_sum, pos.correct, pos.seen, pos.seconds, pos.lr or 0.0],
+        "model_digest": digest,
     }
-    if torch.cuda.is_available():
-        state["rng_cuda"] = torch.cuda.get_rng_state()
-    save_model(model, run_dir / MODEL_FILE, trainable_only=trainable_only)
+    model_path, previous = run_dir / MODEL_FILE, run_dir / PREVIOUS_MODEL_FILE
+    if model_path.is_file():
+        previous.unlink(missing_ok=True)
+        os.link(model_path, previous)
+    metadata = {**{k: str(v) for k, v in place.items()}, "digest": digest}
+    save_model(model, model_path, trainable_only=trainable_only, metadata=metadata)
     save_state(state, run_dir / STATE_FILE)
+    previous.unlink(missing_ok=True)
+
+
+def _restore(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    run_dir: Path,
+    trainable_only: bool,
+    info: DistInfo,
+    device: torch.device,
+) -> Position:
+    """Load the last checkpoint pair; a model file one write ahead of its state is repaired."""
+    state = load_state(run_dir / STATE_FILE)
+    model_path = run_dir / MODEL_FILE
+    expected = state.get("model_digest")  # absent in checkpoints of older versions
+    if expected is not None:
+        _select_model_file(run_dir, expected, state)
+    load_model(model, model_path)
+    if expected is not None and tensor_digest(model_state(model, trainable_only)) != expected:
+        raise VptlabError(
+            f"{model_path} does not hold the weights {run_dir / STATE_FILE} was saved with "
+            "(the file was changed); retrain the run with --force"
+        )
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng_cpu"]
+    rows = rng if rng.ndim == 2 else rng[None]
+    # A run resumed on another number of ranks cannot replay each rank's stream exactly.
+    torch.set_rng_state(rows[info.rank] if info.rank < len(rows) else rows[0])
+    if device.type == "cuda" and "rng_cuda" in state:
+        cuda = state["rng_cuda"]
+        cuda = cuda if cuda.ndim == 2 else cuda[None]
+        torch.cuda.set_rng_state(cuda[info.rank] if info.rank < len(cuda) else cuda[0], device)
+    loss_sum, correct, seen, seconds, lr = state.get("partial", [0.0, 0, 0, 0.0, 0.0])
+    batch = int(state.get("batch", 0))
+    return Position(
+        epoch=int(state["epoch"]),
+        batch=batch,
+        step=int(state.get("step", 0)),
+        history=state["history"],
+        loss_sum=float(loss_sum),
+        correct=int(correct),
+        seen=int(seen),
+        seconds=float(seconds),
+        lr=float(lr) if batch else None,
+    )
+
+
+def _select_model_file(run_dir: Path, digest: str, state: dict[str, Any]) -> None:
+    """Make `model.safetensors` the file whose digest the state names, or say why it cannot."""
+    model_path, previous = run_dir / MODEL_FILE, run_dir / PREVIOUS_MODEL_FILE
+    if not model_path.is_file():
+        raise VptlabError(f"cannot resume {run_dir}: {MODEL_FILE} is missing")
+    meta = read_metadata(model_path)
+    if meta.get("digest") == digest:
+        previous.unlink(missing_ok=True)
+        return
+    if previous.is_file() and read_metadata(previous).get("digest") == digest:
+        os.replace(previous, model_path)  # the kill came between the model and the state write
+        return
+    raise VptlabError(
+        f"cannot resume {run_dir}: {MODEL_FILE} (epoch {meta.get('epoch', '?')}, step "
+        f"{meta.get('step', '?')}) and {STATE_FILE} (epoch {state['epoch']}, step "
+        f"{state.get('step', '?')}) are not a pair; retrain the run with --force"
+    )
 
 
 def _summary(history: list[dict[str, float]]) -> dict[str, Any]:
@@ -258,7 +407,7 @@ def _summary(history: list[dict[str, float]]) -> dict[str, Any]:
     summary: dict[str, Any] = {"history": history, "epochs_done": len(history)}
     if evaluated:
         last = evaluated[-1]
-        summary["final"] = {k: last[k] for k in ("test_top1", "test_top5", "test_loss")}
+        summary["final"] = {k: v for k, v in last.items() if k.startswith("test") or "/" in k}
         summary["best_top1"] = max(row["test_top1"] for row in evaluated)
     if history:
         summary["seconds_per_epoch"] = sum(r["seconds"] for r in history) / len(history)

@@ -20,9 +20,10 @@ from rich.progress import (
 
 @contextmanager
 def progress_bar(
-    description: str, total: int, enabled: bool = True
+    description: str, total: int, enabled: bool = True, completed: int = 0
 ) -> Iterator[Callable[[], None]]:
-    """Yield an `advance()` callable; a no-op when the bar is disabled."""
+    """Yield an `advance()` callable; a no-op when the bar is disabled. `completed` steps are
+    already done (a resumed epoch)."""
     if not enabled:
         yield lambda: None
         return
@@ -34,5 +35,5 @@ def progress_bar(
         TimeRemainingColumn(),
     )
     with Progress(*columns, transient=True) as progress:
-        task_id = progress.add_task(description, total=total)
+        task_id = progress.add_task(description, total=total, completed=completed)
         yield lambda: progress.advance(task_id)

@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from vptlab.config import ExperimentConfig, build_config, load_yaml
+from vptlab.config import ExperimentConfig, build_config, load_yaml, parse_override
 from vptlab.data.base import DataSplits
 from vptlab.engine.build import build_experiment
 from vptlab.engine.checkpoint import atomic_write_text, load_model
+from vptlab.engine.distributed import is_main_process
 from vptlab.engine.loop import CONFIG_FILE, MODEL_FILE, STATE_FILE, fit, resolve_device
 from vptlab.errors import ConfigError, VptlabError
 from vptlab.report.tables import RUN_HEADER, run_row
 
-
-def _is_main_process() -> bool:
-    """Rank 0 of a torchrun launch, or the only process; only it touches the run folder."""
-    return int(os.environ.get("RANK", "0")) == 0
+# What `--resume` may change: where and how the run executes, and how long it goes on. Anything
+# else would make the resumed run a different experiment than the one its checkpoint belongs to.
+RESUMABLE_KEYS = (
+    "device",
+    "output",
+    "train.epochs",
+    "train.checkpoint_every_steps",
+    "data.num_workers",
+)
 
 
 def run_dir_of(cfg: ExperimentConfig) -> Path:
@@ -41,24 +46,41 @@ def train(
                 f"run folder {run_dir} already holds a run; resume it with --resume {run_dir}, "
                 "pick another name=..., or pass --force to overwrite"
             )
-        if _is_main_process():
+        if is_main_process():
             shutil.rmtree(run_dir)
     data, model = build_experiment(cfg)
     metrics = fit(model, data, cfg, run_dir, stop_after_epochs=stop_after_epochs)
-    if _is_main_process():
+    if is_main_process():
         write_run_report(run_dir, metrics)
     return metrics
 
 
+def check_resume_overrides(overrides: list[str]) -> None:
+    """Refuse overrides that would change a resumed run's results, naming the key."""
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if not any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS):
+            raise ConfigError(
+                f"{key} cannot change when resuming (only {', '.join(RESUMABLE_KEYS)} can); "
+                "start a new run with another name=... instead"
+            )
+
+
 def resume(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Continue an interrupted run from its last checkpoint, to the same result as one go."""
+    """Continue an interrupted run from its last checkpoint, to the same result as one go.
+
+    A folder killed before its first checkpoint (only its config.yaml) starts from the beginning.
+    """
     run_dir = Path(run_dir)
-    if not (run_dir / STATE_FILE).is_file():
-        raise VptlabError(f"nothing to resume in {run_dir}: no {STATE_FILE} there")
+    overrides = overrides or []
+    check_resume_overrides(overrides)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise VptlabError(f"nothing to resume in {run_dir}: no {CONFIG_FILE} there")
     cfg = build_config(load_yaml(run_dir / CONFIG_FILE), overrides)
     data, model = build_experiment(cfg)
-    metrics = fit(model, data, cfg, run_dir, resume=True)
-    if _is_main_process():
+    has_checkpoint = (run_dir / STATE_FILE).is_file()
+    metrics = fit(model, data, cfg, run_dir, resume=has_checkpoint)
+    if is_main_process():
         write_run_report(run_dir, metrics)
     return metrics
 

@@ -1,4 +1,9 @@
-"""Training objectives for the one loop: a task turns (model, x, y) into (loss, logits)."""
+"""Training objectives for the one loop: a task turns a batch into (loss, logits).
+
+A task gets the model the step runs through (maybe wrapped in DDP or compiled) and the bare model
+beside it: an inner attack (adversarial training) or a frozen teacher's hooks (distillation) run
+on the bare model, so they neither trigger DDP's gradient sync nor recompile.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vptlab.data.loaders import Batch
+
 
 class Task(Protocol):
     """What the loop asks of an objective; adversarial training and distillation are tasks too."""
 
     def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+        self, model: nn.Module, batch: Batch, raw_model: nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -24,7 +31,8 @@ class ClassificationTask:
         self.label_smoothing = label_smoothing
 
     def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+        self, model: nn.Module, batch: Batch, raw_model: nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(x)
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing), logits
+        logits = model(batch.x)
+        loss = F.cross_entropy(logits.float(), batch.y, label_smoothing=self.label_smoothing)
+        return loss, logits

@@ -1,5 +1,6 @@
-"""Metrics: clean top-k accuracy now; robust accuracy, ASR and DER join as attacks land."""
+"""Metrics: per-sample predictions and clean top-k accuracy; robust accuracy, ASR and DER build on
+`Predictions` as attacks land."""
 
-from vptlab.metrics.accuracy import evaluate, topk_correct
+from vptlab.metrics.accuracy import Predictions, evaluate, predict, topk_correct
 
-__all__ = ["evaluate", "topk_correct"]
+__all__ = ["Predictions", "evaluate", "predict", "topk_correct"]

@@ -1,0 +1,76 @@
+"""What `fit` measures after an epoch: a list of evaluators, each a model -> named numbers.
+
+The default is clean top-1/top-5 on the test split. Robust accuracy and backdoor metrics plug in
+as further evaluators built on `predict`, so they share its single pass and its sharding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from vptlab.config import ExperimentConfig
+from vptlab.data.base import TensorSplit
+from vptlab.data.loaders import StreamLoader, TensorLoader, make_loader
+from vptlab.engine.distributed import DistInfo, all_gather_rows
+from vptlab.metrics.accuracy import InputTransform, Predictions, predict
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """Where and how evaluation runs: the run's config, its device, autocast dtype and rank."""
+
+    cfg: ExperimentConfig
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    dist: DistInfo
+
+
+class Evaluator(Protocol):
+    """Returns flat named metrics (`test_top1`, `badnets/asr` ...) that go into the history."""
+
+    def __call__(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]: ...
+
+
+def gather_predictions(preds: Predictions, info: DistInfo) -> Predictions:
+    """Every rank's shard of predictions, on every rank (ranks evaluate disjoint shards)."""
+    if info.world_size == 1:
+        return preds
+    fields = Predictions.__dataclass_fields__
+    return Predictions(*(all_gather_rows(getattr(preds, f), info) for f in fields))
+
+
+class SplitPredictions:
+    """Predictions of a model on one split, sharded over ranks and gathered back."""
+
+    def __init__(self, split: TensorSplit | Dataset, transform: InputTransform | None = None):
+        self.split = split
+        self.transform = transform
+        self._loader: TensorLoader | StreamLoader | None = None
+
+    def __call__(self, model: nn.Module, ctx: EvalContext) -> Predictions:
+        if self._loader is None:  # built once: a TensorLoader copies its split to the device
+            data = ctx.cfg.data
+            self._loader = make_loader(
+                self.split, data.eval_batch_size, train=False, device=ctx.device,
+                seed=ctx.cfg.seed, num_workers=data.num_workers, img_size=data.img_size,
+                rank=ctx.dist.rank, world_size=ctx.dist.world_size,
+            )  # fmt: skip
+        preds = predict(model, self._loader, ctx.amp_dtype, self.transform)
+        return gather_predictions(preds, ctx.dist)
+
+
+class TestAccuracy:
+    """Clean loss, top-1 and top-5 on a split, as `{prefix}_loss`, `{prefix}_top1`, ..."""
+
+    def __init__(self, split: TensorSplit | Dataset, prefix: str = "test") -> None:
+        self.predictions = SplitPredictions(split)
+        self.prefix = prefix
+
+    def __call__(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        summary = self.predictions(model, ctx).summary()
+        return {f"{self.prefix}_{k}": summary[k] for k in ("loss", "top1", "top5")}
