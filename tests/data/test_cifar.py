@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,3 +91,56 @@ def test_malformed_batch_is_a_data_error(fakes, tmp_path: Path) -> None:
     (folder / "data_batch_2").write_bytes(pickle.dumps({b"data": 1})[:10])
     with pytest.raises(DataError, match="data_batch_2 is not a readable pickle"):
         load_dataset("cifar10", root=str(folder))
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (7, "expected 'labels' as a list of ints, got int"),
+        ([0, 2**70], r"labels must be ints in 0\.\.9, got 1180591620717411303424"),
+        ([0, 1.7], r"labels must be ints in 0\.\.9, got 1\.7"),
+        ([0, -1], r"labels must be ints in 0\.\.9, got -1"),
+        ([0, 10], r"labels must be ints in 0\.\.9, got 10"),
+        ([0], "expected 'labels' with 2 labels, got 1"),
+        # Two references to one array: numpy would broadcast them into a (2, 1000) label array.
+        ([np.zeros(1000, np.uint8)] * 2, r"labels must be ints in 0\.\.9, got array"),
+        (np.zeros((2, 1), np.int64), "expected 'labels' as a list of ints, got a int64 array"),
+    ],
+    ids=["int", "overflow", "float", "negative", "too-large", "too-few", "arrays", "2-d"],
+)
+def test_malformed_labels_are_one_data_error(fakes, tmp_path: Path, labels, message) -> None:
+    folder = fakes.write_cifar10(tmp_path / "cifar-10-batches-py", per_batch=2)
+    fakes.dump_python2({b"data": fakes.cifar_rows(2, 0), b"labels": labels}, folder / "test_batch")
+    with pytest.raises(DataError, match=rf"^{folder / 'test_batch'}: {message}"):
+        load_dataset("cifar10", root=str(folder))
+
+
+def test_int_label_arrays_of_resaved_files_load(fakes, tmp_path: Path) -> None:
+    folder = fakes.write_cifar10(tmp_path / "cifar-10-batches-py", per_batch=2, python2=False)
+    batch = {"data": fakes.cifar_rows(2, 0), "labels": np.array([3, 9], dtype=np.int32)}
+    fakes.dump_python3(batch, folder / "test_batch")
+    assert load_dataset("cifar10", root=str(folder)).test.y.tolist() == [3, 9]
+
+
+def test_pixels_must_be_uint8(fakes, tmp_path: Path) -> None:
+    """int64 pixels of 300 would silently wrap to 44 as uint8."""
+    folder = fakes.write_cifar10(tmp_path / "cifar-10-batches-py", per_batch=2)
+    rows = fakes.cifar_rows(2, 0).astype(np.int64) + 100
+    fakes.dump_python2({b"data": rows, b"labels": [0, 1]}, folder / "test_batch")
+    with pytest.raises(DataError, match=r"test_batch: expected 'data' as uint8 pixels, got int64"):
+        load_dataset("cifar10", root=str(folder))
+
+
+@pytest.mark.parametrize("names", [3, [b"cat"] * 9 + [7]], ids=["int", "not-text"])
+def test_malformed_class_names_are_one_data_error(fakes, tmp_path: Path, names) -> None:
+    folder = fakes.write_cifar10(tmp_path / "cifar-10-batches-py", per_batch=1)
+    fakes.dump_python2({b"label_names": names}, folder / "batches.meta")
+    with pytest.raises(DataError, match=r"batches\.meta: expected 'label_names' with 10 names"):
+        load_dataset("cifar10", root=str(folder))
+
+
+def test_undecodable_class_name_is_shown_not_fatal(fakes, tmp_path: Path) -> None:
+    folder = fakes.write_cifar10(tmp_path / "cifar-10-batches-py", per_batch=1)
+    names = [b"caf\xe9"] + [f"c{k}".encode() for k in range(1, 10)]
+    fakes.dump_python2({b"label_names": names}, folder / "batches.meta")
+    assert load_dataset("cifar10", root=str(folder)).classes[0] == "caf\ufffd"

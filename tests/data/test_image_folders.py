@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from vptlab.data import ImageFileDataset, load_dataset
 from vptlab.errors import DataError
@@ -104,3 +105,78 @@ def test_miniplaces_errors(fakes, tmp_path: Path) -> None:
     (tmp_path / "data" / "val.txt").write_text("val/00000001.jpg 100\n")
     with pytest.raises(DataError, match=r"val\.txt:1: expected 'relative/path\.jpg label'"):
         load_dataset("miniplaces", root=str(tmp_path))
+
+
+@pytest.mark.parametrize("label", ["²", "١", "3x", "-1", "100", ""])
+def test_miniplaces_bad_list_label_is_one_data_error(fakes, tmp_path: Path, label: str) -> None:
+    """'²'.isdigit() is True but int('²') raises; '١' (Arabic one) would pass int() silently."""
+    make_miniplaces(fakes, tmp_path)
+    (tmp_path / "data" / "train.txt").write_text(
+        f"train/a/abbey/00000001.jpg 0\ntrain/b/bakery/shop/00000001.jpg {label}\n"
+    )
+    with pytest.raises(DataError, match=r"train\.txt:2: expected 'relative/path\.jpg label'"):
+        load_dataset("miniplaces", root=str(tmp_path))
+
+
+@pytest.mark.parametrize("line", ["/a/abbey ²", "/a/abbey 100", "/a/abbey", "/a/abbey x"])
+def test_miniplaces_bad_category_line_is_one_data_error(fakes, tmp_path: Path, line: str) -> None:
+    make_miniplaces(fakes, tmp_path)
+    (tmp_path / "data" / "categories.txt").write_text(f"/b/bakery/shop 10\n\n{line}\n")
+    with pytest.raises(DataError, match=r"categories\.txt:3: expected '/a/abbey 0' with a label"):
+        load_dataset("miniplaces", root=str(tmp_path))
+
+
+def test_miniplaces_unreadable_list_is_one_data_error(fakes, tmp_path: Path) -> None:
+    make_miniplaces(fakes, tmp_path)
+    (tmp_path / "data" / "val.txt").write_bytes(b"val/\xff\xfe.jpg 3\n")
+    with pytest.raises(DataError, match=r"miniplaces: cannot read .*val\.txt: .*utf-8"):
+        load_dataset("miniplaces", root=str(tmp_path))
+
+
+def test_miniplaces_later_missing_file_names_it_when_loaded(fakes, tmp_path: Path) -> None:
+    make_miniplaces(fakes, tmp_path)
+    (tmp_path / "data" / "val.txt").write_text("val/00000001.jpg 10\nval/00000002.jpg 3\n")
+    data = load_dataset("miniplaces", root=str(tmp_path), img_size=8)
+    missing = tmp_path / "images" / "val" / "00000002.jpg"
+    with pytest.raises(DataError, match=rf"^cannot read image {missing}: No such file"):
+        data.test[1]
+
+
+def test_imagefolder_empty_class_folder_is_one_data_error(fakes, tmp_path: Path) -> None:
+    """An empty train/ class would still be a class (a logit) with no sample to learn it from."""
+    make_imagefolder(fakes, tmp_path)
+    (tmp_path / "train" / "bird").mkdir()
+    (tmp_path / "train" / "bird" / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match=r"class folder .*train/bird has no images"):
+        load_dataset("imagefolder", root=str(tmp_path))
+
+
+def write_broken_images(fakes, folder: Path) -> dict[str, Path]:
+    """Truncated PNG and JPEG, a text file named .png, an empty file and a missing one."""
+    files = {}
+    for name in ("truncated.png", "truncated.jpg"):
+        fakes.write_image(folder / name, RED, size=(64, 64))
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+        files[name] = folder / name
+    (folder / "text.png").write_text("not an image")
+    (folder / "empty.png").write_bytes(b"")
+    files.update(text=folder / "text.png", empty=folder / "empty.png", missing=folder / "gone.png")
+    return files
+
+
+def test_unreadable_images_are_one_data_error(fakes, tmp_path: Path) -> None:
+    for path in write_broken_images(fakes, tmp_path).values():
+        with pytest.raises(DataError, match=rf"^cannot read image {path}: [^\n]+$"):
+            ImageFileDataset([(path, 0)], img_size=8)[0]
+
+
+@pytest.mark.parametrize("pixels", [150, 300], ids=["over-limit-warning", "over-twice-error"])
+def test_decompression_bomb_is_refused(fakes, tmp_path: Path, monkeypatch, pixels: int) -> None:
+    """Past MAX_IMAGE_PIXELS PIL only warns (an error past twice that): both are refused."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    fakes.write_image(tmp_path / "bomb.png", RED, size=(pixels // 10, 10))
+    with pytest.raises(DataError, match=r"^refused image .*bomb\.png: Image size \(\d+ pixels\)"):
+        ImageFileDataset([(tmp_path / "bomb.png", 0)], img_size=8)[0]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert ImageFileDataset([(tmp_path / "bomb.png", 0)], img_size=8)[0][0].shape == (3, 8, 8)

@@ -11,11 +11,13 @@ from vptlab.data import (
     StreamLoader,
     TensorLoader,
     TensorSplit,
+    load_dataset,
     make_loader,
     resize,
     subset,
     to_rgb,
 )
+from vptlab.errors import DataError
 
 
 def numbered_split(n: int = 10, channels: int = 1, size: int = 6) -> TensorSplit:
@@ -160,3 +162,36 @@ def test_subset_is_seeded() -> None:
     assert len(a) == 4 and torch.equal(a.y, b.y)
     assert subset(split, None, seed=0) is split and subset(split, 50, seed=0) is split
     assert len(subset(NumberedDataset(10), 3, seed=1)) == 3
+
+
+class BrokenAt(NumberedDataset):
+    """Sample `broken` raises the one-line DataError a reader raises for a bad file."""
+
+    def __init__(self, broken: int) -> None:
+        super().__init__(10)
+        self.broken = broken
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if i == self.broken:
+            raise DataError(f"cannot read image img_{i}.png: image file is truncated")
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_data_error_in_a_worker_reaches_the_user_as_its_one_line(num_workers: int) -> None:
+    """torch re-raises it as 'Caught DataError in DataLoader worker process 0. Original ...'."""
+    loader = make_loader(BrokenAt(9), 4, train=False, num_workers=num_workers)
+    with pytest.raises(DataError) as caught:
+        list(loader)
+    assert str(caught.value) == "cannot read image img_9.png: image file is truncated"
+
+
+def test_imagefolder_with_a_truncated_image_through_workers(fakes, tmp_path) -> None:
+    for name, color in (("a.png", (255, 0, 0)), ("b.png", (0, 0, 255))):
+        fakes.write_image(tmp_path / "train" / "cat" / name, color, size=(64, 64))
+    fakes.write_image(tmp_path / "val" / "cat" / "c.png", (0, 255, 0))
+    broken = tmp_path / "train" / "cat" / "b.png"
+    broken.write_bytes(broken.read_bytes()[:60])
+    data = load_dataset("imagefolder", root=str(tmp_path), img_size=8)
+    with pytest.raises(DataError, match=rf"^cannot read image {broken}: [^\n]*truncated[^\n]*$"):
+        list(make_loader(data.train, 2, train=False, num_workers=1))

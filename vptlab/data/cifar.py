@@ -82,20 +82,43 @@ def _text_keys(raw: Any, path: Path) -> dict[str, Any]:
     return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in raw.items()}
 
 
+def _labels(raw: Any, count: int, path: Path, layout: CifarLayout) -> np.ndarray:
+    """The label list (or re-saved int array) as int64, each checked to be a class index.
+
+    Checked element by element before numpy sees them: a list of arrays would otherwise broadcast
+    into a huge 2-D array, floats would be truncated and ints past int64 would overflow.
+    """
+    key, top = layout.labels_key, layout.num_classes - 1
+    if isinstance(raw, np.ndarray):
+        if raw.dtype.kind not in "iu" or raw.ndim != 1:
+            raise DataError(f"{path}: expected '{key}' as a list of ints, got a {raw.dtype} array")
+        values = raw.tolist()
+    elif isinstance(raw, list | tuple):
+        values = raw
+    else:
+        raise DataError(f"{path}: expected '{key}' as a list of ints, got {type(raw).__name__}")
+    if len(values) != count:
+        raise DataError(f"{path}: expected '{key}' with {count} labels, got {len(values)}")
+    for value in values:
+        is_int = isinstance(value, int | np.integer) and not isinstance(value, bool)
+        if not is_int or not 0 <= value <= top:
+            raise DataError(f"{path}: labels must be ints in 0..{top}, got {value!r}")
+    return np.asarray(values, dtype=np.int64).reshape(count)
+
+
 def read_batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:
     """One batch file as uint8 (N,3,32,32) images and int64 (N,) labels."""
     batch = _text_keys(safe_load(path), path)
-    data, labels = batch.get("data"), batch.get(layout.labels_key)
+    data = batch.get("data")
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         shape = getattr(data, "shape", None)
         raise DataError(f"{path}: expected 'data' as an (N, 3072) array, got {shape}")
-    if labels is None or len(labels) != len(data):
-        raise DataError(f"{path}: expected '{layout.labels_key}' with {len(data)} labels")
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() >= layout.num_classes):
-        raise DataError(f"{path}: labels must lie in 0..{layout.num_classes - 1}")
+    if data.dtype != np.uint8:
+        # Another integer type would wrap silently (300 -> 44) when read as pixels.
+        raise DataError(f"{path}: expected 'data' as uint8 pixels, got {data.dtype}")
+    labels = _labels(batch.get(layout.labels_key), len(data), path, layout)
     # Rows are the R plane, then G, then B, each 32x32 row-major: exactly (3, 32, 32) in C order.
-    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32), labels
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def _read_split(folder: Path, names: tuple[str, ...], layout: CifarLayout) -> TensorSplit:
@@ -111,9 +134,14 @@ def read_class_names(folder: Path, layout: CifarLayout) -> list[str]:
     if not path.is_file():
         return [str(i) for i in range(layout.num_classes)]
     names = _text_keys(safe_load(path), path).get(layout.names_key)
-    if names is None or len(names) != layout.num_classes:
+    if (
+        not isinstance(names, list | tuple)
+        or len(names) != layout.num_classes
+        or not all(isinstance(n, bytes | str) for n in names)
+    ):
         raise DataError(f"{path}: expected '{layout.names_key}' with {layout.num_classes} names")
-    return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
+    # Names are only shown to the user: an undecodable byte is replaced rather than fatal.
+    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
 
 
 def load_cifar(

@@ -7,12 +7,13 @@ to `img_size` in the worker processes, so only a batch at a time is in memory.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from vptlab.data.base import DATASETS, DataSplits, require_root
@@ -43,12 +44,25 @@ class ImageFileDataset(Dataset):
 
 
 def load_image(path: Path, size: int) -> torch.Tensor:
-    """One image file as a (3, size, size) float tensor in [0,1]; gray and RGBA become RGB."""
+    """One image file as a (3, size, size) float tensor in [0,1]; gray and RGBA become RGB.
+
+    An image of more than PIL's `Image.MAX_IMAGE_PIXELS` (89.5M pixels, ~270 MB decoded) is
+    refused, not merely warned about: PIL only raises past twice that, and one such file per
+    worker is how a decompression bomb exhausts memory. Raise that limit to read larger images.
+    """
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except OSError as error:
-        raise DataError(f"cannot read image {path}: {error}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise DataError(f"refused image {path}: {error}") from None
+    except UnidentifiedImageError:  # its message repeats the path
+        raise DataError(f"cannot read image {path}: not an image format PIL knows") from None
+    except OSError as error:  # missing, unreadable or truncated
+        raise DataError(f"cannot read image {path}: {error.strerror or error}") from None
+    except Exception as error:  # decoders of corrupt files raise other kinds too
+        raise DataError(f"cannot read image {path}: {type(error).__name__}: {error}") from None
     if image.size != (size, size):
         # Pillow's bilinear filter widens with the scale factor, so downscaling is antialiased.
         image = image.resize((size, size), Image.Resampling.BILINEAR)
@@ -83,6 +97,20 @@ def _scan_classes(folder: Path, class_to_idx: dict[str, int]) -> list[tuple[Path
     ]
 
 
+def _check_no_empty_class(
+    folder: Path, samples: list[tuple[Path, int]], classes: list[str]
+) -> None:
+    """A train/ class folder without images would still count as a class the model must learn."""
+    present = {label for _, label in samples}
+    empty = [name for index, name in enumerate(classes) if index not in present]
+    if empty:
+        raise DataError(
+            f"imagefolder: class folder {folder / empty[0]} has no images "
+            f"({', '.join(IMG_EXTENSIONS)}); remove it or add images"
+            + (f" (also empty: {', '.join(empty[1:])})" if len(empty) > 1 else "")
+        )
+
+
 @DATASETS.register("imagefolder")
 def load_imagefolder(root: str | None = None, seed: int = 0, img_size: int = 64) -> DataSplits:
     """`root/train/<class>/*.jpg` and `root/val/<class>/...` (or `test/`), classes sorted by name.
@@ -109,6 +137,7 @@ def load_imagefolder(root: str | None = None, seed: int = 0, img_size: int = 64)
                 f"imagefolder: expected class folders of images ({', '.join(IMG_EXTENSIONS)}) "
                 f"under {folder}; found none"
             )
+    _check_no_empty_class(base / "train", train, classes)
     return DataSplits(
         "imagefolder",
         ImageFileDataset(train, img_size),
@@ -125,22 +154,39 @@ def _find_list_dir(base: Path) -> Path | None:
     return None
 
 
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise DataError(f"miniplaces: cannot read {path}: {reason}") from None
+
+
+def _label(text: str, num_classes: int) -> int | None:
+    """`text` as a class index, or None. ASCII digits only: '²'.isdigit(), but int('²') fails."""
+    if not (text.isascii() and text.isdigit()) or int(text) >= num_classes:
+        return None
+    return int(text)
+
+
 def read_list_file(path: Path, images: Path, num_classes: int) -> list[tuple[Path, int]]:
     """`relative/path.jpg label` lines -> (images/relative/path.jpg, label)."""
     samples = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].isdigit() or int(parts[1]) >= num_classes:
+        label = _label(parts[1], num_classes) if len(parts) == 2 else None
+        if label is None:
             raise DataError(
                 f"miniplaces: {path}:{number}: expected 'relative/path.jpg label' with a label "
                 f"in 0..{num_classes - 1}, got {line.strip()!r}"
             )
-        samples.append((images / parts[0], int(parts[1])))
+        samples.append((images / parts[0], label))
     if not samples:
         raise DataError(f"miniplaces: {path} lists no images")
-    # Checking every file costs a stat per image; the first one catches a wrong images/ folder.
+    # Checking every file costs a stat per image; the first one catches a wrong images/ folder,
+    # and a later missing file is one DataError naming it when it is loaded.
     if not samples[0][0].is_file():
         raise DataError(
             f"miniplaces: {path.name} lists {samples[0][0].relative_to(images)} but "
@@ -154,11 +200,18 @@ def read_categories(list_dir: Path, train: list[tuple[Path, int]], images: Path)
     names = [str(i) for i in range(MINIPLACES_CLASSES)]
     path = list_dir / "categories.txt"
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for number, line in enumerate(_read_lines(path), start=1):
+            if not line.strip():
+                continue
             parts = line.rsplit(maxsplit=1)
-            if len(parts) == 2 and parts[1].isdigit() and int(parts[1]) < MINIPLACES_CLASSES:
-                # '/b/bakery/shop' -> 'bakery/shop': drop the leading letter folder.
-                names[int(parts[1])] = parts[0].strip("/").split("/", 1)[-1]
+            label = _label(parts[1], MINIPLACES_CLASSES) if len(parts) == 2 else None
+            if label is None:
+                raise DataError(
+                    f"miniplaces: {path}:{number}: expected '/a/abbey 0' with a label in "
+                    f"0..{MINIPLACES_CLASSES - 1}, got {line.strip()!r}"
+                )
+            # '/b/bakery/shop' -> 'bakery/shop': drop the leading letter folder.
+            names[label] = parts[0].strip("/").split("/", 1)[-1]
         return names
     for file, label in train:  # train/a/abbey/00000001.jpg
         folders = file.relative_to(images).parts[2:-1]

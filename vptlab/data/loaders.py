@@ -7,15 +7,17 @@ order and augmentation of a pass depend only on (seed, epoch), so a resumed run 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vptlab.data.base import TensorSplit, seeded_generator
+from vptlab.errors import DataError
 
 
 class Batch(NamedTuple):
@@ -28,7 +30,9 @@ class Batch(NamedTuple):
     y: torch.Tensor
     index: torch.Tensor
 
+
 _AUGMENT_STREAM = 1  # keeps augmentation draws independent of the shuffling draws
+_T = TypeVar("_T")
 
 
 def to_rgb(x: torch.Tensor) -> torch.Tensor:
@@ -247,6 +251,27 @@ class _PassSampler(Sampler[int]):
         return len(self.order)
 
 
+def _worker_errors_unwrapped(batches: Iterable[_T]) -> Iterator[_T]:
+    """`batches`, with a DataError from a DataLoader worker re-raised as its own one-line message.
+
+    torch re-raises a worker's exception as the same type but with the message replaced by
+    "Caught DataError in DataLoader worker process 0.\nOriginal Traceback ...", whose last line
+    is "vptlab.errors.DataError: <message>": the user should see only that message.
+    """
+    try:
+        yield from batches
+        return
+    except DataError as error:
+        text = str(error)
+        if not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
+            raise  # raised in this process: already the reader's one line
+        # Dropping torch's exception (and with it the frames that hold the DataLoader iterator)
+        # lets the workers shut down now; kept as context, gc stalls 5 s on them later.
+        error.__traceback__ = None
+    lines = [line for line in text.splitlines() if re.match(r"[\w.]*DataError: ", line)]
+    raise DataError(lines[-1].split("DataError: ", 1)[1] if lines else text)
+
+
 class StreamLoader(_EpochLoader):
     """A DataLoader over a Dataset of (image, label) whose batches are moved to `device` and
     augmented there like TensorLoader's, so the training loop cannot tell the two apart.
@@ -298,7 +323,7 @@ class StreamLoader(_EpochLoader):
         epoch, start = self._begin_pass()
         order = self._order(epoch)[start * self.batch_size :]
         self.sampler.order = order
-        for batch, (x, y) in enumerate(self.loader, start=start):
+        for batch, (x, y) in enumerate(_worker_errors_unwrapped(self.loader), start=start):
             first = (batch - start) * self.batch_size
             index = order[first : first + len(x)].to(self.device, non_blocking=True)
             x = x.to(self.device, non_blocking=True)
