@@ -31,6 +31,7 @@ from vptlab.engine.progress import progress_bar
 from vptlab.engine.tasks import ClassificationTask, Task
 from vptlab.errors import ConfigError, TrainingDiverged
 from vptlab.metrics.accuracy import evaluate
+from vptlab.models.base import count_parameters
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -49,11 +50,6 @@ def resolve_device(name: str) -> torch.device:
 
 def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
     return torch.bfloat16 if enabled and device.type == "cuda" else None
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def _write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:

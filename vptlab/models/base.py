@@ -47,3 +47,9 @@ class ImageClassifier(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.net.get_classifier()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared parameters count once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
