@@ -9,7 +9,7 @@ from vptlab.config import ExperimentConfig
 from vptlab.data import dataset_options, load_dataset
 from vptlab.data.base import DataSplits, TensorSplit
 from vptlab.models import create_model
-from vptlab.prompts import PromptConfig, adapt
+from vptlab.prompts import adapt
 
 
 def build_data(cfg: ExperimentConfig) -> DataSplits:
@@ -40,9 +40,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int, img_size: int) -> nn.Mo
         pretrained=cfg.model.pretrained,
         **cfg.model.options,
     )
-    p = cfg.adapt.prompt
-    prompt = PromptConfig(num_prompts=p.num_prompts, deep=p.deep, depth=p.depth, dropout=p.dropout)
-    return adapt(model, cfg.adapt.mode, prompt)
+    return adapt(model, cfg.adapt.mode, cfg.adapt.prompt)
 
 
 def build_experiment(cfg: ExperimentConfig) -> tuple[DataSplits, nn.Module]:
