@@ -32,12 +32,13 @@ def image_size(splits: DataSplits, cfg: ExperimentConfig) -> int:
 
 def build_model(cfg: ExperimentConfig, num_classes: int, img_size: int) -> nn.Module:
     # A path may also be a run's own model.safetensors (e.g. the cached offline backbone):
-    # the models' loader strips our `net.` prefix and drops a head of another size.
+    # the models' loader strips our `net.` prefix and keeps its head only with model.keep_head.
     model = create_model(
         cfg.model.name,
         num_classes=num_classes,
         img_size=img_size,
         pretrained=cfg.model.pretrained,
+        keep_head=cfg.model.keep_head,
         **cfg.model.options,
     )
     return adapt(model, cfg.adapt.mode, cfg.adapt.prompt)

@@ -49,9 +49,14 @@ def create_model(
     num_classes: int,
     img_size: int = 224,
     pretrained: bool | str = False,
+    keep_head: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build model `name`; extra keyword arguments go to that model's factory (e.g. `depth=2`)."""
+    """Build model `name`; extra keyword arguments go to that model's factory (e.g. `depth=2`).
+
+    pretrained: False, True (published weights) or a weights file. The pretrained classifier is
+    replaced by a fresh one unless `keep_head` (then it must have `num_classes` outputs).
+    """
     if name in MODELS:
         factory = MODELS.get(name)
     elif _timm_knows(name):
@@ -62,7 +67,13 @@ def create_model(
             "(or any name in timm.list_models())"
         )
     _check_kwargs(name, factory, kwargs)
-    return factory(num_classes=num_classes, img_size=img_size, pretrained=pretrained, **kwargs)
+    return factory(
+        num_classes=num_classes,
+        img_size=img_size,
+        pretrained=pretrained,
+        keep_head=keep_head,
+        **kwargs,
+    )
 
 
 def _check_kwargs(name: str, factory: Any, kwargs: dict[str, Any]) -> None:

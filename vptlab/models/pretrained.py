@@ -90,16 +90,30 @@ def classifier_keys(net: nn.Module) -> set[str]:
     return set()
 
 
-def load_backbone_state(net: nn.Module, state: StateDict, source: str) -> nn.Module:
-    """Load `state` into `net`: a classifier of another size is dropped (kept at its fresh init),
-    every other key must be present with the right shape."""
+def load_backbone_state(
+    net: nn.Module, state: StateDict, source: str, keep_head: bool = False
+) -> nn.Module:
+    """Load `state` into `net`; every key but the classifier's must be there with the right shape.
+
+    The classifier is dropped (kept at its fresh init) unless `keep_head`: a backbone trained on
+    another dataset maps its classes to outputs its own way, even when the class counts match.
+    With `keep_head` the saved classifier must fit the model.
+    """
     own = net.state_dict()
     head = classifier_keys(net)
-    state = {
-        k: v for k, v in state.items() if not (k in head and k in own and v.shape != own[k].shape)
-    }
+    if keep_head:
+        wrong_head = [k for k in sorted(head) if k in state and state[k].shape != own[k].shape]
+        if wrong_head:
+            k = wrong_head[0]
+            raise ConfigError(
+                f"model.keep_head is set, but the classifier '{k}' in {source} has shape "
+                f"{tuple(state[k].shape)} and the model's {tuple(own[k].shape)}; "
+                "set model.keep_head=false for a fresh head"
+            )
+    else:
+        state = {k: v for k, v in state.items() if k not in head}
     unexpected = sorted(set(state) - set(own))
-    missing = sorted(set(own) - set(state) - head)
+    missing = sorted(set(own) - set(state) - (set() if keep_head else head))
     wrong = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
     problems = []
     if missing:
@@ -123,9 +137,11 @@ def load_pretrained_file(
     net: nn.Module,
     path: str | Path,
     adapt: Callable[[StateDict, nn.Module], StateDict] | None = None,
+    keep_head: bool = False,
 ) -> nn.Module:
-    """Read `path`, pass it through `adapt(state, net)` (re-patching, key renames) and load it."""
+    """Read `path`, pass it through `adapt(state, net)` (re-patching, key renames) and load it;
+    the file's classifier only with `keep_head`."""
     state = read_state_dict(path)
     if adapt is not None:
         state = adapt(state, net)
-    return load_backbone_state(net, state, str(path))
+    return load_backbone_state(net, state, str(path), keep_head=keep_head)

@@ -261,6 +261,7 @@ def vit_scratch(
     num_classes: int,
     img_size: int = 224,
     pretrained: bool | str = False,
+    keep_head: bool = False,
     patch_size: int = 4,
     embed_dim: int = 64,
     depth: int = 4,
@@ -298,5 +299,5 @@ def vit_scratch(
     if pretrained is True:
         raise ConfigError("vit-scratch has no published weights; pass pretrained=path/to/file")
     if pretrained:
-        load_pretrained_file(net, pretrained, adapt=resample_vit_state)
+        load_pretrained_file(net, pretrained, adapt=resample_vit_state, keep_head=keep_head)
     return build_classifier(net, SCRATCH_MEAN, SCRATCH_STD)
