@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -17,6 +18,7 @@ from torch import nn
 
 from vptlab.errors import ConfigError, DataError, RegistryError
 from vptlab.models.base import ImageClassifier
+from vptlab.models.pretrained import file_sha256
 from vptlab.registry import Registry
 
 MODELS = Registry[nn.Module]("model")
@@ -67,13 +69,16 @@ def create_model(
             "(or any name in timm.list_models())"
         )
     _check_kwargs(name, factory, kwargs)
-    return factory(
+    model = factory(
         num_classes=num_classes,
         img_size=img_size,
         pretrained=pretrained,
         keep_head=keep_head,
         **kwargs,
     )
+    if pretrained and isinstance(pretrained, str | Path) and isinstance(model, ImageClassifier):
+        model.backbone_file, model.backbone_sha256 = str(pretrained), file_sha256(pretrained)
+    return model
 
 
 def _check_kwargs(name: str, factory: Any, kwargs: dict[str, Any]) -> None:

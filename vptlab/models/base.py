@@ -36,6 +36,10 @@ class ImageClassifier(nn.Module):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.net = net
+        # The weights file the net was built from, and its sha256 (set by `create_model`): a
+        # checkpoint of prompts or a head alone is only valid on that very backbone.
+        self.backbone_file: str | None = None
+        self.backbone_sha256: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))

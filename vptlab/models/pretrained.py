@@ -4,6 +4,8 @@ state dict to the target (re-patch a ViT, drop a head of another size) and load 
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +50,25 @@ def read_state_dict(path: str | Path) -> StateDict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path} does not hold a state dict of tensors")
     return strip_wrapper_prefix(state)
+
+
+# (resolved path, inode, size, mtime in ns) -> sha256: a ViT-B file is 340 MB, so each file is
+# hashed once per process; a rewrite (new inode or mtime) is hashed anew.
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a weights file: it pins the backbone a prompt or linear run was trained on."""
+    path = Path(path).resolve()
+    stat = os.stat(path)
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def strip_wrapper_prefix(state: StateDict) -> StateDict:

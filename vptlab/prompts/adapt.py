@@ -32,6 +32,7 @@ class AdaptedClassifier(ImageClassifier):
         mean, std = normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()
         super().__init__(model.net, mean, std)
         self.normalize = normalize  # the model's own module: same device and dtype as its net
+        self.backbone_file, self.backbone_sha256 = model.backbone_file, model.backbone_sha256
         self.mode = mode
 
     def train(self, mode: bool = True) -> AdaptedClassifier:
