@@ -41,7 +41,12 @@ class ModelConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict, description="model keyword arguments")
 
 
-class PromptSection(Section):
+class PromptConfig(Section):
+    """VPT settings; `depth`: the blocks that get deep prompts (None: all; shallow: block 0 only).
+
+    The indices are checked against a model's blocks when prompts are added (prompts/sites.py).
+    """
+
     num_prompts: int = Field(10, ge=0)
     deep: bool = True
     depth: list[int] | None = None
@@ -50,7 +55,7 @@ class PromptSection(Section):
 
 class AdaptConfig(Section):
     mode: Literal["prompt", "linear", "full", "prompt+full"] = "full"
-    prompt: PromptSection = PromptSection()
+    prompt: PromptConfig = PromptConfig()
 
 
 class TrainConfig(Section):

@@ -57,8 +57,37 @@ def test_patch16_checkpoint_is_resampled_into_patch4_model(tmp_path):
 def test_pth_weights_load_with_weights_only(tmp_path):
     source = create_model("vit-tiny-test", num_classes=4)
     torch.save(source.net.state_dict(), tmp_path / "w.pth")
-    model = create_model("vit-tiny-test", num_classes=4, pretrained=str(tmp_path / "w.pth"))
+    path = str(tmp_path / "w.pth")
+    model = create_model("vit-tiny-test", num_classes=4, pretrained=path, keep_head=True)
     torch.testing.assert_close(model.net.head.weight, source.net.head.weight)
+
+
+@pytest.mark.parametrize("name", ["simplenet", "vit-scratch", "vit-tiny-test"])
+def test_pretrained_head_is_fresh_unless_kept(name, tmp_path):
+    # A backbone from another dataset with as many classes (Fashion-MNIST -> MNIST) maps classes
+    # to outputs its own way: its head must not silently become the new task's starting head.
+    torch.manual_seed(0)
+    source = create_model(name, num_classes=10, img_size=32)
+    with torch.no_grad():
+        for p in source.get_classifier().parameters():
+            p.fill_(0.5)  # a known head, far from any initialisation
+    path = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, path)
+
+    fresh = create_model(name, num_classes=10, img_size=32, pretrained=str(path))
+    kept = create_model(name, num_classes=10, img_size=32, pretrained=str(path), keep_head=True)
+    head_ids = {id(p) for p in source.get_classifier().parameters()}
+    heads = {k for k, p in source.named_parameters() if id(p) in head_ids}
+    own, loaded = source.state_dict(), fresh.state_dict()
+    assert heads
+    for key in own:
+        if key in heads:
+            assert not torch.equal(loaded[key], own[key]), key
+            assert torch.equal(kept.state_dict()[key], own[key]), key
+        else:
+            assert torch.equal(loaded[key], own[key]), key
+    with pytest.raises(ConfigError, match="model.keep_head is set, but the classifier"):
+        create_model(name, num_classes=3, img_size=32, pretrained=str(path), keep_head=True)
 
 
 class _Payload:
@@ -124,11 +153,15 @@ def test_lite0_key_mapping():
 
 def test_efficientnet_lite0_real_weights_load_offline():
     state = efficientnet_lite0_state()
-    model = create_model("tf_efficientnet_lite0", num_classes=1000, pretrained=True)
+    model = create_model("tf_efficientnet_lite0", num_classes=1000, pretrained=True, keep_head=True)
     own = model.net.state_dict()
     assert set(state) == set(own)
     for key, value in state.items():
         assert torch.equal(own[key], value), key
+    # Published weights keep their ImageNet head only when asked, even at 1000 classes.
+    fresh = create_model("tf_efficientnet_lite0", num_classes=1000, pretrained=True).net
+    assert not torch.equal(fresh.classifier.weight, state["classifier.weight"])
+    assert torch.equal(fresh.conv_head.weight, state["conv_head.weight"])
     # Fine-tuning to 10 classes keeps everything but the classifier.
     ten = create_model("tf_efficientnet_lite0", num_classes=10, img_size=32, pretrained=True)
     assert torch.equal(ten.net.conv_stem.weight, state["conv_stem.weight"])
@@ -147,7 +180,9 @@ def test_efficientnet_lite0_recognises_a_real_photo():
     top, left = (x.shape[1] - side) // 2, (x.shape[2] - side) // 2
     x = x[:, top : top + side, left : left + side]
     x = torch.nn.functional.interpolate(x[None], size=224, mode="bicubic", antialias=True)
-    model = create_model("tf_efficientnet_lite0", num_classes=1000, pretrained=True).eval()
+    model = create_model(
+        "tf_efficientnet_lite0", num_classes=1000, pretrained=True, keep_head=True
+    ).eval()
     with torch.no_grad():
         probs = model(x.clamp(0, 1)).softmax(-1)[0]
     top5 = [ImageNetInfo().index_to_description(int(i)) for i in probs.topk(5).indices]

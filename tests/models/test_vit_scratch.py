@@ -105,3 +105,25 @@ def test_pretrained_path_is_repatched(tmp_path):
     torch.testing.assert_close(model.net.cls_token, source.cls_token)
     torch.testing.assert_close(model.net.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
     assert model(torch.rand(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_forward_intermediates_match_timm():
+    # timm's signature and results on the same weights: defenses written for timm ViTs run on ours.
+    torch.manual_seed(0)
+    ours = create_model("vit-scratch", num_classes=10, img_size=28, depth=3).net.eval()
+    reference = timm.models.vision_transformer.VisionTransformer(
+        img_size=28, patch_size=4, num_classes=10, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0
+    ).eval()
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 28, 28)
+    calls = [
+        dict(),
+        dict(indices=2, norm=True, output_fmt="NLC", return_prefix_tokens=True),
+        dict(indices=[0], stop_early=True, intermediates_only=True),
+    ]
+    with torch.no_grad():
+        for kwargs in calls:
+            expected = reference.forward_intermediates(x, **kwargs)
+            torch.testing.assert_close(ours.forward_intermediates(x, **kwargs), expected)
+    final, intermediates = ours.forward_intermediates(x)
+    assert final.shape == (2, 50, 64) and [t.shape for t in intermediates] == [(2, 64, 7, 7)] * 3

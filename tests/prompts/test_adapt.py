@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vptlab.config import build_config
 from vptlab.engine.checkpoint import load_model, save_model
 from vptlab.errors import ConfigError
 from vptlab.models import create_model, list_models
@@ -19,10 +20,9 @@ from vptlab.prompts import (
     PromptConfig,
     adapt,
     count_parameters,
+    find_prompt_adapter,
     prompt_parameters,
 )
-from vptlab.prompts.tinyvit import is_tinyvit
-from vptlab.prompts.vpt import is_vit_like
 
 # Registered models too slow to build in every test run (ViT-B is built once in test_vpt.py).
 HEAVY = {"vit_base_patch16_224", "vit_small_patch16_224", "tiny_vit_11m_224", "tiny_vit_21m_224"}
@@ -73,8 +73,8 @@ def test_adapting_twice_is_refused(tiny_vit) -> None:
 
 @pytest.mark.parametrize("bad", [{"num_prompts": -1}, {"dropout": 1.0}])
 def test_prompt_config_is_validated(bad: dict) -> None:
-    with pytest.raises(ConfigError, match=f"prompt.{next(iter(bad))}"):
-        PromptConfig(**bad)
+    with pytest.raises(ConfigError, match=f"adapt.prompt.{next(iter(bad))}"):
+        build_config({"adapt": {"prompt": bad}})
 
 
 @pytest.mark.parametrize("mode", ADAPT_MODES)
@@ -186,7 +186,7 @@ def test_every_registered_model_adapts(name: str, images) -> None:
     base = create_model(name, num_classes=10, img_size=32).eval()
     x = images("vit")  # 32 px
     expected = base(x)
-    if is_vit_like(base.net) or is_tinyvit(base.net):
+    if find_prompt_adapter(base.net) is not None:
         model = adapt(base, "prompt", PromptConfig(num_prompts=0)).eval()
         assert torch.equal(model(x), expected)
         torch.manual_seed(0)

@@ -5,11 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
+from vptlab.config import build_config
 from vptlab.data.loaders import make_loader
-from vptlab.engine.runner import load_run
+from vptlab.engine.runner import load_run, train
+from vptlab.errors import VptlabError
 from vptlab.metrics.accuracy import evaluate
+from vptlab.models.pretrained import file_sha256
 from vptlab.report.study import run_study
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -65,3 +70,46 @@ def test_prompt_transfer_beats_chance_and_reloads(
     assert top1 > 35.0  # chance is 10%; 586 trained numbers on a 4-epoch backbone reach ~49%
     assert "| prompt | vit-scratch | prompt | mnist-5k |" in report.read_text()
     assert f"{top1:.2f}" in report.read_text()  # the reloaded model scores what the run reported
+
+
+def test_prompt_run_is_pinned_to_its_backbone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt run stores prompts + head and a path; the backbone file's sha256 pins it."""
+    pytest.importorskip("sklearn")
+    monkeypatch.setenv("VPTLAB_CACHE", str(tmp_path / "cache"))
+    base = {
+        "device": "cpu",
+        "data": {"name": "digits", "img_size": 16, "batch_size": 64, "num_workers": 0},
+        "model": {
+            "name": "vit-scratch",
+            "options": {"embed_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 4},
+        },
+        "train": {"epochs": 1, "lr": 3e-3},
+        "output": {**QUIET, "dir": str(tmp_path / "runs")},
+    }
+    backbone = build_config(base, ["name=backbone", "adapt.mode=full"])
+    train(backbone)
+    weights = tmp_path / "runs" / "backbone" / "model.safetensors"
+    prompt_run = build_config(
+        base, ["name=prompt", "adapt.mode=prompt", "adapt.prompt.num_prompts=2",
+               f"model.pretrained={weights}"],
+    )
+    train(prompt_run)
+    run_dir = tmp_path / "runs" / "prompt"
+    meta = safe_open(str(run_dir / "model.safetensors"), framework="pt").metadata()
+    assert meta["backbone_sha256"] == file_sha256(weights)
+
+    _, model, _ = load_run(run_dir, device="cpu")  # the backbone as trained: loads
+    saved = load_file(str(run_dir / "model.safetensors"))
+    assert torch.equal(model.state_dict()["net.prompt.embeddings"], saved["net.prompt.embeddings"])
+
+    train(build_config(base, ["name=backbone", "adapt.mode=full", "seed=1"]), force=True)
+    with pytest.raises(VptlabError, match="was trained on backbone .*retrained or replaced") as err:
+        load_run(run_dir, device="cpu")
+    message = str(err.value)
+    assert "\n" not in message and str(run_dir) in message and str(weights) in message
+
+    weights.unlink()
+    with pytest.raises(VptlabError, match=f"run {run_dir} was trained on backbone .* missing"):
+        load_run(run_dir, device="cpu")

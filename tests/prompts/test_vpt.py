@@ -141,8 +141,8 @@ def test_deepcopy_keeps_its_own_prompts(images, tiny_vit) -> None:
 def test_depth_errors_name_the_key(tiny_vit) -> None:
     with pytest.raises(ConfigError, match=r"prompt.depth .*\[0, 3\)"):
         adapt(tiny_vit(), "prompt", PromptConfig(depth=[0, 3]))
-    with pytest.raises(ConfigError, match="prompt.depth"):
-        PromptConfig(deep=False, depth=[0])
+    with pytest.raises(ConfigError, match="prompt.depth applies to deep prompts only"):
+        adapt(tiny_vit(), "prompt", PromptConfig(deep=False, depth=[0]))
 
 
 def test_vit_base_repatched_to_patch_4(images) -> None:

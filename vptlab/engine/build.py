@@ -9,7 +9,7 @@ from vptlab.config import ExperimentConfig
 from vptlab.data import dataset_options, load_dataset
 from vptlab.data.base import DataSplits, TensorSplit
 from vptlab.models import create_model
-from vptlab.prompts import PromptConfig, adapt
+from vptlab.prompts import adapt
 
 
 def build_data(cfg: ExperimentConfig) -> DataSplits:
@@ -32,17 +32,16 @@ def image_size(splits: DataSplits, cfg: ExperimentConfig) -> int:
 
 def build_model(cfg: ExperimentConfig, num_classes: int, img_size: int) -> nn.Module:
     # A path may also be a run's own model.safetensors (e.g. the cached offline backbone):
-    # the models' loader strips our `net.` prefix and drops a head of another size.
+    # the models' loader strips our `net.` prefix and keeps its head only with model.keep_head.
     model = create_model(
         cfg.model.name,
         num_classes=num_classes,
         img_size=img_size,
         pretrained=cfg.model.pretrained,
+        keep_head=cfg.model.keep_head,
         **cfg.model.options,
     )
-    p = cfg.adapt.prompt
-    prompt = PromptConfig(num_prompts=p.num_prompts, deep=p.deep, depth=p.depth, dropout=p.dropout)
-    return adapt(model, cfg.adapt.mode, prompt)
+    return adapt(model, cfg.adapt.mode, cfg.adapt.prompt)
 
 
 def build_experiment(cfg: ExperimentConfig) -> tuple[DataSplits, nn.Module]:

@@ -83,16 +83,23 @@ def save_model(
     trainable_only: bool = False,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write the model's tensors (or just the trained ones) with string `metadata` beside them."""
+    """Write the model's tensors (or just the trained ones) with string `metadata` beside them.
+
+    A model built from a weights file also records that file and its sha256, so that prompts or a
+    head saved alone are never loaded onto other backbone weights (see `load_model`).
+    """
     state = model_state(model, trainable_only)
     meta = {**(metadata or {}), "trainable_only": str(trainable_only)}
+    if getattr(model, "backbone_sha256", None):
+        meta |= {"backbone_file": model.backbone_file, "backbone_sha256": model.backbone_sha256}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
 def load_model(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a safetensors checkpoint into `model`.
 
-    A partial checkpoint (trainable only) must cover every trainable tensor.
+    A partial checkpoint (trainable only) must cover every trainable tensor, and, if it was trained
+    on a backbone file, `model` must have been built from a file with the same sha256.
     """
     path = Path(path)
     if not path.is_file():
@@ -107,7 +114,22 @@ def load_model(model: nn.Module, path: str | Path) -> nn.Module:
         )
     trainable = {k for k, p in model.named_parameters() if p.requires_grad}
     with safe_open(str(path), framework="pt") as f:
-        partial = (f.metadata() or {}).get("trainable_only") == "True"
+        meta = f.metadata() or {}
+    partial = meta.get("trainable_only") == "True"
+    # Prompts and heads are only meaningful on the weights they were trained with: a retrained or
+    # replaced backbone file must fail loudly, not run the saved prompts on other weights.
+    saved, now = meta.get("backbone_sha256"), getattr(model, "backbone_sha256", None)
+    if partial and saved and now != saved:
+        file = meta.get("backbone_file", "?")
+        found = (
+            f"{model.backbone_file} now has sha256 {now[:12]}: the backbone was retrained or "
+            "replaced; restore that file or train this run again"
+            if now
+            else f"the model was built without it; build it with pretrained={file}"
+        )
+        raise VptlabError(
+            f"checkpoint {path} was trained on backbone {file} (sha256 {saved[:12]}), but {found}"
+        )
     missing = sorted((trainable if partial else set(own)) - set(state))
     if missing:
         raise VptlabError(f"checkpoint {path} lacks keys: {', '.join(missing[:5])}")

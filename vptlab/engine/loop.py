@@ -44,7 +44,7 @@ from vptlab.engine.optim import build_optimizer, build_scheduler
 from vptlab.engine.progress import progress_bar
 from vptlab.engine.tasks import ClassificationTask, Task
 from vptlab.errors import ConfigError, TrainingDiverged, VptlabError
-from vptlab.prompts import count_parameters
+from vptlab.models.base import count_parameters
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"

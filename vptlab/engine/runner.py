@@ -98,6 +98,12 @@ def load_run(
     if root is not None:
         overrides.append(f"data.root={root}")
     cfg = build_config(load_yaml(run_dir / CONFIG_FILE), overrides)
+    backbone = cfg.model.pretrained
+    if isinstance(backbone, str) and not Path(backbone).is_file():
+        raise VptlabError(
+            f"run {run_dir} was trained on backbone {backbone}, which is missing; "
+            "restore that file or train the run again"
+        )
     splits, model = build_experiment(cfg)
     load_model(model, run_dir / MODEL_FILE)
     return cfg, model.to(resolve_device(cfg.device)).eval(), splits

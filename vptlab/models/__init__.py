@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -17,6 +18,7 @@ from torch import nn
 
 from vptlab.errors import ConfigError, DataError, RegistryError
 from vptlab.models.base import ImageClassifier
+from vptlab.models.pretrained import file_sha256
 from vptlab.registry import Registry
 
 MODELS = Registry[nn.Module]("model")
@@ -49,9 +51,14 @@ def create_model(
     num_classes: int,
     img_size: int = 224,
     pretrained: bool | str = False,
+    keep_head: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build model `name`; extra keyword arguments go to that model's factory (e.g. `depth=2`)."""
+    """Build model `name`; extra keyword arguments go to that model's factory (e.g. `depth=2`).
+
+    pretrained: False, True (published weights) or a weights file. The pretrained classifier is
+    replaced by a fresh one unless `keep_head` (then it must have `num_classes` outputs).
+    """
     if name in MODELS:
         factory = MODELS.get(name)
     elif _timm_knows(name):
@@ -62,7 +69,16 @@ def create_model(
             "(or any name in timm.list_models())"
         )
     _check_kwargs(name, factory, kwargs)
-    return factory(num_classes=num_classes, img_size=img_size, pretrained=pretrained, **kwargs)
+    model = factory(
+        num_classes=num_classes,
+        img_size=img_size,
+        pretrained=pretrained,
+        keep_head=keep_head,
+        **kwargs,
+    )
+    if pretrained and isinstance(pretrained, str | Path) and isinstance(model, ImageClassifier):
+        model.backbone_file, model.backbone_sha256 = str(pretrained), file_sha256(pretrained)
+    return model
 
 
 def _check_kwargs(name: str, factory: Any, kwargs: dict[str, Any]) -> None:

@@ -4,6 +4,8 @@ state dict to the target (re-patch a ViT, drop a head of another size) and load 
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +52,25 @@ def read_state_dict(path: str | Path) -> StateDict:
     return strip_wrapper_prefix(state)
 
 
+# (resolved path, inode, size, mtime in ns) -> sha256: a ViT-B file is 340 MB, so each file is
+# hashed once per process; a rewrite (new inode or mtime) is hashed anew.
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a weights file: it pins the backbone a prompt or linear run was trained on."""
+    path = Path(path).resolve()
+    stat = os.stat(path)
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
 def strip_wrapper_prefix(state: StateDict) -> StateDict:
     for prefix in _WRAPPER_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
@@ -90,16 +111,30 @@ def classifier_keys(net: nn.Module) -> set[str]:
     return set()
 
 
-def load_backbone_state(net: nn.Module, state: StateDict, source: str) -> nn.Module:
-    """Load `state` into `net`: a classifier of another size is dropped (kept at its fresh init),
-    every other key must be present with the right shape."""
+def load_backbone_state(
+    net: nn.Module, state: StateDict, source: str, keep_head: bool = False
+) -> nn.Module:
+    """Load `state` into `net`; every key but the classifier's must be there with the right shape.
+
+    The classifier is dropped (kept at its fresh init) unless `keep_head`: a backbone trained on
+    another dataset maps its classes to outputs its own way, even when the class counts match.
+    With `keep_head` the saved classifier must fit the model.
+    """
     own = net.state_dict()
     head = classifier_keys(net)
-    state = {
-        k: v for k, v in state.items() if not (k in head and k in own and v.shape != own[k].shape)
-    }
+    if keep_head:
+        wrong_head = [k for k in sorted(head) if k in state and state[k].shape != own[k].shape]
+        if wrong_head:
+            k = wrong_head[0]
+            raise ConfigError(
+                f"model.keep_head is set, but the classifier '{k}' in {source} has shape "
+                f"{tuple(state[k].shape)} and the model's {tuple(own[k].shape)}; "
+                "set model.keep_head=false for a fresh head"
+            )
+    else:
+        state = {k: v for k, v in state.items() if k not in head}
     unexpected = sorted(set(state) - set(own))
-    missing = sorted(set(own) - set(state) - head)
+    missing = sorted(set(own) - set(state) - (set() if keep_head else head))
     wrong = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
     problems = []
     if missing:
@@ -123,9 +158,11 @@ def load_pretrained_file(
     net: nn.Module,
     path: str | Path,
     adapt: Callable[[StateDict, nn.Module], StateDict] | None = None,
+    keep_head: bool = False,
 ) -> nn.Module:
-    """Read `path`, pass it through `adapt(state, net)` (re-patching, key renames) and load it."""
+    """Read `path`, pass it through `adapt(state, net)` (re-patching, key renames) and load it;
+    the file's classifier only with `keep_head`."""
     state = read_state_dict(path)
     if adapt is not None:
         state = adapt(state, net)
-    return load_backbone_state(net, state, str(path))
+    return load_backbone_state(net, state, str(path), keep_head=keep_head)

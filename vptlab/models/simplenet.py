@@ -85,6 +85,7 @@ def _simplenet(
     num_classes: int,
     img_size: int,
     pretrained: bool | str,
+    keep_head: bool,
     conv_layer: ConvKind,
     stem_stride: int | None,
     batch_norm: bool,
@@ -104,7 +105,7 @@ def _simplenet(
     if pretrained is True:
         raise ConfigError("simplenet has no published weights; pass pretrained=path/to/file")
     if pretrained:
-        load_pretrained_file(net, pretrained)
+        load_pretrained_file(net, pretrained, keep_head=keep_head)
     return build_classifier(net, SCRATCH_MEAN, SCRATCH_STD)
 
 
@@ -113,6 +114,7 @@ def simplenet(
     num_classes: int,
     img_size: int = 224,
     pretrained: bool | str = False,
+    keep_head: bool = False,
     conv_layer: ConvKind = "torch",
     stem_stride: int | None = None,
     batch_norm: bool = True,
@@ -120,7 +122,7 @@ def simplenet(
 ) -> nn.Module:
     """SimpleNet; `stem_stride=None` picks 1 for images smaller than 28 pixels, else 2."""
     return _simplenet(
-        num_classes, img_size, pretrained, conv_layer, stem_stride, batch_norm, drop_rate
+        num_classes, img_size, pretrained, keep_head, conv_layer, stem_stride, batch_norm, drop_rate
     )
 
 
@@ -129,11 +131,12 @@ def simplenet_customconv(
     num_classes: int,
     img_size: int = 224,
     pretrained: bool | str = False,
+    keep_head: bool = False,
     stem_stride: int | None = None,
     batch_norm: bool = True,
     drop_rate: float = 0.0,
 ) -> nn.Module:
     """SimpleNet whose convolutions are `CustomConv2d` (im2col + matmul); same state dict keys."""
     return _simplenet(
-        num_classes, img_size, pretrained, "custom", stem_stride, batch_norm, drop_rate
+        num_classes, img_size, pretrained, keep_head, "custom", stem_stride, batch_norm, drop_rate
     )

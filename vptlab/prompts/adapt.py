@@ -4,38 +4,20 @@ how a frozen backbone is kept exactly as it was while the rest trains.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
+from vptlab.config import PromptConfig
 from vptlab.errors import ConfigError
 from vptlab.models.base import ImageClassifier
-from vptlab.prompts.tinyvit import PromptedWindowAttention, add_tinyvit_prompts, is_tinyvit
-from vptlab.prompts.vpt import VisualPrompt, add_vit_prompts, is_vit_like
+from vptlab.prompts.sites import TokenPromptSite, prompt_site
+from vptlab.prompts.tinyvit import PromptedWindowAttention, add_tinyvit_prompts
+from vptlab.prompts.vpt import VisualPrompt, add_vit_prompts
 
 ADAPT_MODES = ("prompt", "linear", "full", "prompt+full")
 PROMPT_MODES = ("prompt", "prompt+full")
 # Modes whose backbone is frozen: it also runs in eval mode while training (no dropout, drop-path or
 # BatchNorm statistic updates), as in VPT, so its weights and buffers stay bit-identical.
 FROZEN_BACKBONE_MODES = ("prompt", "linear")
-
-
-@dataclass
-class PromptConfig:
-    """VPT settings; `depth`: the blocks that get deep prompts (None: all; shallow: block 0)."""
-
-    num_prompts: int = 10
-    deep: bool = True
-    depth: list[int] | None = None
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.num_prompts < 0:
-            raise ConfigError(f"prompt.num_prompts must be >= 0, got {self.num_prompts}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"prompt.dropout must be in [0, 1), got {self.dropout}")
-        if self.depth is not None and not self.deep:
-            raise ConfigError("prompt.depth applies to deep prompts only; set prompt.deep=true")
 
 
 class AdaptedClassifier(ImageClassifier):
@@ -50,6 +32,7 @@ class AdaptedClassifier(ImageClassifier):
         mean, std = normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()
         super().__init__(model.net, mean, std)
         self.normalize = normalize  # the model's own module: same device and dtype as its net
+        self.backbone_file, self.backbone_sha256 = model.backbone_file, model.backbone_sha256
         self.mode = mode
 
     def train(self, mode: bool = True) -> AdaptedClassifier:
@@ -67,20 +50,14 @@ class AdaptedClassifier(ImageClassifier):
 
 
 def add_prompts(net: nn.Module, prompt: PromptConfig) -> list[nn.Module]:
-    """Insert VPT prompts into a ViT-like net or a TinyViT; returns the modules holding them."""
+    """Insert VPT prompts where the net's prompt adapter says; returns the modules holding them."""
+    site = prompt_site(net)
     kwargs = dict(
         num_prompts=prompt.num_prompts, deep=prompt.deep, depth=prompt.depth, dropout=prompt.dropout
     )
-    # TinyViT first: it is recognised by its windowed-attention blocks, ViTs by blocks + cls_token.
-    if is_tinyvit(net):
-        return list(add_tinyvit_prompts(net, **kwargs))
-    if is_vit_like(net):
-        return [add_vit_prompts(net, **kwargs)]
-    raise ConfigError(
-        f"prompt adaptation needs a ViT-like net (blocks, cls_token, patch_embed) or a TinyViT "
-        f"(stages of attention blocks); {type(net).__name__} is neither: "
-        "use mode 'linear' or 'full'"
-    )
+    if isinstance(site, TokenPromptSite):
+        return [add_vit_prompts(net, site=site, **kwargs)]
+    return list(add_tinyvit_prompts(net, site=site, **kwargs))
 
 
 def prompt_modules(model: nn.Module) -> list[nn.Module]:
@@ -124,8 +101,3 @@ def adapt(
     adapted.train(model.training)
     return adapted
 
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared parameters count once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

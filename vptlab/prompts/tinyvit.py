@@ -47,7 +47,12 @@ from timm.models.tiny_vit import TinyVitBlock
 from torch import nn
 
 from vptlab.errors import ConfigError
-from vptlab.prompts.vpt import check_depth, prompt_init_bound
+from vptlab.prompts.sites import (
+    WindowPromptSite,
+    prompt_block_indices,
+    prompt_init_bound,
+    prompt_site,
+)
 
 
 class PromptedWindowAttention(nn.Module):
@@ -116,10 +121,6 @@ class PromptedWindowAttention(nn.Module):
         return f"num_prompts={self.num_prompts}, dim={self.prompts.shape[-1]}"
 
 
-def is_tinyvit(net: nn.Module) -> bool:
-    return hasattr(net, "stages") and bool(attention_blocks(net))
-
-
 def attention_blocks(net: nn.Module) -> list[TinyVitBlock]:
     """TinyViT's windowed-attention blocks in forward order (stage 0 is convolutional)."""
     return [m for m in net.stages.modules() if isinstance(m, TinyVitBlock)]
@@ -131,29 +132,24 @@ def add_tinyvit_prompts(
     deep: bool = True,
     depth: Sequence[int] | None = None,
     dropout: float = 0.0,
+    site: WindowPromptSite | None = None,
 ) -> list[PromptedWindowAttention]:
     """Replace the chosen blocks' `attn` by `PromptedWindowAttention`; returns the new modules.
 
     `depth` indexes the attention blocks counted over all stages (e.g. 10 for tiny_vit_5m: 2+6+2);
     shallow prompts the first one only. Init: VPT's bound with the stem stride as patch size.
     """
-    blocks = attention_blocks(net)
+    site = site or prompt_site(net)
+    if not isinstance(site, WindowPromptSite):
+        raise ConfigError(f"{type(net).__name__} is not a windowed transformer; use add_prompts")
+    blocks = site.blocks
     if any(isinstance(b.attn, PromptedWindowAttention) for b in blocks):
         raise ConfigError("this model already has prompts; adapt a fresh model")
-    if deep:
-        indices = check_depth(
-            range(len(blocks)) if depth is None else depth, len(blocks), "attention blocks"
-        )
-    else:
-        if depth is not None:
-            raise ConfigError("prompt.depth applies to deep prompts only; set prompt.deep=true")
-        indices = [0]
-    patch = int(getattr(net.patch_embed, "stride", 4))
+    indices = prompt_block_indices(deep, depth, len(blocks), "attention blocks")
     added = []
     for i in indices:
         block = blocks[i]
-        block.attn = PromptedWindowAttention(
-            block.attn, num_prompts, dropout, init_bound=prompt_init_bound(patch, block.dim)
-        )
+        bound = prompt_init_bound(site.patch_size, block.dim)
+        block.attn = PromptedWindowAttention(block.attn, num_prompts, dropout, init_bound=bound)
         added.append(block.attn)
     return added
