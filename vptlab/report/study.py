@@ -18,7 +18,7 @@ from vptlab.engine.loop import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
 from vptlab.engine.runner import resume, run_dir_of, train
 from vptlab.errors import ConfigError
 from vptlab.report.plots import plot_curves
-from vptlab.report.tables import RUN_HEADER, run_row
+from vptlab.report.tables import RUN_COLUMNS, markdown_table
 
 
 class StudyConfig(BaseModel):
@@ -133,7 +133,9 @@ def write_study_report(
         lines += [study.description.strip(), ""]
     if backbone is not None:
         lines += [f"Backbone: pretrained once and cached (`{backbone.parent.name}`).", ""]
-    lines += [RUN_HEADER, *(run_row(label, m) for label, m in results.items())]
+    # Rows are labelled by the study's run names, whatever name a reused run was saved under.
+    rows = [{**metrics, "name": label} for label, metrics in results.items()]
+    lines += [markdown_table(RUN_COLUMNS, rows)]
     lines += ["", "![training curves](curves.png)", ""]
     report = out_dir / "report.md"
     atomic_write_text(report, "\n".join(lines))
