@@ -31,6 +31,7 @@ def test_override_values_are_never_evaluated() -> None:
             "adapt.mode: Input should be 'prompt', 'linear', 'full' or 'prompt+full'",
         ),
         ("train=3", "train: Input should be a valid dictionary"),
+        ("name=.hidden", "name: must be a plain folder name"),
         ("epochs", "override 'epochs' must look like key.sub=value"),
     ],
 )

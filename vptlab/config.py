@@ -7,9 +7,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from vptlab.errors import ConfigError
+from vptlab.errors import ConfigError, format_validation_error
 
 
 class Section(BaseModel):
@@ -96,24 +103,12 @@ class ExperimentConfig(Section):
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
 
-    @model_validator(mode="after")
-    def _check_name(self) -> ExperimentConfig:
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ValueError(f"name must be a plain folder name, got {self.name!r}")
-        return self
-
-
-def _format_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "config"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    value = first.get("input")
-    hide_value = first["type"] == "extra_forbidden" or isinstance(value, dict)
-    got = "" if hide_value else f", got {value!r}"
-    return f"{key}: {msg}{got}{extra}"
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        return name
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -165,7 +160,7 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> Exp
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
+        raise ConfigError(format_validation_error(err)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:

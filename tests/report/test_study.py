@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vptlab.engine import runner
+from vptlab.errors import ConfigError
 from vptlab.report import study as study_mod
 from vptlab.report.study import run_study
 
@@ -64,3 +65,10 @@ def test_study_report_and_backbone_cache(
     assert trained == ["linear"]
     run_study(raw, overrides=["train.epochs=1"], only=["full"])
     assert trained == ["linear", "full"]  # a changed config is trained anew
+
+
+def test_study_errors_name_the_key_and_value() -> None:
+    with pytest.raises(ConfigError, match=r"^title: Input should be a valid string, got 3$"):
+        run_study({"study": "s", "title": 3, "runs": {}})
+    with pytest.raises(ConfigError, match=r"^runz: unknown key$"):
+        run_study({"study": "s", "runs": {}, "runz": {}})

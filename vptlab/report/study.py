@@ -16,7 +16,7 @@ from vptlab.config import ExperimentConfig, apply_overrides, build_config, load_
 from vptlab.engine.checkpoint import atomic_write_text
 from vptlab.engine.loop import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
 from vptlab.engine.runner import resume, run_dir_of, train
-from vptlab.errors import ConfigError
+from vptlab.errors import ConfigError, format_validation_error
 from vptlab.report.plots import plot_curves
 from vptlab.report.tables import RUN_COLUMNS, markdown_table
 
@@ -97,8 +97,7 @@ def run_study(
     try:
         study = StudyConfig.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        raise ConfigError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise ConfigError(format_validation_error(err)) from None
     out_dir = Path(study.output) / study.study
     device_overrides = [o for o in overrides if o.startswith("device=")]
     pretrained = None
