@@ -9,7 +9,10 @@ from vptlab.errors import ConfigError
 
 
 def test_overrides_are_typed_and_nested() -> None:
-    cfg = build_config({}, ["train.lr=0.25", "data.augment.crop_pad=3", "model.options.depth=2"])
+    cfg = build_config(
+        {"model": {"name": "vit-scratch"}},
+        ["train.lr=0.25", "data.augment.crop_pad=3", "model.options.depth=2"],
+    )
     assert cfg.train.lr == 0.25
     assert cfg.data.augment.crop_pad == 3
     assert cfg.model.options == {"depth": 2}
@@ -31,7 +34,13 @@ def test_override_values_are_never_evaluated() -> None:
             "adapt.mode: Input should be 'prompt', 'linear', 'full' or 'prompt+full'",
         ),
         ("train=3", "train: Input should be a valid dictionary"),
+        ("seed=-1", "seed: Input should be greater than or equal to 0, got -1"),
         ("name=.hidden", "name: must be a plain folder name"),
+        ("model.options.drop_rate=abc", "model.options.drop_rate: Input should be a valid number"),
+        ("model.options.conv_layer=fast", "model.options.conv_layer: Input should be 'torch'"),
+        ("model.options.dropp=0.1", "model.options.dropp: unknown option; model 'simplenet' takes"),
+        ("model.options.img_size=8", "model.options.img_size: not an option here; set it as data"),
+        ("data.options.limit=3", "data.options.limit: unknown option; dataset 'mnist-5k' takes"),
         ("epochs", "override 'epochs' must look like key.sub=value"),
     ],
 )
@@ -53,3 +62,19 @@ def test_yaml_round_trip(tmp_path) -> None:
 def test_missing_config_file(tmp_path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_factory_options_are_checked_against_the_factory() -> None:
+    digits = ["data.name=digits"]
+    with pytest.raises(ConfigError, match=r"^data\.options\.test_fraction: .*valid number.*'abc'"):
+        build_config({}, [*digits, "data.options.test_fraction=abc"])
+    cfg = build_config(
+        {}, [*digits, "data.options.test_fraction=0.25", "model.options.drop_rate=1"]
+    )
+    assert cfg.data.options == {"test_fraction": 0.25}
+    assert cfg.model.options == {"drop_rate": 1.0}  # as the factory's annotation says
+    # timm models take **kwargs: timm judges those, the typed ones are still checked here
+    vit = ["model.name=vit-tiny-test"]
+    assert build_config({}, [*vit, "model.options.depth=1"]).model.options == {"depth": 1}
+    with pytest.raises(ConfigError, match=r"^model\.options\.patch_size: .*valid integer"):
+        build_config({}, [*vit, "model.options.patch_size=big"])

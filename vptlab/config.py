@@ -1,4 +1,5 @@
-"""Typed experiment configs: YAML presets plus `key.sub=value` overrides, validated by pydantic."""
+"""Typed experiment configs: YAML presets plus `key.sub=value` overrides, validated by pydantic
+(factory options against the registered factory's signature)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pydantic import (
 )
 
 from vptlab.errors import ConfigError, format_validation_error
+from vptlab.registry import check_factory_options
 
 
 class Section(BaseModel):
@@ -95,7 +97,9 @@ class OutputConfig(Section):
 
 class ExperimentConfig(Section):
     name: str = "run"
-    seed: int = 0
+    # torch, numpy and the loaders' seed sequences all take a non-negative seed; 32 bits is the
+    # range every one of them accepts.
+    seed: int = Field(0, ge=0, lt=2**32)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -158,9 +162,48 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
     raw = apply_overrides(copy.deepcopy(raw), overrides or [])
     try:
-        return ExperimentConfig.model_validate(raw)
+        cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
+    check_options(cfg)
+    return cfg
+
+
+# Parameters the engine passes to the factories itself, and where a user sets them instead.
+MODEL_SUPPLIED = {
+    "num_classes": "it comes from the dataset",
+    "img_size": "set it as data.img_size",
+    "pretrained": "set it as model.pretrained",
+}
+DATA_SUPPLIED = {"root": "set it as data.root", "seed": "set it as seed"}
+
+
+def check_options(cfg: ExperimentConfig) -> None:
+    """Validate `model.options` and `data.options` against the named factories' signatures.
+
+    Done here, not when the model is built, so a bad option fails before any data is loaded and
+    names its key. Unknown model or dataset names are left to the builders, which list the choices.
+    """
+    # Imported when a config is built, not with this module: the registries live on the floors
+    # above (and pull in torch and timm).
+    import timm
+
+    from vptlab.data import DATASETS
+    from vptlab.models import MODELS, timm_models
+
+    name = cfg.model.name
+    factory = MODELS.get(name) if name in MODELS else None
+    if factory is None and timm.is_model(name):
+        factory = timm_models.timm_factory(name)
+    if factory is not None:
+        cfg.model.options = check_factory_options(
+            factory, cfg.model.options, where="model.options", owner=f"model '{name}'",
+            supplied=MODEL_SUPPLIED,
+        )
+    if cfg.data.name in DATASETS:
+        cfg.data.options = DATASETS.check_options(
+            cfg.data.name, cfg.data.options, where="data.options", supplied=DATA_SUPPLIED
+        )
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
