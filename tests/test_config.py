@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from vptlab.config import build_config, dump_config, load_config, parse_override
+from vptlab.config import (
+    build_config,
+    dump_config,
+    load_config,
+    parse_override,
+    recipe_changes,
+    run_key,
+)
 from vptlab.errors import ConfigError
 
 
@@ -78,3 +85,20 @@ def test_factory_options_are_checked_against_the_factory() -> None:
     assert build_config({}, [*vit, "model.options.depth=1"]).model.options == {"depth": 1}
     with pytest.raises(ConfigError, match=r"^model\.options\.patch_size: .*valid integer"):
         build_config({}, [*vit, "model.options.patch_size=big"])
+
+
+def test_run_key_ignores_where_and_how_a_run_is_made() -> None:
+    base = build_config({"name": "a", "data": {"name": "digits"}})
+    key = run_key(base)
+    same = [
+        "device=cpu", "name=b", "output.dir=elsewhere", "output.progress=false",
+        "output.tensorboard=false", "data.num_workers=0", "data.eval_batch_size=7",
+        "train.checkpoint_every_steps=5", "train.compile=true",
+    ]
+    for override in same:
+        assert run_key(build_config({"name": "a", "data": {"name": "digits"}}, [override])) == key
+    for override in ["train.lr=0.1", "seed=1", "model.options.drop_rate=0.5", "data.img_size=8"]:
+        other = build_config({"name": "a", "data": {"name": "digits"}}, [override])
+        assert run_key(other) != key, override
+    lr = build_config({"name": "a", "data": {"name": "digits"}}, ["train.lr=0.1", "device=cpu"])
+    assert recipe_changes(base, lr) == ["train.lr: 0.001 -> 0.1"]

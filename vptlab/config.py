@@ -1,9 +1,12 @@
 """Typed experiment configs: YAML presets plus `key.sub=value` overrides, validated by pydantic
-(factory options against the registered factory's signature)."""
+(factory options against the registered factory's signature), and `run_key`, which says whether a
+finished run still stands for a config."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -204,6 +207,54 @@ def check_options(cfg: ExperimentConfig) -> None:
         cfg.data.options = DATASETS.check_options(
             cfg.data.name, cfg.data.options, where="data.options", supplied=DATA_SUPPLIED
         )
+
+
+# Keys that say where, how fast or how visibly a run is made, not what it learns or measures:
+# changing them keeps a finished run (and a cached backbone) valid. `device` and `train.compile`
+# change the numbers only at float rounding level, as a re-run on other hardware does; the eval
+# batch size does not change a model in eval mode.
+NOT_IN_RUN_KEY: dict[str, Any] = {
+    "name": True,
+    "device": True,
+    "output": True,
+    "data": {"num_workers": True, "eval_batch_size": True},
+    "train": {"checkpoint_every_steps": True, "compile": True},
+}
+
+
+def recipe(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The part of a resolved config that decides a run's results (see `NOT_IN_RUN_KEY`)."""
+    return cfg.model_dump(mode="json", exclude=NOT_IN_RUN_KEY)
+
+
+def run_key(cfg: ExperimentConfig) -> str:
+    """A short hash of `recipe(cfg)`: equal keys mean a finished run can stand for this config."""
+    text = json.dumps(recipe(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def recipe_changes(old: ExperimentConfig, new: ExperimentConfig) -> list[str]:
+    """The dotted keys whose values differ between two recipes, as `key: old -> new`."""
+    before, after = _flatten(recipe(old)), _flatten(recipe(new))
+
+    def shown(flat: dict[str, Any], key: str) -> str:
+        return repr(flat[key]) if key in flat else "unset"
+
+    return [
+        f"{key}: {shown(before, key)} -> {shown(after, key)}"
+        for key in sorted(before.keys() | after.keys())
+        if key not in before or key not in after or before[key] != after[key]
+    ]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
