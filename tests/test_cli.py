@@ -32,6 +32,13 @@ def write_config(tmp_path: Path) -> Path:
         (["model.name=resnet9000"], "vptlab: error: unknown model 'resnet9000'"),
         (["data.name=cifar10", "data.root=/nonexistent/cifar"], "vptlab: error: cifar10: "),
         (["data.name=miniplaces", "data.root=/nonexistent/mp"], "vptlab: error: miniplaces: "),
+        # config values the factories or the seeding would choke on: named before any work
+        (["seed=-1"], "vptlab: error: seed: Input should be greater than or equal to 0, got -1"),
+        (["model.options.drop_rate=abc"], "vptlab: error: model.options.drop_rate: Input "),
+        (["data.options.test_fraction=abc"], "vptlab: error: data.options.test_fraction: Input "),
+        (["model.options.dropp=0.1"], "vptlab: error: model.options.dropp: unknown option"),
+        (["data.options.limit=3"], "vptlab: error: data.options.limit: unknown option"),
+        (["model.options.img_size=8"], "vptlab: error: model.options.img_size: not an option"),
     ],
 )
 def test_errors_are_one_line(tmp_path: Path, capsys, overrides: list[str], expected: str) -> None:

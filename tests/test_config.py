@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from vptlab.config import build_config, dump_config, load_config, parse_override
+from vptlab.config import (
+    build_config,
+    dump_config,
+    load_config,
+    parse_override,
+    recipe_changes,
+    run_key,
+)
 from vptlab.errors import ConfigError
 
 
 def test_overrides_are_typed_and_nested() -> None:
-    cfg = build_config({}, ["train.lr=0.25", "data.augment.crop_pad=3", "model.options.depth=2"])
+    cfg = build_config(
+        {"model": {"name": "vit-scratch"}},
+        ["train.lr=0.25", "data.augment.crop_pad=3", "model.options.depth=2"],
+    )
     assert cfg.train.lr == 0.25
     assert cfg.data.augment.crop_pad == 3
     assert cfg.model.options == {"depth": 2}
@@ -31,6 +41,13 @@ def test_override_values_are_never_evaluated() -> None:
             "adapt.mode: Input should be 'prompt', 'linear', 'full' or 'prompt+full'",
         ),
         ("train=3", "train: Input should be a valid dictionary"),
+        ("seed=-1", "seed: Input should be greater than or equal to 0, got -1"),
+        ("name=.hidden", "name: must be a plain folder name"),
+        ("model.options.drop_rate=abc", "model.options.drop_rate: Input should be a valid number"),
+        ("model.options.conv_layer=fast", "model.options.conv_layer: Input should be 'torch'"),
+        ("model.options.dropp=0.1", "model.options.dropp: unknown option; model 'simplenet' takes"),
+        ("model.options.img_size=8", "model.options.img_size: not an option here; set it as data"),
+        ("data.options.limit=3", "data.options.limit: unknown option; dataset 'mnist-5k' takes"),
         ("epochs", "override 'epochs' must look like key.sub=value"),
     ],
 )
@@ -52,3 +69,36 @@ def test_yaml_round_trip(tmp_path) -> None:
 def test_missing_config_file(tmp_path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_factory_options_are_checked_against_the_factory() -> None:
+    digits = ["data.name=digits"]
+    with pytest.raises(ConfigError, match=r"^data\.options\.test_fraction: .*valid number.*'abc'"):
+        build_config({}, [*digits, "data.options.test_fraction=abc"])
+    cfg = build_config(
+        {}, [*digits, "data.options.test_fraction=0.25", "model.options.drop_rate=1"]
+    )
+    assert cfg.data.options == {"test_fraction": 0.25}
+    assert cfg.model.options == {"drop_rate": 1.0}  # as the factory's annotation says
+    # timm models take **kwargs: timm judges those, the typed ones are still checked here
+    vit = ["model.name=vit-tiny-test"]
+    assert build_config({}, [*vit, "model.options.depth=1"]).model.options == {"depth": 1}
+    with pytest.raises(ConfigError, match=r"^model\.options\.patch_size: .*valid integer"):
+        build_config({}, [*vit, "model.options.patch_size=big"])
+
+
+def test_run_key_ignores_where_and_how_a_run_is_made() -> None:
+    base = build_config({"name": "a", "data": {"name": "digits"}})
+    key = run_key(base)
+    same = [
+        "device=cpu", "name=b", "output.dir=elsewhere", "output.progress=false",
+        "output.tensorboard=false", "data.num_workers=0", "data.eval_batch_size=7",
+        "train.checkpoint_every_steps=5", "train.compile=true",
+    ]
+    for override in same:
+        assert run_key(build_config({"name": "a", "data": {"name": "digits"}}, [override])) == key
+    for override in ["train.lr=0.1", "seed=1", "model.options.drop_rate=0.5", "data.img_size=8"]:
+        other = build_config({"name": "a", "data": {"name": "digits"}}, [override])
+        assert run_key(other) != key, override
+    lr = build_config({"name": "a", "data": {"name": "digits"}}, ["train.lr=0.1", "device=cpu"])
+    assert recipe_changes(base, lr) == ["train.lr: 0.001 -> 0.1"]

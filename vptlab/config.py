@@ -1,15 +1,27 @@
-"""Typed experiment configs: YAML presets plus `key.sub=value` overrides, validated by pydantic."""
+"""Typed experiment configs: YAML presets plus `key.sub=value` overrides, validated by pydantic
+(factory options against the registered factory's signature), and `run_key`, which says whether a
+finished run still stands for a config."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from vptlab.errors import ConfigError
+from vptlab.errors import ConfigError, format_validation_error
+from vptlab.registry import check_factory_options
 
 
 class Section(BaseModel):
@@ -93,7 +105,9 @@ class OutputConfig(Section):
 
 class ExperimentConfig(Section):
     name: str = "run"
-    seed: int = 0
+    # torch, numpy and the loaders' seed sequences all take a non-negative seed; 32 bits is the
+    # range every one of them accepts.
+    seed: int = Field(0, ge=0, lt=2**32)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -101,24 +115,12 @@ class ExperimentConfig(Section):
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
 
-    @model_validator(mode="after")
-    def _check_name(self) -> ExperimentConfig:
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ValueError(f"name must be a plain folder name, got {self.name!r}")
-        return self
-
-
-def _format_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "config"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    value = first.get("input")
-    hide_value = first["type"] == "extra_forbidden" or isinstance(value, dict)
-    got = "" if hide_value else f", got {value!r}"
-    return f"{key}: {msg}{got}{extra}"
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        return name
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -168,9 +170,97 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
     raw = apply_overrides(copy.deepcopy(raw), overrides or [])
     try:
-        return ExperimentConfig.model_validate(raw)
+        cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
+        raise ConfigError(format_validation_error(err)) from None
+    check_options(cfg)
+    return cfg
+
+
+# Parameters the engine passes to the factories itself, and where a user sets them instead.
+MODEL_SUPPLIED = {
+    "num_classes": "it comes from the dataset",
+    "img_size": "set it as data.img_size",
+    "pretrained": "set it as model.pretrained",
+    "keep_head": "set it as model.keep_head",
+}
+DATA_SUPPLIED = {"root": "set it as data.root", "seed": "set it as seed"}
+
+
+def check_options(cfg: ExperimentConfig) -> None:
+    """Validate `model.options` and `data.options` against the named factories' signatures.
+
+    Done here, not when the model is built, so a bad option fails before any data is loaded and
+    names its key. Unknown model or dataset names are left to the builders, which list the choices.
+    """
+    # Imported when a config is built, not with this module: the registries live on the floors
+    # above (and pull in torch and timm).
+    import timm
+
+    from vptlab.data import DATASETS
+    from vptlab.models import MODELS, timm_models
+
+    name = cfg.model.name
+    factory = MODELS.get(name) if name in MODELS else None
+    if factory is None and timm.is_model(name):
+        factory = timm_models.timm_factory(name)
+    if factory is not None:
+        cfg.model.options = check_factory_options(
+            factory, cfg.model.options, where="model.options", owner=f"model '{name}'",
+            supplied=MODEL_SUPPLIED,
+        )
+    if cfg.data.name in DATASETS:
+        cfg.data.options = DATASETS.check_options(
+            cfg.data.name, cfg.data.options, where="data.options", supplied=DATA_SUPPLIED
+        )
+
+
+# Keys that say where, how fast or how visibly a run is made, not what it learns or measures:
+# changing them keeps a finished run (and a cached backbone) valid. `device` and `train.compile`
+# change the numbers only at float rounding level, as a re-run on other hardware does; the eval
+# batch size does not change a model in eval mode.
+NOT_IN_RUN_KEY: dict[str, Any] = {
+    "name": True,
+    "device": True,
+    "output": True,
+    "data": {"num_workers": True, "eval_batch_size": True},
+    "train": {"checkpoint_every_steps": True, "compile": True},
+}
+
+
+def recipe(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The part of a resolved config that decides a run's results (see `NOT_IN_RUN_KEY`)."""
+    return cfg.model_dump(mode="json", exclude=NOT_IN_RUN_KEY)
+
+
+def run_key(cfg: ExperimentConfig) -> str:
+    """A short hash of `recipe(cfg)`: equal keys mean a finished run can stand for this config."""
+    text = json.dumps(recipe(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def recipe_changes(old: ExperimentConfig, new: ExperimentConfig) -> list[str]:
+    """The dotted keys whose values differ between two recipes, as `key: old -> new`."""
+    before, after = _flatten(recipe(old)), _flatten(recipe(new))
+
+    def shown(flat: dict[str, Any], key: str) -> str:
+        return repr(flat[key]) if key in flat else "unset"
+
+    return [
+        f"{key}: {shown(before, key)} -> {shown(after, key)}"
+        for key in sorted(before.keys() | after.keys())
+        if key not in before or key not in after or before[key] != after[key]
+    ]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -62,8 +62,12 @@ def test_unknown_name_lists_the_choices():
 
 
 def test_unknown_option_names_the_options():
-    with pytest.raises(ConfigError, match="does not take patch_sise; it takes: .*patch_size"):
+    unknown = r"model\.options\.patch_sise: unknown option; model 'vit-scratch' takes: .*patch_size"
+    with pytest.raises(ConfigError, match=unknown):
         create_model("vit-scratch", num_classes=10, img_size=28, patch_sise=7)
+    mistyped = r"model\.options\.depth: Input should be a valid integer"
+    with pytest.raises(ConfigError, match=mistyped):
+        create_model("vit-scratch", num_classes=10, img_size=28, depth="two")
     with pytest.raises(ConfigError, match="timm cannot build"):
         create_model("tf_efficientnet_lite0", num_classes=10, img_size=32, depth=3)
 

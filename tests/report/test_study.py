@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from vptlab.config import build_config, run_key
 from vptlab.engine import runner
+from vptlab.errors import ConfigError
 from vptlab.report import study as study_mod
 from vptlab.report.study import run_study
 
@@ -62,5 +64,79 @@ def test_study_report_and_backbone_cache(
 
     run_study(raw, only=["linear"], fresh=True)
     assert trained == ["linear"]
-    run_study(raw, overrides=["train.epochs=1"], only=["full"])
-    assert trained == ["linear", "full"]  # a changed config is trained anew
+    backbone = build_config(raw["backbone"])
+    assert (tmp_path / "cache" / "backbones" / f"bb-{run_key(backbone)}").is_dir()
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the runs the study trains (from scratch), in order."""
+    trained: list[str] = []
+    real_train = runner.train
+
+    def counting_train(cfg, **kwargs):
+        trained.append(cfg.name)
+        return real_train(cfg, **kwargs)
+
+    monkeypatch.setattr(study_mod, "train", counting_train)
+    return trained
+
+
+# The digits at their own 8x8 size: the quickest run there is.
+TINY = {**BASE, "data": {**BASE["data"], "img_size": 8}}
+
+
+def _snapshot(run_dir: Path) -> tuple[int, bytes]:
+    model = run_dir / "model.safetensors"
+    return model.stat().st_mtime_ns, model.read_bytes()
+
+
+def test_finished_runs_survive_a_changed_flag(tmp_path: Path, counted: list[str]) -> None:
+    raw = {
+        "study": "s",
+        "output": str(tmp_path / "runs"),
+        "base": {**TINY, "device": "auto", "train": {"epochs": 1, "lr": 3e-3}},
+        "runs": {"a": {}},
+    }
+    report = run_study(raw)
+    run_dir = tmp_path / "runs" / "s" / "a"
+    before = _snapshot(run_dir)
+    assert counted == ["a"]
+    for overrides in (
+        ["device=cpu"],
+        ["output.progress=true", "output.tensorboard=true"],
+        ["data.num_workers=1", "train.checkpoint_every_steps=3"],
+        [],
+    ):
+        assert run_study(raw, overrides) == report
+        assert counted == ["a"], overrides  # reused, not retrained
+        assert _snapshot(run_dir) == before
+
+    # A changed recipe would replace a finished run: only with fresh.
+    with pytest.raises(ConfigError) as info:
+        run_study(raw, ["train.lr=0.01"])
+    message = str(info.value)
+    assert "run 'a'" in message and "train.lr: 0.003 -> 0.01" in message
+    assert "--fresh" in message and "\n" not in message
+    assert counted == ["a"] and _snapshot(run_dir) == before
+    run_study(raw, ["train.lr=0.01"], fresh=True)
+    assert counted == ["a", "a"]
+
+
+def test_an_interrupted_run_with_a_changed_key_is_restarted(
+    tmp_path: Path, counted: list[str]
+) -> None:
+    raw = {"study": "s", "output": str(tmp_path / "runs"), "base": TINY, "runs": {"a": {}}}
+    stopped = build_config(TINY, [f"output.dir={tmp_path / 'runs' / 's'}", "name=a"])
+    assert runner.train(stopped, stop_after_epochs=1)["status"] == "stopped"
+    run_study(raw, ["train.lr=0.01"])
+    assert counted == ["a"]
+    saved = build_config(study_mod.load_yaml(tmp_path / "runs" / "s" / "a" / "config.yaml"))
+    assert saved.train.lr == 0.01
+
+
+def test_study_errors_name_the_key_and_value() -> None:
+    with pytest.raises(ConfigError, match=r"^title: Input should be a valid string, got 3$"):
+        run_study({"study": "s", "title": 3, "runs": {}})
+    with pytest.raises(ConfigError, match=r"^runz: unknown key$"):
+        run_study({"study": "s", "runs": {}, "runz": {}})

@@ -9,9 +9,9 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from vptlab.config import DATA_SUPPLIED
 from vptlab.data import cifar, folders, small  # noqa: F401  (imported to register their readers)
 from vptlab.data.base import DATASETS, DataSplits
-from vptlab.errors import ConfigError
 
 
 def dataset_options(name: str) -> list[str]:
@@ -23,10 +23,5 @@ def dataset_options(name: str) -> list[str]:
 def load_dataset(name: str, root: str | None = None, seed: int = 0, **kwargs: Any) -> DataSplits:
     """Load dataset `name`: [0,1] float32 (N,C,H,W) images, int64 labels, splits fixed by `seed`."""
     reader = DATASETS.get(name)
-    unknown = sorted(set(kwargs) - set(dataset_options(name)))
-    if unknown:
-        allowed = ", ".join(dataset_options(name)) or "none"
-        raise ConfigError(
-            f"dataset '{name}' has no option {', '.join(unknown)}; its options: {allowed}"
-        )
+    DATASETS.check_options(name, kwargs, where="data.options", supplied=DATA_SUPPLIED)
     return reader(root=root, seed=seed, **kwargs)

@@ -15,7 +15,7 @@ from vptlab.engine.checkpoint import atomic_write_text, load_model
 from vptlab.engine.distributed import is_main_process
 from vptlab.engine.loop import CONFIG_FILE, MODEL_FILE, STATE_FILE, fit, resolve_device
 from vptlab.errors import ConfigError, VptlabError
-from vptlab.report.tables import RUN_HEADER, run_row
+from vptlab.report.tables import RUN_COLUMNS, markdown_table
 
 # What `--resume` may change: where and how the run executes, and how long it goes on. Anything
 # else would make the resumed run a different experiment than the one its checkpoint belongs to.
@@ -111,8 +111,6 @@ def load_run(
 
 def write_run_report(run_dir: Path, metrics: dict[str, Any]) -> None:
     status = f"Status: {metrics.get('status')}, {metrics.get('epochs_done', 0)} epochs done."
-    text = (
-        f"# Run `{metrics['name']}`\n\n{status}\n\n"
-        f"{RUN_HEADER}\n{run_row(metrics['name'], metrics)}\n"
-    )
+    table = markdown_table(RUN_COLUMNS, [metrics])
+    text = f"# Run `{metrics['name']}`\n\n{status}\n\n{table}\n"
     atomic_write_text(run_dir / "report.md", text)

@@ -7,7 +7,6 @@ any other name timm knows is built through the same timm path.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,11 @@ import timm
 import torch
 from torch import nn
 
-from vptlab.errors import ConfigError, DataError, RegistryError
+from vptlab.config import MODEL_SUPPLIED
+from vptlab.errors import DataError, RegistryError
 from vptlab.models.base import ImageClassifier
 from vptlab.models.pretrained import file_sha256
-from vptlab.registry import Registry
+from vptlab.registry import Registry, check_factory_options
 
 MODELS = Registry[nn.Module]("model")
 
@@ -82,16 +82,12 @@ def create_model(
 
 
 def _check_kwargs(name: str, factory: Any, kwargs: dict[str, Any]) -> None:
-    # A misspelt option should name the options, not surface as a TypeError deep in a factory.
-    params = inspect.signature(factory).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return  # timm models: timm reports what it does not take
-    unknown = sorted(set(kwargs) - set(params))
-    if unknown:
-        allowed = sorted(set(params) - {"num_classes", "img_size", "pretrained"})
-        raise ConfigError(
-            f"model '{name}' does not take {', '.join(unknown)}; it takes: {', '.join(allowed)}"
-        )
+    # A misspelt or mistyped option should name its key, not surface as a TypeError deep in a
+    # factory. The same check runs when a config is built; this one covers direct callers.
+    # Factories taking **kwargs (timm models) get the rest judged by timm.
+    check_factory_options(
+        factory, kwargs, where="model.options", owner=f"model '{name}'", supplied=MODEL_SUPPLIED
+    )
 
 
 def list_models() -> list[str]:

@@ -4,7 +4,6 @@ reported together as one Markdown table and one PNG of training curves."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -12,13 +11,20 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vptlab.config import ExperimentConfig, apply_overrides, build_config, load_yaml
+from vptlab.config import (
+    ExperimentConfig,
+    apply_overrides,
+    build_config,
+    load_yaml,
+    recipe_changes,
+    run_key,
+)
 from vptlab.engine.checkpoint import atomic_write_text
 from vptlab.engine.loop import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
 from vptlab.engine.runner import resume, run_dir_of, train
-from vptlab.errors import ConfigError
+from vptlab.errors import ConfigError, format_validation_error
 from vptlab.report.plots import plot_curves
-from vptlab.report.tables import RUN_HEADER, run_row
+from vptlab.report.tables import RUN_COLUMNS, markdown_table
 
 
 class StudyConfig(BaseModel):
@@ -54,33 +60,59 @@ def cache_root() -> Path:
 
 
 def cached_backbone(raw: dict[str, Any], overrides: list[str]) -> Path:
-    """Train the backbone config once and return its weights; reused until the config changes."""
+    """Train the backbone config once and return its weights; reused while its run key holds.
+
+    The cache folder is named by the run key, so a changed recipe trains into a new folder and
+    never touches the old one."""
     cfg = build_config(raw, overrides)
-    recipe = cfg.model_dump(mode="json", exclude={"device", "output"})
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    name = f"{cfg.name}-{digest}"
     folder = cache_root() / "backbones"
-    run_dir = folder / name
-    metrics_path = run_dir / METRICS_FILE
-    if metrics_path.is_file() and json.loads(metrics_path.read_text()).get("status") == "complete":
-        return run_dir / MODEL_FILE
+    name = f"{cfg.name}-{run_key(cfg)}"
     cfg = build_config(raw, [*overrides, f"name={name}", f"output.dir={folder}"])
-    train(cfg, force=True)
-    return run_dir / MODEL_FILE
+    _run_or_reuse(cfg, fresh=False)
+    return run_dir_of(cfg) / MODEL_FILE
+
+
+def _saved_config(run_dir: Path) -> tuple[ExperimentConfig | None, str]:
+    """The run folder's resolved config, or None and why not."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return None, f"has no {CONFIG_FILE}"
+    try:
+        return build_config(load_yaml(path)), ""
+    except ConfigError as err:  # written by an older vptlab, or edited by hand
+        return None, f"its {CONFIG_FILE} no longer loads ({err})"
 
 
 def _run_or_reuse(cfg: ExperimentConfig, fresh: bool) -> dict[str, Any]:
-    """Train a study's run; unless `fresh`, a finished run of the same config is reused and an
-    interrupted one resumed, so a stopped study picks up where it was."""
+    """Train a run unless its folder already stands for it: a finished run with the same run key
+    is reused and an interrupted one resumed, so a stopped study picks up where it was. Keys
+    such as `device` or `output.*` are not in the run key (see `config.NOT_IN_RUN_KEY`).
+
+    A finished run is only ever replaced when `fresh`: if its key changed, this is an error that
+    says so. An interrupted run with a changed key holds nothing finished and is trained anew."""
     run_dir = run_dir_of(cfg)
-    saved = run_dir / CONFIG_FILE
-    if not fresh and saved.is_file() and build_config(load_yaml(saved)) == cfg:
-        metrics_path = run_dir / METRICS_FILE
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-        if metrics.get("status") == "complete":
+    if fresh:
+        return train(cfg, force=True)
+    metrics_path = run_dir / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    finished = metrics.get("status") == "complete"
+    saved, why = _saved_config(run_dir)
+    if saved is not None and run_key(saved) == run_key(cfg):
+        if finished:
             return metrics
         if (run_dir / STATE_FILE).is_file():
-            return resume(run_dir)
+            # The device is not in the run key: an interrupted GPU run may go on on the CPU.
+            return resume(run_dir, [f"device={cfg.device}"])
+        return train(cfg, force=True)
+    if finished:
+        if saved is not None:
+            changes = recipe_changes(saved, cfg)
+            why = "its config changed (" + "; ".join(changes[:3])
+            why += f"; and {len(changes) - 3} more)" if len(changes) > 3 else ")"
+        raise ConfigError(
+            f"run '{cfg.name}' in {run_dir} is finished but {why}; "
+            "pass --fresh to retrain it, or give the changed run another name"
+        )
     return train(cfg, force=True)
 
 
@@ -97,8 +129,7 @@ def run_study(
     try:
         study = StudyConfig.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        raise ConfigError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise ConfigError(format_validation_error(err)) from None
     out_dir = Path(study.output) / study.study
     device_overrides = [o for o in overrides if o.startswith("device=")]
     pretrained = None
@@ -133,7 +164,9 @@ def write_study_report(
         lines += [study.description.strip(), ""]
     if backbone is not None:
         lines += [f"Backbone: pretrained once and cached (`{backbone.parent.name}`).", ""]
-    lines += [RUN_HEADER, *(run_row(label, m) for label, m in results.items())]
+    # Rows are labelled by the study's run names, whatever name a reused run was saved under.
+    rows = [{**metrics, "name": label} for label, metrics in results.items()]
+    lines += [markdown_table(RUN_COLUMNS, rows)]
     lines += ["", "![training curves](curves.png)", ""]
     report = out_dir / "report.md"
     atomic_write_text(report, "\n".join(lines))

@@ -1,35 +1,76 @@
-"""Markdown tables of run metrics, shared by the per-run and the study reports."""
+"""Tables of run metrics, described once as data: a column spec (title, alignment, where a cell's
+value is in a run's metrics and how it is written) and renderers that draw it. The per-run and the
+study reports share `RUN_COLUMNS`; the spec holds no Markdown, so an HTML renderer can draw the
+same columns (and sort by the raw values)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
-RUN_HEADER = (
-    "| run | model | mode | dataset | trainable params | total params | top-1 | top-5 "
-    "| best top-1 | s / epoch | wall s |\n"
-    "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
+Row = Mapping[str, Any]
+MISSING = "n/a"
+
+
+def at(*path: str) -> Callable[[Row], Any]:
+    """The value at `row[path[0]][path[1]]...`, or None where the row has none."""
+
+    def value(row: Row) -> Any:
+        node: Any = row
+        for key in path:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        return node
+
+    return value
+
+
+def decimals(digits: int) -> Callable[[Any], str]:
+    return lambda value: f"{value:.{digits}f}"
+
+
+def thousands(value: Any) -> str:
+    return f"{value:,}"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: its `title`, how to read its `value` from a row, how to `fmt` it as text, and
+    its alignment. A missing value (None) is written as n/a."""
+
+    title: str
+    value: Callable[[Row], Any]
+    fmt: Callable[[Any], str] = str
+    align: Literal["left", "right"] = "left"
+
+    def text(self, row: Row) -> str:
+        value = self.value(row)
+        return MISSING if value is None else self.fmt(value)
+
+
+# What was trained, how much of it, how well, how fast. A row is a run's metrics.json.
+RUN_COLUMNS: tuple[Column, ...] = (
+    Column("run", at("name")),
+    Column("model", at("model")),
+    Column("mode", at("mode")),
+    Column("dataset", at("dataset")),
+    Column("trainable params", at("params", "trainable"), thousands, "right"),
+    Column("total params", at("params", "total"), thousands, "right"),
+    Column("top-1", at("final", "test_top1"), decimals(2), "right"),
+    Column("top-5", at("final", "test_top5"), decimals(2), "right"),
+    Column("best top-1", at("best_top1"), decimals(2), "right"),
+    Column("s / epoch", at("seconds_per_epoch"), decimals(2), "right"),
+    Column("wall s", at("wall_seconds"), decimals(1), "right"),
 )
 
 
-def _num(value: float | None, digits: int) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+def markdown_table(columns: Sequence[Column], rows: Iterable[Row]) -> str:
+    """A GitHub Markdown table: the titles, the alignment line, one line per row."""
 
+    def line(cells: Iterable[str]) -> str:
+        # A `|` inside a cell would end the cell early.
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
-def run_row(label: str, metrics: dict[str, Any]) -> str:
-    """One table row: what was trained, how much of it, how well, how fast."""
-    final = metrics.get("final", {})
-    params = metrics["params"]
-    cells = [
-        label,
-        metrics["model"],
-        metrics["mode"],
-        metrics["dataset"],
-        f"{params['trainable']:,}",
-        f"{params['total']:,}",
-        _num(final.get("test_top1"), 2),
-        _num(final.get("test_top5"), 2),
-        _num(metrics.get("best_top1"), 2),
-        _num(metrics.get("seconds_per_epoch"), 2),
-        _num(metrics.get("wall_seconds"), 1),
-    ]
-    return "| " + " | ".join(cells) + " |"
+    rule = "|" + "|".join("---:" if c.align == "right" else "---" for c in columns) + "|"
+    body = [line(c.text(row) for c in columns) for row in rows]
+    return "\n".join([line(c.title for c in columns), rule, *body])
