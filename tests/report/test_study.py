@@ -53,8 +53,8 @@ def test_study_report_and_backbone_cache(
     assert (report.parent / "curves.png").read_bytes()[:4] == b"\x89PNG"
     # the linear probe trains the head only: far fewer trainable parameters than full
     full_row, linear_row = rows
-    linear_params = int(linear_row.split("|")[5].replace(",", ""))
-    full_params = int(full_row.split("|")[5].replace(",", ""))
+    linear_params = int(linear_row.split("|")[6].replace(",", ""))
+    full_params = int(full_row.split("|")[6].replace(",", ""))
     assert linear_params < full_params
 
     trained.clear()
@@ -140,3 +140,19 @@ def test_study_errors_name_the_key_and_value() -> None:
         run_study({"study": "s", "title": 3, "runs": {}})
     with pytest.raises(ConfigError, match=r"^runz: unknown key$"):
         run_study({"study": "s", "runs": {}, "runz": {}})
+
+
+def test_a_diverged_run_is_reported_and_not_retried(tmp_path: Path, counted: list[str]) -> None:
+    # lr 1e6 makes the loss NaN within the first epoch
+    raw = {
+        "study": "s",
+        "output": str(tmp_path / "runs"),
+        "base": {**TINY, "train": {"epochs": 1, "lr": 1e6}},
+        "runs": {"bad": {}, "good": {"train": {"lr": 3e-3}}},
+    }
+    report = run_study(raw)
+    assert counted == ["bad", "good"]  # the study went on past the diverged run
+    text = report.read_text()
+    assert "| bad | diverged |" in text and "| good | complete |" in text
+    run_study(raw)
+    assert counted == ["bad", "good"]  # neither retrained nor resumed into the same NaN

@@ -15,7 +15,7 @@ from vptlab.engine.checkpoint import atomic_write_text, load_model
 from vptlab.engine.distributed import is_main_process
 from vptlab.engine.loop import CONFIG_FILE, MODEL_FILE, STATE_FILE, fit, resolve_device
 from vptlab.errors import ConfigError, VptlabError
-from vptlab.report.tables import RUN_COLUMNS, markdown_table
+from vptlab.tables import RUN_COLUMNS, markdown_table
 
 # What `--resume` may change: where and how the run executes, and how long it goes on. Anything
 # else would make the resumed run a different experiment than the one its checkpoint belongs to.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,12 @@ from vptlab.config import (
     run_key,
 )
 from vptlab.engine.checkpoint import atomic_write_text
+from vptlab.engine.distributed import is_main_process
 from vptlab.engine.loop import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
 from vptlab.engine.runner import resume, run_dir_of, train
-from vptlab.errors import ConfigError, format_validation_error
+from vptlab.errors import ConfigError, TrainingDiverged, format_validation_error
 from vptlab.report.plots import plot_curves
-from vptlab.report.tables import RUN_COLUMNS, markdown_table
+from vptlab.tables import RUN_COLUMNS, markdown_table
 
 
 class StudyConfig(BaseModel):
@@ -98,8 +100,8 @@ def _run_or_reuse(cfg: ExperimentConfig, fresh: bool) -> dict[str, Any]:
     finished = metrics.get("status") == "complete"
     saved, why = _saved_config(run_dir)
     if saved is not None and run_key(saved) == run_key(cfg):
-        if finished:
-            return metrics
+        if finished or metrics.get("status") == "diverged":
+            return metrics  # a diverged run would diverge again: reported, retrained by --fresh
         if (run_dir / STATE_FILE).is_file():
             # The device is not in the run key: an interrupted GPU run may go on on the CPU.
             return resume(run_dir, [f"device={cfg.device}"])
@@ -143,8 +145,21 @@ def run_study(
         merged = apply_overrides(merged, [f"name={label}", f"output.dir={out_dir}"])
         if pretrained is not None and not merged.get("model", {}).get("pretrained"):
             merged = apply_overrides(merged, [f"model.pretrained={pretrained}"])
-        results[label] = _run_or_reuse(build_config(merged, overrides), fresh)
-    return write_study_report(study, out_dir, results, backbone=pretrained)
+        results[label] = _run_or_diverge(build_config(merged, overrides), fresh)
+    if is_main_process():
+        write_study_report(study, out_dir, results, backbone=pretrained)
+    return out_dir / "report.md"
+
+
+def _run_or_diverge(cfg: ExperimentConfig, fresh: bool) -> dict[str, Any]:
+    """One run of a study; a run that diverges is recorded as such and the study goes on."""
+    try:
+        return _run_or_reuse(cfg, fresh)
+    except TrainingDiverged as error:
+        metrics_path = run_dir_of(cfg) / METRICS_FILE
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        print(f"vptlab: run '{cfg.name}' diverged: {error}", file=sys.stderr)
+        return {"name": cfg.name, "status": "diverged", "error": str(error), **metrics}
 
 
 def write_study_report(
@@ -155,7 +170,7 @@ def write_study_report(
 ) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_curves(
-        {label: m["history"] for label, m in results.items()},
+        {label: m.get("history", []) for label, m in results.items()},
         out_dir / "curves.png",
         title=study.title or study.study,
     )

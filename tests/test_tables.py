@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from vptlab.report.tables import RUN_COLUMNS, Column, at, decimals, markdown_table
+from vptlab.tables import RUN_COLUMNS, Column, at, decimals, markdown_table
 
 METRICS = {
     "name": "full",
+    "status": "complete",
     "model": "simplenet",
     "mode": "full",
     "dataset": "digits",
@@ -18,15 +19,15 @@ METRICS = {
 
 
 def test_run_table_keeps_its_columns() -> None:
-    stopped = {"name": "x", "model": "s", "mode": "linear", "dataset": "d",
+    stopped = {"name": "x", "status": "diverged", "model": "s", "mode": "linear", "dataset": "d",
                "params": {"trainable": 1, "total": 2}}
     assert markdown_table(RUN_COLUMNS, [METRICS, stopped]) == (
-        "| run | model | mode | dataset | trainable params | total params | top-1 | top-5 "
-        "| best top-1 | s / epoch | wall s |\n"
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
-        "| full | simplenet | full | digits | 12,345 | 1,234,567 | 91.23 | 99.50 | 92.00 "
-        "| 1.23 | 12.3 |\n"
-        "| x | s | linear | d | 1 | 2 | n/a | n/a | n/a | n/a | n/a |"
+        "| run | status | model | mode | dataset | trainable params | total params | top-1 "
+        "| top-5 | best top-1 | s / epoch | wall s |\n"
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| full | complete | simplenet | full | digits | 12,345 | 1,234,567 | 91.23 | 99.50 "
+        "| 92.00 | 1.23 | 12.3 |\n"
+        "| x | diverged | s | linear | d | 1 | 2 | n/a | n/a | n/a | n/a | n/a |"
     )
 
 

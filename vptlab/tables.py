@@ -51,6 +51,7 @@ class Column:
 # What was trained, how much of it, how well, how fast. A row is a run's metrics.json.
 RUN_COLUMNS: tuple[Column, ...] = (
     Column("run", at("name")),
+    Column("status", at("status")),
     Column("model", at("model")),
     Column("mode", at("mode")),
     Column("dataset", at("dataset")),
