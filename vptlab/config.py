@@ -228,6 +228,18 @@ NOT_IN_RUN_KEY: dict[str, Any] = {
 }
 
 
+def outside_run_key(key: str) -> bool:
+    """Whether the dotted `key` (or the section it lies in) is left out of the run key."""
+    node: Any = NOT_IN_RUN_KEY
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+        if node is True:
+            return True
+    return False
+
+
 def recipe(cfg: ExperimentConfig) -> dict[str, Any]:
     """The part of a resolved config that decides a run's results (see `NOT_IN_RUN_KEY`)."""
     return cfg.model_dump(mode="json", exclude=NOT_IN_RUN_KEY)

@@ -8,7 +8,13 @@ from typing import Any
 
 from torch import nn
 
-from vptlab.config import ExperimentConfig, build_config, load_yaml, parse_override
+from vptlab.config import (
+    ExperimentConfig,
+    build_config,
+    load_yaml,
+    outside_run_key,
+    parse_override,
+)
 from vptlab.data.base import DataSplits
 from vptlab.engine.build import build_experiment
 from vptlab.engine.checkpoint import atomic_write_text, load_model
@@ -17,15 +23,12 @@ from vptlab.engine.loop import CONFIG_FILE, MODEL_FILE, STATE_FILE, fit, resolve
 from vptlab.errors import ConfigError, VptlabError
 from vptlab.tables import RUN_COLUMNS, markdown_table
 
-# What `--resume` may change: where and how the run executes, and how long it goes on. Anything
-# else would make the resumed run a different experiment than the one its checkpoint belongs to.
-RESUMABLE_KEYS = (
-    "device",
-    "output",
-    "train.epochs",
-    "train.checkpoint_every_steps",
-    "data.num_workers",
-)
+
+def resumable(key: str) -> bool:
+    """Whether `--resume` may change `key`: what the run key leaves out (where and how the run
+    executes) and how long it goes on. Anything else would make the resumed run another
+    experiment than the one its checkpoint belongs to."""
+    return key == "train.epochs" or (key != "name" and outside_run_key(key))
 
 
 def run_dir_of(cfg: ExperimentConfig) -> Path:
@@ -59,10 +62,10 @@ def check_resume_overrides(overrides: list[str]) -> None:
     """Refuse overrides that would change a resumed run's results, naming the key."""
     for text in overrides:
         key = ".".join(parse_override(text)[0])
-        if not any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS):
+        if not resumable(key):
             raise ConfigError(
-                f"{key} cannot change when resuming (only {', '.join(RESUMABLE_KEYS)} can); "
-                "start a new run with another name=... instead"
+                f"{key} cannot change when resuming (only train.epochs and keys that do not "
+                "change results, such as device and output.*, can); start a new run instead"
             )
 
 
