@@ -70,6 +70,28 @@ class AdaptConfig(Section):
     prompt: PromptConfig = PromptConfig()
 
 
+class AttackConfig(Section):
+    """An evasion attack and its budget (pixels in [0,1]): what `vptlab.attacks` builds."""
+
+    name: Literal["fgsm", "pgd", "autoattack"] = "pgd"
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(0.3, ge=0)
+    alpha: float | None = Field(None, gt=0, description="step size; None: 2.5 eps / steps")
+    steps: int = Field(10, gt=0)
+    random_start: bool = True
+    restarts: int = Field(1, gt=0)
+    targeted: bool = False
+
+    @model_validator(mode="after")
+    def _check_units(self) -> AttackConfig:
+        if self.norm == "linf" and self.eps > 1:
+            raise ValueError(
+                f"eps {self.eps} is above 1: pixels are in [0,1] (8/255 is 0.0314); "
+                "was it given in 0-255 units?"
+            )
+        return self
+
+
 class TrainConfig(Section):
     epochs: int = Field(10, gt=0)
     optimizer: Literal["sgd", "adamw"] = "adamw"
