@@ -278,3 +278,28 @@ def test_objective_is_picked_by_config(tmp_path: Path) -> None:
                                            .train), kind)  # fmt: skip
     data, _ = build_experiment(digits_config(tmp_path))
     assert data.test.x.shape[-1] == 8
+
+
+ADVERSARIAL_PRESETS = ["adversarial_mnist", "adversarial_vpt", "adversarial_tinyvit"]
+
+
+@pytest.mark.parametrize("preset", ADVERSARIAL_PRESETS)
+def test_adversarial_study_presets_validate(preset: str) -> None:
+    from vptlab.config import load_yaml
+    from vptlab.report.study import StudyConfig, deep_merge
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    study = StudyConfig.model_validate(load_yaml(root / f"{preset}.yaml"))
+    objectives = {build_config(deep_merge(study.base, spec)).train.objective
+                  for spec in study.runs.values()}  # fmt: skip
+    assert "standard" in objectives and "pgd" in objectives
+    assert study.attacks and all(a.steps == 20 for a in study.attacks)
+
+
+def test_miniplaces_pgd_is_the_adversarial_twin() -> None:
+    from vptlab.config import load_config
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    plain, pgd = load_config(root / "miniplaces.yaml"), load_config(root / "miniplaces_pgd.yaml")
+    assert pgd.train.objective == "pgd" and plain.train.objective == "standard"
+    assert pgd.data == plain.data and pgd.model == plain.model
