@@ -111,12 +111,54 @@ class TrainConfig(Section):
         None, gt=0, description="also checkpoint every N optimizer steps (mid-epoch resume)"
     )
     compile: bool = Field(False, description="torch.compile the model (pays off on GPU)")
+    # Adversarial training (vptlab/defenses/adversarial.py): the objective picks the algorithm,
+    # `attack` gives its budget (norm, eps, alpha, steps); its `name` is not read by training.
+    objective: Literal["standard", "pgd", "fgsm_rs", "trades"] = "standard"
+    attack: AttackConfig = AttackConfig()
+    trades_beta: float = Field(6.0, ge=0, description="TRADES weight of the KL term")
+    eps_ramp_epochs: float = Field(
+        0.0, ge=0, description="grow the training eps linearly from 0 over these epochs (0: off)"
+    )
+    robust_probe: int | None = Field(
+        None, ge=0, description="PGD-10 probe on the first N test samples each evaluated epoch "
+        "(None: 256 for adversarial objectives, off for standard; 0: off)",
+    )
+    keep_best_robust: bool = Field(
+        False, description="keep best_robust.safetensors: the weights with the best probe"
+    )
 
     @model_validator(mode="after")
     def _check_nesterov(self) -> TrainConfig:
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ValueError("nesterov needs optimizer 'sgd' with momentum > 0")
         return self
+
+    @model_validator(mode="after")
+    def _check_adversarial(self) -> TrainConfig:
+        attack = self.attack
+        if self.objective == "fgsm_rs" and attack.norm != "linf":
+            raise ValueError(f"attack.norm must be linf for objective fgsm_rs, got {attack.norm!r}")
+        if self.objective != "standard":
+            if attack.name == "autoattack":
+                raise ValueError("attack.name autoattack cannot train; objective sets the attack")
+            if attack.targeted or attack.restarts != 1:
+                raise ValueError("attack: training attacks are untargeted, restarts 1")
+            if attack.eps == 0:
+                raise ValueError(f"attack.eps must be > 0 for objective {self.objective}")
+        if self.eps_ramp_epochs > self.epochs:
+            raise ValueError(
+                f"eps_ramp_epochs must be <= epochs ({self.epochs}), got {self.eps_ramp_epochs:g}"
+            )
+        if self.keep_best_robust and self.probe_size == 0:
+            raise ValueError("keep_best_robust needs the robust probe: robust_probe must not be 0")
+        return self
+
+    @property
+    def probe_size(self) -> int:
+        """How many test samples the robust-accuracy probe attacks each evaluated epoch."""
+        if self.robust_probe is not None:
+            return self.robust_probe
+        return 0 if self.objective == "standard" else 256
 
 
 class OutputConfig(Section):

@@ -1,6 +1,13 @@
-"""Turn a resolved config into its dataset and its (adapted) model."""
+"""Turn a resolved config into its dataset, its (adapted) model, its training task and evaluators.
+
+This is the floor that composes the others: it imports the objectives of `vptlab.defenses`, which
+themselves import only the engine's lower modules (the task protocol, checkpoint files), never
+this one, the loop or the runner.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -8,6 +15,9 @@ from torch import nn
 from vptlab.config import ExperimentConfig
 from vptlab.data import dataset_options, load_dataset
 from vptlab.data.base import DataSplits, TensorSplit
+from vptlab.defenses.adversarial import RobustProbe, create_objective
+from vptlab.engine.evaluators import Evaluator, TestAccuracy
+from vptlab.engine.tasks import Task
 from vptlab.models import create_model
 from vptlab.prompts import adapt
 
@@ -49,3 +59,24 @@ def build_experiment(cfg: ExperimentConfig) -> tuple[DataSplits, nn.Module]:
     torch.manual_seed(cfg.seed)
     data = build_data(cfg)
     return data, build_model(cfg, data.num_classes, image_size(data, cfg))
+
+
+def build_task(cfg: ExperimentConfig) -> Task:
+    """The loss of `train.objective`: standard, pgd, fgsm_rs or trades (defenses/adversarial.py)."""
+    return create_objective(cfg.train)
+
+
+def build_evaluators(
+    cfg: ExperimentConfig, data: DataSplits, run_dir: str | Path
+) -> list[Evaluator]:
+    """Clean test accuracy, plus the robust-accuracy probe when `train.robust_probe` asks for it
+    (by default: adversarial objectives)."""
+    evaluators: list[Evaluator] = [TestAccuracy(data.test)]
+    tcfg = cfg.train
+    if tcfg.probe_size > 0:
+        evaluators.append(
+            RobustProbe(data.test, tcfg.probe_size, tcfg.attack, run_dir=run_dir,
+                        keep_best=tcfg.keep_best_robust,
+                        trainable_only=cfg.adapt.mode in ("prompt", "linear"))  # fmt: skip
+        )
+    return evaluators

@@ -227,6 +227,9 @@ def _train_epoch(
     tcfg = cfg.train
     every = tcfg.checkpoint_every_steps
     params = [p for p in raw_model.parameters() if p.requires_grad]
+    # Tasks whose loss depends on where training stands (an eps ramp) are told before each step;
+    # `pos` is checkpointed, so a resumed run tells them the same.
+    set_progress = getattr(task, "set_progress", None)
     model.train()
     loader.set_epoch(pos.epoch, pos.batch)
     if pos.lr is None:
@@ -242,6 +245,8 @@ def _train_epoch(
     ) as advance:  # fmt: skip
         for batch in loader:
             device_type = batch.x.device.type
+            if set_progress is not None:
+                set_progress(pos.epoch + pos.batch / len(loader))
             with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss, logits = task.loss(model, batch, raw_model)
             optimizer.zero_grad(set_to_none=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,18 @@ from vptlab.config import (
     parse_override,
 )
 from vptlab.data.base import DataSplits
-from vptlab.engine.build import build_experiment
+from vptlab.defenses.adversarial import robust_summary
+from vptlab.engine.build import build_evaluators, build_experiment, build_task
 from vptlab.engine.checkpoint import atomic_write_text, load_model
 from vptlab.engine.distributed import is_main_process
-from vptlab.engine.loop import CONFIG_FILE, MODEL_FILE, STATE_FILE, fit, resolve_device
+from vptlab.engine.loop import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    fit,
+    resolve_device,
+)
 from vptlab.errors import ConfigError, VptlabError
 from vptlab.tables import RUN_COLUMNS, markdown_table
 
@@ -52,8 +61,21 @@ def train(
         if is_main_process():
             shutil.rmtree(run_dir)
     data, model = build_experiment(cfg)
-    metrics = fit(model, data, cfg, run_dir, stop_after_epochs=stop_after_epochs)
+    return _fit_run(cfg, data, model, run_dir, stop_after_epochs=stop_after_epochs)
+
+
+def _fit_run(
+    cfg: ExperimentConfig, data: DataSplits, model: nn.Module, run_dir: Path, **kwargs: Any
+) -> dict[str, Any]:
+    """`fit` with the config's objective and evaluators; the probe's summary (best epoch,
+    catastrophic overfitting) is added to metrics.json and the run report."""
+    task, evaluators = build_task(cfg), build_evaluators(cfg, data, run_dir)
+    metrics = fit(model, data, cfg, run_dir, task=task, evaluators=evaluators, **kwargs)
+    robust = robust_summary(metrics.get("history", []), kept_best=cfg.train.keep_best_robust)
+    metrics.update(robust)
     if is_main_process():
+        if robust:
+            atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2))
         write_run_report(run_dir, metrics)
     return metrics
 
@@ -81,11 +103,7 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str,
         raise VptlabError(f"nothing to resume in {run_dir}: no {CONFIG_FILE} there")
     cfg = build_config(load_yaml(run_dir / CONFIG_FILE), overrides)
     data, model = build_experiment(cfg)
-    has_checkpoint = (run_dir / STATE_FILE).is_file()
-    metrics = fit(model, data, cfg, run_dir, resume=has_checkpoint)
-    if is_main_process():
-        write_run_report(run_dir, metrics)
-    return metrics
+    return _fit_run(cfg, data, model, run_dir, resume=(run_dir / STATE_FILE).is_file())
 
 
 def load_run(
@@ -116,4 +134,22 @@ def write_run_report(run_dir: Path, metrics: dict[str, Any]) -> None:
     status = f"Status: {metrics.get('status')}, {metrics.get('epochs_done', 0)} epochs done."
     table = markdown_table(RUN_COLUMNS, [metrics])
     text = f"# Run `{metrics['name']}`\n\n{status}\n\n{table}\n"
+    if "robust_probe" in metrics:
+        probe = metrics["robust_probe"]
+        text += (
+            f"\nRobust probe (PGD-10 on held-out test samples): final {probe['final']:.1f}%, "
+            f"best {probe['best']:.1f}% at epoch {probe['best_epoch']}.\n"
+        )
+    if "best_robust" in metrics:
+        text += (
+            f"\nThe weights of epoch {metrics['best_robust']['epoch']} (best probe) are kept in "
+            f"`{metrics['best_robust']['file']}`; load them over the run's model with "
+            "`load_model(model, path)` after `load_run` to evaluate them.\n"
+        )
+    if "catastrophic_overfitting" in metrics:
+        co = metrics["catastrophic_overfitting"]
+        text += (
+            f"\n**Catastrophic overfitting** at epoch {co['epoch']}: the robust probe fell to "
+            f"{co['probe']:.1f}% from its best {co['best']:.1f}%.\n"
+        )
     atomic_write_text(run_dir / "report.md", text)

@@ -17,7 +17,12 @@ from vptlab.data.loaders import Batch
 
 
 class Task(Protocol):
-    """What the loop asks of an objective; adversarial training and distillation are tasks too."""
+    """What the loop asks of an objective; adversarial training and distillation are tasks too.
+
+    A task may also define `set_progress(epochs_done: float)`: the loop then calls it before
+    every step with the epoch plus the fraction of it done (vptlab/defenses/adversarial.py ramps
+    its eps with it).
+    """
 
     def loss(
         self, model: nn.Module, batch: Batch, raw_model: nn.Module

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vptlab.config import (
+    AttackConfig,
     ExperimentConfig,
     apply_overrides,
     build_config,
@@ -41,6 +42,7 @@ class StudyConfig(BaseModel):
         None, description="a run config trained once and cached; the runs start from its weights"
     )
     runs: dict[str, dict[str, Any]]
+    attacks: list[AttackConfig] = []
 
 
 def is_study(raw: dict[str, Any]) -> bool:
