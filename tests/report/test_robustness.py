@@ -104,6 +104,8 @@ def test_attack_writes_results_into_the_run_folder(run: Path, tmp_path: Path, ca
         (["--eps", "0.1", "--norm", "l3"], "vptlab: error: --norm: Input should be 'linf'"),
         (["--eps", "0.1", "--limit", "0"], "vptlab: error: --limit must be >= 1, got 0"),
         ([], "vptlab: error: --eps is needed"),
+        (["--config", "a.yaml", "--steps", "5"], "vptlab: error: --steps and --config exclude"),
+        (["--eps", "0.1", "--batch-size", "0"], "vptlab: error: --batch-size must be >= 1"),
     ],
 )
 def test_bad_options_are_one_line(

@@ -160,14 +160,18 @@ def attack_run(
     examples: int = 8,
     export: str | Path | None = None,
     progress: bool = True,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run folder under `configs` and write the results into that folder only.
 
     `export` writes the adversarial images of the strongest budget (first attack family) as float32
-    in [0,1], with labels, predictions and the attack's config in the metadata."""
+    in [0,1], with labels, predictions and the attack's config in the metadata. `batch_size`
+    defaults to the run's `data.eval_batch_size`."""
     run_dir = Path(run_dir)
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if not configs:
         raise ConfigError("no attacks to evaluate")
     cfg, model, splits = load_run(run_dir, device=device)
@@ -180,7 +184,8 @@ def attack_run(
     start = time.perf_counter()
     preds = suite_predictions(
         model, splits.test, passes, amp_dtype=amp_dtype_for(dev, cfg.train.amp), limit=limit,
-        progress=progress, batch_size=cfg.data.eval_batch_size, img_size=cfg.data.img_size,
+        progress=progress, batch_size=batch_size or cfg.data.eval_batch_size,
+        img_size=cfg.data.img_size,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     result = {
