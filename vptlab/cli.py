@@ -1,4 +1,5 @@
-"""The `vptlab` command: train, eval, models, run (the main job). Errors print as one line."""
+"""The `vptlab` command: train, eval, attack, models, run (the main job). Errors print as one
+line."""
 
 from __future__ import annotations
 
@@ -66,6 +67,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+ATTACK_FLAG_DEFAULTS = {
+    "attack": "pgd", "norm": "linf", "eps": None, "steps": 10, "alpha": None, "restarts": 1,
+    "targeted": False,
+}  # fmt: skip
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from vptlab.report.robustness import attack_run, configs_from_flags, load_attack_file
+
+    if args.config:
+        budget = ("attack", "norm", "eps", "steps", "alpha", "restarts", "targeted")
+        given = [k for k in budget if getattr(args, k) != ATTACK_FLAG_DEFAULTS[k]]
+        if given:
+            raise VptlabError(
+                f"--{given[0]} and --config exclude each other: put it in the attack file"
+            )
+        configs = load_attack_file(args.config)
+    else:
+        configs = configs_from_flags(
+            args.attack, args.norm, args.eps, args.steps, alpha=args.alpha,
+            restarts=args.restarts, targeted=args.targeted,
+        )  # fmt: skip
+    if args.limit is not None and args.limit < 1:
+        raise VptlabError(f"--limit must be >= 1, got {args.limit}")
+    device = (_device_overrides(args) or ["device=auto"])[0].split("=", 1)[1]
+    result = attack_run(
+        args.run_dir, configs, device=device, limit=args.limit, examples=args.examples,
+        export=args.export, progress=not args.no_progress, batch_size=args.batch_size,
+    )  # fmt: skip
+    print(json.dumps({"run": str(args.run_dir), "samples": result["samples"],
+                      **result["metrics"]}))  # fmt: skip
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from vptlab.models import list_models
 
@@ -103,6 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="folder of that dataset")
     _add_device(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "attack", help="robust accuracy of a run folder under evasion attacks (robustness.json)"
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--attack", help="attack name (default pgd)")
+    p.add_argument("--norm", help="linf or l2 (default linf)")
+    p.add_argument("--eps", help="budgets in [0,1] pixel units, comma-separated: 0.1,0.2,0.3")
+    p.add_argument("--steps", type=int, help="PGD steps (default 10)")
+    p.add_argument("--alpha", type=float, help="step size (default 2.5 eps / steps)")
+    p.add_argument("--restarts", type=int, help="PGD random restarts (default 1)")
+    p.add_argument("--targeted", action="store_true", help="aim each sample at the next class")
+    p.add_argument("--config", metavar="FILE", help="YAML with `attacks:`, a list of attacks")
+    p.add_argument("--limit", type=int, default=None, help="the first N test samples only")
+    p.add_argument("--examples", type=int, default=8, help="samples in the example grid")
+    p.add_argument("--export", metavar="FILE.safetensors",
+                   help="write the strongest budget's adversarial images (float32 in [0,1])")
+    p.add_argument("--batch-size", type=int, help="default: the run's data.eval_batch_size")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(**ATTACK_FLAG_DEFAULTS)
+    _add_device(p)
+    p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("models", help="list the registered models")
     p.set_defaults(func=cmd_models)

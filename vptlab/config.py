@@ -92,6 +92,12 @@ class AttackConfig(Section):
         return self
 
 
+class AttackSuiteConfig(Section):
+    """An attack file (`vptlab attack --config`): the attacks and budgets to evaluate a run on."""
+
+    attacks: list[AttackConfig] = Field(min_length=1)
+
+
 class TrainConfig(Section):
     epochs: int = Field(10, gt=0)
     optimizer: Literal["sgd", "adamw"] = "adamw"

@@ -75,3 +75,31 @@ def markdown_table(columns: Sequence[Column], rows: Iterable[Row]) -> str:
     rule = "|" + "|".join("---:" if c.align == "right" else "---" for c in columns) + "|"
     body = [line(c.text(row) for c in columns) for row in rows]
     return "\n".join([line(c.title for c in columns), rule, *body])
+
+
+def number(value: Any) -> str:
+    """A budget as written in configs and metric names: 0.3, 0.0314, 1."""
+    return f"{value:g}"
+
+
+# One attack per row: its budget and the robust accuracy it leaves (robustness.json's rows).
+ATTACK_COLUMNS: tuple[Column, ...] = (
+    Column("attack", at("metric")),
+    Column("norm", at("norm")),
+    Column("eps", at("eps"), number, "right"),
+    Column("steps", at("steps"), str, "right"),
+    Column("restarts", at("restarts"), str, "right"),
+    Column("targeted", at("targeted"), lambda v: {True: "yes", False: "no"}.get(v, str(v))),
+    Column("top-1 %", at("acc"), decimals(2), "right"),
+    Column("top-5 %", at("top5"), decimals(2), "right"),
+)
+
+
+def robust_columns(metrics: Sequence[str]) -> tuple[Column, ...]:
+    """One row per run (its metrics.json with `robustness`: the suite's flat metrics), clean top-1
+    and then one column per attack's robust top-1, titled by the attack's metric name."""
+    return (
+        Column("run", at("name")),
+        Column("clean top-1", at("robustness", "clean/top1"), decimals(2), "right"),
+        *(Column(m, at("robustness", f"{m}/acc"), decimals(2), "right") for m in metrics),
+    )

@@ -156,3 +156,48 @@ def test_a_diverged_run_is_reported_and_not_retried(tmp_path: Path, counted: lis
     assert "| bad | diverged |" in text and "| good | complete |" in text
     run_study(raw)
     assert counted == ["bad", "good"]  # neither retrained nor resumed into the same NaN
+
+
+def test_study_attacks_every_run_and_tables_robust_accuracy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attacked: list[str] = []
+    real_attack_run = study_mod.attack_run
+
+    def counting_attack_run(run_dir, *args, **kwargs):
+        attacked.append(Path(run_dir).name)
+        return real_attack_run(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(study_mod, "attack_run", counting_attack_run)
+    base = {**BASE, "data": {**BASE["data"], "img_size": None}, "train": {"epochs": 1}}
+    raw = {
+        "study": "adv",
+        "output": str(tmp_path / "runs"),
+        "base": base,
+        "runs": {"a": {}, "b": {"train": {"lr": 3e-3}}},
+        "attacks": [{"name": "pgd", "eps": eps, "steps": 2} for eps in (0.05, 0.2)],
+        "attack_limit": 40,
+    }
+    report = run_study(raw)
+    assert attacked == ["a", "b"]
+    text = report.read_text()
+    assert "| run | clean top-1 | pgd-linf-0.05 | pgd-linf-0.2 |" in text
+    rows = [line for line in text.split("## Robustness")[1].splitlines()
+            if line.startswith(("| a |", "| b |"))]  # fmt: skip
+    assert len(rows) == 2 and "n/a" not in "".join(rows)
+    assert (report.parent / "robustness-pgd-linf.png").read_bytes()[:4] == b"\x89PNG"
+    for run in ("a", "b"):
+        assert (report.parent / run / "robustness.json").is_file()
+
+    attacked.clear()
+    assert run_study(raw).read_text() == text  # same attacks: each robustness.json is reused
+    assert attacked == []
+    raw["attacks"][1]["eps"] = 0.3
+    assert "pgd-linf-0.3" in run_study(raw).read_text()
+    assert attacked == ["a", "b"]
+
+
+def test_study_attack_errors_name_the_key(tmp_path: Path) -> None:
+    raw = {"study": "x", "base": BASE, "runs": {"a": {}}, "attacks": [{"eps": 0.1, "epss": 1}]}
+    with pytest.raises(ConfigError, match=r"^attacks\.0\.epss: unknown key"):
+        run_study(raw)

@@ -6,6 +6,7 @@ as further evaluators built on `predict`, so they share its single pass and its 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -13,11 +14,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from vptlab.attacks import Attack
 from vptlab.config import ExperimentConfig
 from vptlab.data.base import TensorSplit
 from vptlab.data.loaders import StreamLoader, TensorLoader, make_loader
 from vptlab.engine.distributed import DistInfo, all_gather_rows
 from vptlab.metrics.accuracy import InputTransform, Predictions, predict
+from vptlab.metrics.suite import CLEAN, Threat, as_threats, first_samples, suite_metrics
 
 
 @dataclass(frozen=True)
@@ -74,3 +77,31 @@ class TestAccuracy:
     def __call__(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
         summary = self.predictions(model, ctx).summary()
         return {f"{self.prefix}_{k}": summary[k] for k in ("loss", "top1", "top5")}
+
+
+class RobustAccuracy:
+    """The evaluation suite on a split, per epoch: each attack's (or threat's) metrics
+    (`pgd-linf-0.3/acc`, ...), and with `clean=True` also `clean/top1` ... (TestAccuracy already
+    reports those by default). `limit` keeps the first samples of the split: attacks are costly."""
+
+    def __init__(
+        self,
+        split: TensorSplit | Dataset,
+        attacks: Sequence[Attack | Threat],
+        limit: int | None = None,
+        clean: bool = False,
+    ) -> None:
+        self.threats = as_threats(attacks)
+        split = first_samples(split, limit)
+        self.clean = clean
+        self.clean_predictions = SplitPredictions(split)
+        self.predictions = [SplitPredictions(split, t.transform) for t in self.threats]
+
+    def __call__(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        preds = {CLEAN: self.clean_predictions(model, ctx)}
+        for threat, predictions in zip(self.threats, self.predictions, strict=True):
+            preds[threat.name] = predictions(model, ctx)
+        metrics = suite_metrics(preds, self.threats)
+        if not self.clean:
+            metrics = {k: v for k, v in metrics.items() if not k.startswith(f"{CLEAN}/")}
+        return metrics

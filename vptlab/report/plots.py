@@ -1,5 +1,6 @@
-"""Training curves as one PNG: train and test accuracy per epoch, one line per run, and the
-robust-accuracy probe (PGD-10 on held-out samples) beside them when a run recorded it."""
+"""Report figures as PNGs, each written atomically: training curves (one line per run, with the
+robust-accuracy probe beside them when a run recorded it), robust accuracy against the attack
+budget, and a grid of clean / adversarial examples."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import torch
 
 from vptlab.engine.checkpoint import atomic_write
 
@@ -55,3 +57,66 @@ def plot_curves(
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
+
+
+def _save(fig: Any, path: str | Path) -> None:
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def plot_robust_accuracy(
+    lines: dict[str, list[tuple[float, float]]], path: str | Path, title: str = ""
+) -> None:
+    """Robust top-1 (%) against eps, one line per label (a run, or an attack family)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label, points in lines.items():
+        points = sorted(points)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.set_xlabel("eps")
+    ax.set_ylabel("robust top-1 %")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_adversarial_grid(
+    clean: torch.Tensor,
+    adversarial: torch.Tensor,
+    labels: list[str],
+    clean_pred: list[str],
+    adversarial_pred: list[str],
+    path: str | Path,
+    title: str = "",
+) -> None:
+    """Three rows per sample column: the clean image (true and predicted label), the adversarial
+    one (its prediction), and the perturbation stretched to the full gray range to be visible."""
+    count = len(clean)
+    fig, axes = plt.subplots(3, count, figsize=(1.6 * count, 5.4), squeeze=False)
+    delta = adversarial - clean
+    scale = delta.flatten(1).abs().amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    amplified = 0.5 + delta / (2 * scale)
+    rows = (("clean", clean), ("adversarial", adversarial), ("perturbation", amplified))
+    for r, (name, images) in enumerate(rows):
+        for c in range(count):
+            ax = axes[r][c]
+            ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"true {labels[c]}\npred {clean_pred[c]}", fontsize=8)
+            elif r == 1:
+                wrong = adversarial_pred[c] != labels[c]
+                ax.set_title(f"pred {adversarial_pred[c]}", fontsize=8,
+                             color="red" if wrong else "black")  # fmt: skip
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)

@@ -1,5 +1,6 @@
 """A study: several runs sharing a base config (optionally on a cached pretrained backbone),
-reported together as one Markdown table and one PNG of training curves."""
+reported together as one Markdown table and one PNG of training curves; with `attacks:`, every
+run is also attacked and a robust accuracy table and robust accuracy vs eps plots are added."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from vptlab.engine.distributed import is_main_process
 from vptlab.engine.loop import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
 from vptlab.engine.runner import resume, run_dir_of, train
 from vptlab.errors import ConfigError, TrainingDiverged, format_validation_error
-from vptlab.report.plots import plot_curves
-from vptlab.tables import RUN_COLUMNS, markdown_table
+from vptlab.report.plots import plot_curves, plot_robust_accuracy
+from vptlab.report.robustness import ROBUSTNESS_FILE, attack_run, families, is_current
+from vptlab.tables import RUN_COLUMNS, markdown_table, robust_columns
 
 
 class StudyConfig(BaseModel):
@@ -42,7 +44,10 @@ class StudyConfig(BaseModel):
         None, description="a run config trained once and cached; the runs start from its weights"
     )
     runs: dict[str, dict[str, Any]]
-    attacks: list[AttackConfig] = []
+    attacks: list[AttackConfig] = Field(
+        default_factory=list, description="evaluated on every finished run (robustness.json)"
+    )
+    attack_limit: int | None = Field(None, gt=0, description="attack the first N test samples")
 
 
 def is_study(raw: dict[str, Any]) -> bool:
@@ -147,10 +152,24 @@ def run_study(
         merged = apply_overrides(merged, [f"name={label}", f"output.dir={out_dir}"])
         if pretrained is not None and not merged.get("model", {}).get("pretrained"):
             merged = apply_overrides(merged, [f"model.pretrained={pretrained}"])
-        results[label] = _run_or_diverge(build_config(merged, overrides), fresh)
+        cfg = build_config(merged, overrides)
+        results[label] = _run_or_diverge(cfg, fresh)
+        if study.attacks and is_main_process() and results[label].get("status") == "complete":
+            results[label]["robustness"] = _robustness(cfg, study)
     if is_main_process():
         write_study_report(study, out_dir, results, backbone=pretrained)
     return out_dir / "report.md"
+
+
+def _robustness(cfg: ExperimentConfig, study: StudyConfig) -> dict[str, Any]:
+    """The run's robustness.json, evaluated unless it holds these attacks on these weights."""
+    run_dir = run_dir_of(cfg)
+    if is_current(run_dir, study.attacks, study.attack_limit):
+        return json.loads((run_dir / ROBUSTNESS_FILE).read_text())
+    return attack_run(
+        run_dir, study.attacks, device=cfg.device, limit=study.attack_limit,
+        progress=cfg.output.progress,
+    )  # fmt: skip
 
 
 def _run_or_diverge(cfg: ExperimentConfig, fresh: bool) -> dict[str, Any]:
@@ -185,7 +204,30 @@ def write_study_report(
     rows = [{**metrics, "name": label} for label, metrics in results.items()]
     lines += [markdown_table(RUN_COLUMNS, rows)]
     lines += ["", "![training curves](curves.png)", ""]
+    if study.attacks:
+        lines += robustness_section(out_dir, results)
     report = out_dir / "report.md"
     atomic_write_text(report, "\n".join(lines))
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
     return report
+
+
+def robustness_section(out_dir: Path, results: dict[str, dict[str, Any]]) -> list[str]:
+    """Robust top-1 per run (rows) and attack (columns), and per attack family a plot of robust
+    accuracy vs eps with one line per run; runs without results show n/a."""
+    attacked = {label: m["robustness"] for label, m in results.items() if "robustness" in m}
+    names: list[str] = []
+    for result in attacked.values():
+        names += [a["metric"] for a in result["attacks"] if a["metric"] not in names]
+    rows = [{"name": label, "robustness": m.get("robustness", {}).get("metrics", {})}
+            for label, m in results.items()]  # fmt: skip
+    lines = ["## Robustness", "", markdown_table(robust_columns(names), rows), ""]
+    plots: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for label, result in attacked.items():
+        for family, points in families(result).items():
+            plots.setdefault(family, {})[label] = points
+    for family, lines_per_run in plots.items():
+        name = f"robustness-{family}.png"
+        plot_robust_accuracy(lines_per_run, out_dir / name, title=f"robust accuracy: {family}")
+        lines += [f"![robust accuracy vs eps, {family}]({name})", ""]
+    return lines

@@ -1,0 +1,136 @@
+"""`vptlab attack RUN_DIR`: robustness.json, the report's Robustness section, the plots, the
+example grid and the export, all in the attacked run's folder; bad options as one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from vptlab.cli import main
+from vptlab.config import build_config
+from vptlab.engine import runner
+from vptlab.report.robustness import replace_section
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    cfg = build_config({
+        "name": "digits", "seed": 0, "device": "cpu",
+        "data": {"name": "digits", "batch_size": 64, "num_workers": 0, "eval_batch_size": 64},
+        "model": {"name": "simplenet"},
+        "train": {"epochs": 2, "lr": 3e-3},
+        "output": {"dir": str(out), "tensorboard": False, "progress": False},
+    })  # fmt: skip
+    runner.train(cfg)
+    return out / "digits"
+
+
+@pytest.fixture
+def run(trained_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained run, so each test sees a clean folder."""
+    return Path(shutil.copytree(trained_run, tmp_path / "digits"))
+
+
+def test_attack_writes_results_into_the_run_folder(run: Path, tmp_path: Path, capsys) -> None:
+    neighbour = Path(shutil.copytree(run, tmp_path / "other"))
+    before = {p.name: p.read_bytes() for p in neighbour.iterdir() if p.is_file()}
+    export = tmp_path / "adv.safetensors"
+    argv = ["attack", str(run), "--eps", "0.05,0.1,0.3", "--steps", "3", "--limit", "70",
+            "--device", "cpu", "--examples", "4", "--export", str(export)]  # fmt: skip
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["samples"] == 70
+
+    result = json.loads((run / "robustness.json").read_text())
+    assert result["samples"] == 70 and result["limit"] == 70 and result["seconds"] > 0
+    assert [a["metric"] for a in result["attacks"]] == ["pgd-linf-0.05", "pgd-linf-0.1",
+                                                        "pgd-linf-0.3"]  # fmt: skip
+    assert result["attacks"][0]["steps"] == 3 and result["attacks"][0]["name"] == "pgd"
+    accs = [result["metrics"][f"{a['metric']}/acc"] for a in result["attacks"]]
+    assert accs == sorted(accs, reverse=True) and accs[0] <= result["metrics"]["clean/top1"]
+
+    report = (run / "report.md").read_text()
+    assert report.startswith("# Run `digits`")  # the training report is kept
+    assert report.count("## Robustness") == 1
+    assert "| pgd-linf-0.3 | linf | 0.3 | 3 |" in report
+    assert "![robust accuracy vs eps](robustness-pgd-linf.png)" in report
+    assert "![adversarial examples](adversarial_examples.png)" in report
+    for png in ("robustness-pgd-linf.png", "adversarial_examples.png"):
+        assert (run / png).read_bytes()[:4] == b"\x89PNG"
+
+    tensors = load_file(str(export))
+    adv, labels = tensors["adversarial"], tensors["labels"]
+    assert adv.dtype == torch.float32 and adv.shape[0] == 70 and adv.shape[1] == 3
+    assert 0.0 <= float(adv.min()) and float(adv.max()) <= 1.0
+    from vptlab.engine.runner import load_run
+
+    _, _, splits = load_run(run, device="cpu")
+    assert torch.equal(labels, splits.test.y[:70])
+    assert torch.equal(tensors["index"], torch.arange(70))
+    assert len(tensors["predictions"]) == 70
+    with safe_open(str(export), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["attack"])["eps"] == 0.3 and meta["pixels"] == "float32 in [0,1]"
+    # never another run's files
+    assert {p.name: p.read_bytes() for p in neighbour.iterdir() if p.is_file()} == before
+
+    # A second evaluation replaces its own section, and the file, nothing else.
+    config = tmp_path / "attack.yaml"
+    config.write_text(yaml.safe_dump({"attacks": [{"name": "fgsm", "eps": 0.1}]}))
+    assert main(["attack", str(run), "--config", str(config), "--limit", "20",
+                 "--device", "cpu"]) == 0  # fmt: skip
+    again = (run / "report.md").read_text()
+    assert again.count("## Robustness") == 1 and "fgsm-linf-0.1" in again
+    assert "pgd-linf-0.3" not in again
+    assert json.loads((run / "robustness.json").read_text())["samples"] == 20
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--attack", "cw", "--eps", "0.1"], "vptlab: error: --attack: unknown attack 'cw'"),
+        (["--eps=-0.1"], "vptlab: error: --eps: Input should be greater than or equal to 0"),
+        (["--eps", "0.1", "--steps", "0"], "vptlab: error: --steps: Input should be greater"),
+        (["--eps", "8"], "vptlab: error: --eps: eps 8.0 is above 1"),
+        (["--eps", "0.1,x"], "vptlab: error: --eps: expected numbers"),
+        (["--eps", "0.1", "--norm", "l3"], "vptlab: error: --norm: Input should be 'linf'"),
+        (["--eps", "0.1", "--limit", "0"], "vptlab: error: --limit must be >= 1, got 0"),
+        ([], "vptlab: error: --eps is needed"),
+        (["--config", "a.yaml", "--steps", "5"], "vptlab: error: --steps and --config exclude"),
+        (["--eps", "0.1", "--batch-size", "0"], "vptlab: error: --batch-size must be >= 1"),
+    ],
+)
+def test_bad_options_are_one_line(
+    tmp_path: Path, capsys, options: list[str], expected: str
+) -> None:
+    # Checked before the run is loaded: no run folder is needed.
+    assert main(["attack", str(tmp_path / "nowhere"), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_attack_file_errors_name_the_key(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "attack.yaml"
+    config.write_text(yaml.safe_dump({"attacks": [{"name": "pgd", "eps": 0.1, "epss": 2}]}))
+    assert main(["attack", str(tmp_path), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vptlab: error: {config}: attacks.0.epss: unknown key"), err
+    assert err.count("\n") == 1
+
+
+def test_replace_section_keeps_the_rest() -> None:
+    text = "# Run\n\nbody\n\n## Robustness\n\nold\n\n## Later\n\nkept\n"
+    new = replace_section(text, "Robustness", "## Robustness\n\nnew\n")
+    assert new == "# Run\n\nbody\n\n## Robustness\n\nnew\n\n## Later\n\nkept\n"
+    assert replace_section("# Run\n", "Robustness", "## Robustness\n\nx\n") == (
+        "# Run\n\n## Robustness\n\nx\n"
+    )
