@@ -1,5 +1,6 @@
 """Evasion attacks by name: `create_attack("pgd", eps=0.3, steps=20)(model, x, y) -> x_adv`.
 
+`autoattack` wraps torchattacks' AutoAttack and needs the optional extra `vptlab[attacks]`.
 Each attack is one small class with its paper's update rule in view; all take and return pixels in
 [0,1] and leave the model as they found it (see `base.Attack`).
 """
@@ -8,14 +9,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from vptlab.attacks import pgd  # noqa: F401  (registers fgsm, pgd)
+from vptlab.attacks import autoattack, pgd  # noqa: F401  (registers fgsm, pgd, autoattack)
+from vptlab.attacks.autoattack import AutoAttack
 from vptlab.attacks.base import ATTACKS, Attack, frozen_parameters
 from vptlab.attacks.pgd import FGSM, PGD, check_budget
 
 
 def create_attack(name: str, **options: Any) -> Attack:
-    """Build attack `name` from its keyword options (eps, norm, alpha, steps ...)."""
-    return ATTACKS.create(name, **options)
+    """Build attack `name` from its keyword options (eps, norm, alpha, steps ...).
+
+    An unknown name, an option the attack does not take or a value of the wrong type is one
+    ConfigError naming it: `attack.stepz: unknown option; attack 'pgd' takes: eps, norm, ...`.
+    """
+    checked = ATTACKS.check_options(name, options, where="attack")
+    return ATTACKS.create(name, **checked)
 
 
-__all__ = ["ATTACKS", "FGSM", "PGD", "Attack", "check_budget", "create_attack", "frozen_parameters"]
+__all__ = [
+    "ATTACKS",
+    "FGSM",
+    "PGD",
+    "Attack",
+    "AutoAttack",
+    "check_budget",
+    "create_attack",
+    "frozen_parameters",
+]

@@ -21,9 +21,15 @@ NORMS = ("linf", "l2")
 @contextmanager
 def frozen_parameters(model: nn.Module) -> Iterator[None]:
     """Parameters need no gradient while an attack differentiates w.r.t. the input (it saves the
-    weight gradients' work); each one's `requires_grad` and the model's mode are restored."""
+    weight gradients' work); each parameter's `requires_grad` and each module's train/eval flag
+    are restored afterwards, even if the attack raised.
+
+    Modes are restored module by module, not by `model.train(mode)`: a model may hold mixed
+    modes (an adapted model keeps its frozen backbone in eval while its prompts train), and an
+    attack that switches the model to eval (torchattacks does) must not flatten them.
+    """
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     for p, _ in flags:
         p.requires_grad_(False)
     try:
@@ -31,7 +37,8 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        model.train(training)
+        for m, training in modes:
+            m.training = training
 
 
 class Attack:
