@@ -68,7 +68,7 @@ def test_prompt_transfer_beats_chance_and_reloads(
     loader = make_loader(splits.test, 500, train=False)
     top1 = evaluate(model, loader)["top1"]
     assert top1 > 35.0  # chance is 10%; 586 trained numbers on a 4-epoch backbone reach ~49%
-    assert "| prompt | vit-scratch | prompt | mnist-5k |" in report.read_text()
+    assert "| prompt | complete | vit-scratch | prompt | mnist-5k |" in report.read_text()
     assert f"{top1:.2f}" in report.read_text()  # the reloaded model scores what the run reported
 
 
