@@ -41,10 +41,10 @@ from vptlab.engine.distributed import (
 )
 from vptlab.engine.evaluators import EvalContext, Evaluator, TestAccuracy
 from vptlab.engine.optim import build_optimizer, build_scheduler
-from vptlab.engine.progress import progress_bar
 from vptlab.engine.tasks import ClassificationTask, Task
 from vptlab.errors import ConfigError, TrainingDiverged, VptlabError
 from vptlab.models.base import count_parameters
+from vptlab.progress import progress_bar
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"

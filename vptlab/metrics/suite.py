@@ -14,14 +14,7 @@ from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
@@ -29,6 +22,7 @@ from vptlab.attacks import Attack
 from vptlab.data.base import TensorSplit
 from vptlab.data.loaders import Batch, make_loader
 from vptlab.metrics.accuracy import Predictions, predict
+from vptlab.progress import new_progress
 
 CLEAN = "clean"
 
@@ -143,7 +137,6 @@ def _batch_count(loader: Iterable[Batch], limit: int | None) -> int | None:
 class _Bar:
     """A rich bar over every batch of every pass, labelled with the pass being run.
 
-    (engine/progress.py draws the training bar; metrics sit below the engine, hence this one.)
     """
 
     def __init__(self, progress: Progress | None, total: int | None) -> None:
@@ -164,14 +157,7 @@ def _bar(passes: int, batches: int | None, enabled: bool) -> Iterator[_Bar]:
     if not enabled:
         yield _Bar(None, None)
         return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, transient=True) as progress:
+    with new_progress() as progress:
         yield _Bar(progress, None if batches is None else passes * batches)
 
 

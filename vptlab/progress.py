@@ -1,4 +1,5 @@
-"""A rich progress bar for long loops.
+"""Rich progress bars for long loops (training epochs, evaluation passes); the lowest floor, so
+the engine and the metrics draw the same bar.
 
 It disappears when disabled or when output is not a terminal.
 """
@@ -18,6 +19,18 @@ from rich.progress import (
 )
 
 
+def new_progress() -> Progress:
+    """A transient rich Progress with vptlab's columns (description, bar, n/N, elapsed, left)."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    return Progress(*columns, transient=True)
+
+
 @contextmanager
 def progress_bar(
     description: str, total: int, enabled: bool = True, completed: int = 0
@@ -27,13 +40,6 @@ def progress_bar(
     if not enabled:
         yield lambda: None
         return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, transient=True) as progress:
+    with new_progress() as progress:
         task_id = progress.add_task(description, total=total, completed=completed)
         yield lambda: progress.advance(task_id)
