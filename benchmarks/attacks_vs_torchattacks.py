@@ -41,6 +41,7 @@ from torch import nn
 from vptlab.attacks import create_attack
 from vptlab.attacks.autoattack import FloatLogits, import_torchattacks
 from vptlab.data import load_dataset
+from vptlab.engine.loop import resolve_device
 from vptlab.models import create_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,8 +153,7 @@ def main() -> None:
         parser.error("--repeats, --steps and --n must be >= 1")
     if args.alpha is None:
         args.alpha = 2.5 * args.eps / args.steps
-    name = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = torch.device("cpu" if name == "auto" else name)
+    device = resolve_device(args.device)
     kind = "gpu" if device.type == "cuda" else "cpu"
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"attacks_vs_torchattacks_{kind}.json")
     machine = {

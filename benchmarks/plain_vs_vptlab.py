@@ -36,6 +36,7 @@ from torch import nn
 from vptlab.config import ExperimentConfig, build_config, load_yaml
 from vptlab.data import load_dataset
 from vptlab.engine.build import build_experiment
+from vptlab.engine.loop import resolve_device
 from vptlab.engine.runner import train
 from vptlab.models import create_model
 from vptlab.report.study import deep_merge
@@ -249,10 +250,7 @@ def main() -> None:
         parser.error(f"unknown model(s) {', '.join(unknown)}; the demo has {', '.join(MODELS)}")
     if args.repeats < 1 or args.epochs_scale <= 0:
         parser.error("--repeats must be >= 1 and --epochs-scale > 0")
-    name = args.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    device = resolve_device(args.device)
     if args.out is None:
         scale = "" if args.epochs_scale == 1 else f"_x{args.epochs_scale:g}"
         kind = "gpu" if device.type == "cuda" else "cpu"
