@@ -21,6 +21,7 @@ from vptlab.defenses.prompt_defense import (
     PromptDefense,
     PromptedInput,
     UniversalPerturbation,
+    _square_masks,
     clamp_pixels,
     project_capped_simplex,
 )
@@ -41,7 +42,7 @@ def recipe(tmp_path: Path, **train: Any) -> Any:
         "seed": 0,
         "device": "cpu",
         "data": {"batch_size": 32, "num_workers": 0},
-        "train": {"epochs": 3, "optimizer": "sgd", "lr": 3.0, "grad_clip": 1.0,
+        "train": {"epochs": 2, "optimizer": "sgd", "lr": 3.0, "grad_clip": 1.0,
                   "weight_decay": 0.0} | train,
         "output": {"dir": str(tmp_path), "tensorboard": False, "progress": False},
     }  # fmt: skip
@@ -193,19 +194,40 @@ def test_capped_simplex_projection() -> None:
     torch.testing.assert_close(project_capped_simplex(small, budget), small)
 
 
-def test_targeted_search_finds_the_backdoor_target(poisoned_simplenet) -> None:
+@pytest.mark.parametrize("starts", ["scan", "uniform"])
+def test_targeted_search_finds_the_backdoor_target(poisoned_simplenet, starts: str) -> None:
     p = poisoned_simplenet
     x, y = p.test_images()
     torch.manual_seed(0)
-    search = UniversalPerturbation("patch", area=0.03, eps=0.1, alpha=0.2, targets=range(10))
-    for start in range(0, 320, 32):  # 10 batches, one step each: the warm start carries on
-        search.ascend(p.model, x[start : start + 32], y[start : start + 32], steps=1)
+    search = UniversalPerturbation(
+        "patch", area=0.03, eps=0.1, alpha=0.2, targets=range(10), starts=starts
+    )
+    assert search.candidates == 10 and search.scanned == (10 if starts == "scan" else 0)
+    for start in range(0, 160, 16):  # 10 batches, one step each: the warm start carries on
+        search.ascend(p.model, x[start : start + 16], y[start : start + 16], steps=1)
     assert search.best == p.target
     held_out = x[500:700][y[500:700] != p.target]
     with torch.no_grad():
         sent = (p.model(search.apply(held_out)).argmax(1) == p.target).float().mean()
     assert sent > 0.8  # the stand-in works like the trigger on images it never saw
     assert float(search.mask[search.best].sum()) <= 0.03 * 28 * 28 + 1e-3
+
+
+def test_scan_squares_cover_the_grid_up_to_the_border() -> None:
+    squares = _square_masks(8, 8, side=3, stride=2, device=torch.device("cpu"))
+    assert squares.shape == (16, 1, 8, 8)  # rows and columns start at 0, 2, 4 and, flush, 5
+    assert (squares.flatten(1).sum(1) == 9).all()
+    assert squares[-1, 0, 5:, 5:].all()  # the last one in the bottom-right corner
+    assert squares.amax(0).all()  # every pixel covered
+
+
+def test_both_starts_search_every_target_twice() -> None:
+    search = UniversalPerturbation("patch", 0.03, 0.1, 0.2, targets=range(3))
+    assert search.targets.tolist() == [0, 1, 2, 0, 1, 2] and search.scanned == 3
+    untargeted = UniversalPerturbation("patch", 0.03, 0.1, 0.2, candidates=5)
+    assert untargeted.candidates == 5 and untargeted.scanned == 3
+    linf = UniversalPerturbation("linf", 0.03, 0.1, 0.2, targets=range(3))
+    assert linf.candidates == 3 and linf.scanned == 0
 
 
 def test_linf_search_stays_in_its_ball_and_raises_the_loss(poisoned_simplenet) -> None:
