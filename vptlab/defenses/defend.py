@@ -197,18 +197,19 @@ def defend(
     metrics["before"], metrics["after"] = before, after
     if is_main_process():
         poisoned = load_parent_model(parent, parent_cfg, data)
-        write_examples(poisoned, repaired, data, threat, run_dir / EXAMPLES_FILE)
+        write_examples({"before": poisoned, "after": repaired}, data, threat,
+                       run_dir / EXAMPLES_FILE)
         atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2))
         write_defense_report(run_dir, metrics)
     return metrics
 
 
 def write_examples(
-    model_before: nn.Module, model_after: nn.Module, data: DataSplits, threat: BackdoorThreat,
-    path: Path, count: int = 8,
-) -> None:  # fmt: skip
-    """Clean and triggered test images of non-target classes, with the predictions of the
-    poisoned model (before) and the defended one (after)."""
+    models: dict[str, nn.Module], data: DataSplits, threat: BackdoorThreat, path: Path,
+    count: int = 8, title: str = "",
+) -> None:
+    """Clean and triggered test images of non-target classes, with the predictions of each model
+    (the poisoned one "before", the defended one "after")."""
     from vptlab.backdoors.poison import non_target_index
     from vptlab.report.plots import plot_backdoor_examples
 
@@ -219,20 +220,22 @@ def write_examples(
     else:
         items = [test[int(i)] for i in keep]
         x, y = torch.stack([t[0] for t in items]), torch.tensor([int(t[1]) for t in items])
-    device = next(model_after.parameters()).device
+    first = next(iter(models.values()))
+    device = next(first.parameters()).device
     x, y = x.to(device), y.to(device)
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
-    triggered = threat.transform(model_after, x, y)
+    triggered = threat.transform(first, x, y)
     names = data.classes or [str(i) for i in range(data.num_classes)]
     with torch.no_grad():
         preds = {
             label: ([names[int(p)] for p in m(x).argmax(1)],
                     [names[int(p)] for p in m(triggered).argmax(1)])
-            for label, m in (("before", model_before.eval()), ("after", model_after.eval()))
+            for label, m in ((label, m.eval()) for label, m in models.items())
         }  # fmt: skip
-    plot_backdoor_examples(x.cpu(), triggered.cpu(), [names[int(t)] for t in y], preds,
-                           path, title=f"{threat.name}: poisoned (before) vs defended (after)")
+    title = title or f"{threat.name}: poisoned (before) vs defended (after)"
+    plot_backdoor_examples(x.cpu(), triggered.cpu(), [names[int(t)] for t in y], preds, path,
+                           title=title)
 
 
 def write_defense_report(run_dir: Path, metrics: dict[str, Any]) -> None:

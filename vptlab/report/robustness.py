@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
+from torch import nn
 
 from vptlab.attacks import ATTACKS, Attack, create_attack
-from vptlab.config import AttackConfig, AttackSuiteConfig, load_yaml
+from vptlab.config import AttackConfig, AttackSuiteConfig, ExperimentConfig, load_yaml
+from vptlab.data.base import DataSplits
 from vptlab.engine.checkpoint import atomic_write, atomic_write_text
 from vptlab.engine.loop import MODEL_FILE, amp_dtype_for
 from vptlab.engine.runner import load_run
@@ -175,6 +177,31 @@ def attack_run(
     if not configs:
         raise ConfigError("no attacks to evaluate")
     cfg, model, splits = load_run(run_dir, device=device)
+    result = evaluate_attacks(
+        cfg, model, splits, configs, run_dir, model_sha256=file_sha256(run_dir / MODEL_FILE),
+        limit=limit, examples=examples, export=export, progress=progress, batch_size=batch_size,
+    )  # fmt: skip
+    write_report_section(run_dir, result, result["plots"])
+    return result
+
+
+def evaluate_attacks(
+    cfg: ExperimentConfig,
+    model: nn.Module,
+    splits: DataSplits,
+    configs: Sequence[AttackConfig],
+    out_dir: Path,
+    *,
+    model_sha256: str,
+    limit: int | None = None,
+    examples: int = 8,
+    export: str | Path | None = None,
+    progress: bool = True,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """The suite under `configs` on a loaded run's model; writes `robustness.json`, the robust
+    accuracy vs eps plots and the example grid into `out_dir` (the run's folder, or a matrix
+    cell's), and returns the result."""
     attacks = [build_attack(c) for c in configs]
     threats = as_threats(attacks)
     top = strongest(configs)
@@ -188,24 +215,25 @@ def attack_run(
         img_size=cfg.data.img_size,
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    result = {
+    result: dict[str, Any] = {
         "run": cfg.name,
         "dataset": splits.name,
         "split": "test",
         "device": str(dev),
-        "model_sha256": file_sha256(run_dir / MODEL_FILE),
+        "model_sha256": model_sha256,
         "attacks": attack_records(configs, threats),
         "limit": limit,
         "samples": len(preds[CLEAN]),
         "seconds": seconds,
         "metrics": suite_metrics(preds, threats),
     }
-    atomic_write_text(run_dir / ROBUSTNESS_FILE, json.dumps(result, indent=2) + "\n")
-    plots = plot_families(result, run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result["plots"] = plot_families(result, out_dir)
     classes = splits.classes or [str(i) for i in range(splits.num_classes)]
     strongest_preds = preds[threats[top].name]
-    write_grid(recorder, preds[CLEAN], strongest_preds, classes, examples, run_dir / GRID_FILE)
-    write_report_section(run_dir, result, plots)
+    write_grid(recorder, preds[CLEAN], strongest_preds, classes, examples, out_dir / GRID_FILE)
+    result["grid"] = GRID_FILE if examples > 0 and recorder.clean else None
+    atomic_write_text(out_dir / ROBUSTNESS_FILE, json.dumps(result, indent=2) + "\n")
     if export is not None:
         export_adversarial(recorder, strongest_preds, configs[top], result, Path(export))
     return result

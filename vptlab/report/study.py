@@ -110,7 +110,7 @@ def cached_backbone(raw: dict[str, Any], overrides: list[str]) -> Path:
     folder = cache_root() / "backbones"
     name = f"{cfg.name}-{run_key(cfg)}"
     cfg = build_config(raw, [*overrides, f"name={name}", f"output.dir={folder}"])
-    _run_or_reuse(cfg, fresh=False)
+    run_or_reuse(cfg, fresh=False)
     return run_dir_of(cfg) / MODEL_FILE
 
 
@@ -125,7 +125,7 @@ def _saved_config(run_dir: Path) -> tuple[ExperimentConfig | None, str]:
         return None, f"its {CONFIG_FILE} no longer loads ({err})"
 
 
-def _run_or_reuse(cfg: ExperimentConfig, fresh: bool) -> dict[str, Any]:
+def run_or_reuse(cfg: ExperimentConfig, fresh: bool) -> dict[str, Any]:
     """Train a run unless its folder already stands for it: a finished run with the same run key
     is reused and an interrupted one resumed, so a stopped study picks up where it was. Keys
     such as `device` or `output.*` are not in the run key (see `config.NOT_IN_RUN_KEY`).
@@ -186,7 +186,7 @@ def run_study(
         if pretrained is not None and _takes_backbone(merged, study.backbone or {}):
             merged = apply_overrides(merged, [f"model.pretrained={pretrained}"])
         cfg = build_config(merged, overrides)
-        results[label] = _run_or_diverge(cfg, fresh)
+        results[label] = run_or_diverge(cfg, fresh)
         if study.attacks and is_main_process() and results[label].get("status") == "complete":
             results[label]["robustness"] = _robustness(cfg, study)
         if study.defenses and cfg.data.poison is not None:
@@ -253,10 +253,10 @@ def _detect_all(cfg: ExperimentConfig, study: StudyConfig, fresh: bool) -> dict[
     return out
 
 
-def _run_or_diverge(cfg: ExperimentConfig, fresh: bool) -> dict[str, Any]:
+def run_or_diverge(cfg: ExperimentConfig, fresh: bool) -> dict[str, Any]:
     """One run of a study; a run that diverges is recorded as such and the study goes on."""
     try:
-        return _run_or_reuse(cfg, fresh)
+        return run_or_reuse(cfg, fresh)
     except TrainingDiverged as error:
         metrics_path = run_dir_of(cfg) / METRICS_FILE
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
