@@ -1,0 +1,176 @@
+"""Planning the threat matrix: every (model, adaptation, threat, defense) becomes a cell, a chain
+of steps (train, maybe poisoned or adversarial -> maybe defend -> evaluate), or a skipped cell with
+the reason its combination makes no sense.
+
+Steps and cells are content-addressed (shared/DESIGN.md): a training step's folder is named by its
+run key, so cells that train the same thing (a clean run evaluated clean and under PGD) share it;
+a cell's folder carries the hash of its whole chain, so a changed cell lands in a new folder and a
+finished one is found again. Nothing is trained here.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vptlab.config import ExperimentConfig, apply_overrides, build_config, run_key
+from vptlab.errors import ConfigError
+from vptlab.matrix.config import DefenseSpec, MatrixConfig, ThreatSpec
+from vptlab.report.study import deep_merge
+
+RUNS = "runs"  # training and defended runs, shared by the cells
+CELLS = "cells"  # one folder per cell: its evaluation, grids and cell.json
+PLAN_FILE = "matrix.json"
+CELL_FILE = "cell.json"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the matrix: its labels, and either its chain or why it is skipped.
+
+    `train` is the training step's resolved config (a dict, so a cell pickles to a Ray worker);
+    `defend` is the repair step ({defense, train, name}) or None; `folder` is the cell's own."""
+
+    model: str
+    adaptation: str
+    threat: str
+    defense: str
+    threat_spec: ThreatSpec
+    defense_spec: DefenseSpec
+    skip: str | None = None
+    train: dict[str, Any] | None = None
+    defend: dict[str, Any] | None = None
+    key: str = ""
+    folder: str = ""
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return "/".join((self.model, self.adaptation, self.threat, self.defense))
+
+    @property
+    def train_dir(self) -> Path:
+        assert self.train is not None
+        return Path(self.train["output"]["dir"]) / self.train["name"]
+
+    def summary(self) -> dict[str, Any]:
+        """What the plan file says of the cell (the report's skipped and pending rows)."""
+        return {
+            "id": self.id, "model": self.model, "adaptation": self.adaptation,
+            "threat": self.threat, "threat_kind": self.threat_spec.kind,
+            "defense": self.defense, "defense_kind": self.defense_spec.kind,
+            "skip": self.skip, "key": self.key, "folder": self.folder,
+            "train_run": self.train["name"] if self.train else None,
+        }  # fmt: skip
+
+
+def digest(value: Any, size: int = 10) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:size]
+
+
+def plan(matrix: MatrixConfig, overrides: list[str] | None = None,
+         backbones: dict[str, Path] | None = None) -> list[Cell]:  # fmt: skip
+    """Every cell of the matrix, in axis order (models, adaptations, threats, defenses).
+
+    `overrides` (key=value) apply to every training step; `backbones` maps an adaptation label to
+    its cached backbone's weights. A fragment that does not validate is a ConfigError naming its
+    axis entry; a combination that makes no sense is a skipped cell."""
+    overrides = overrides or []
+    out = Path(matrix.output) / matrix.matrix
+    cells = []
+    for model in matrix.models:
+        for adaptation in matrix.adaptations:
+            for threat, threat_spec in matrix.threats.items():
+                for defense, defense_spec in matrix.defenses.items():
+                    cell = Cell(model, adaptation, threat, defense, threat_spec, defense_spec)
+                    cells.append(_resolve(cell, matrix, out, overrides, backbones or {}))
+    return cells
+
+
+def _resolve(cell: Cell, matrix: MatrixConfig, out: Path, overrides: list[str],
+             backbones: dict[str, Path]) -> Cell:  # fmt: skip
+    threat, defense = cell.threat_spec, cell.defense_spec
+    if threat.kind not in defense.threat_kinds:
+        return _skipped(cell, f"defense '{cell.defense}' ({defense.kind}) answers "
+                        f"{' / '.join(defense.threat_kinds)} threats; '{cell.threat}' is "
+                        f"{threat.kind}")  # fmt: skip
+    cfg = _train_config(cell, matrix, out, overrides, backbones)
+    reason = _nonsense(cfg)
+    if reason is not None:
+        return _skipped(cell, reason)
+    train = cfg.model_dump(mode="json")
+    defend = None
+    if defense.kind == "repair":
+        spec = {"name": defense.name, "clean_fraction": defense.clean_fraction,
+                "options": defense.options}  # fmt: skip
+        recipe = defense.train_for(cell.model)
+        name = f"{cfg.name}-{cell.defense}-{digest([spec, recipe], 8)}"
+        defend = {"defense": spec, "train": recipe, "name": name}
+    chain = {
+        "train": run_key(cfg),
+        "defend": defend and {k: defend[k] for k in ("defense", "train")},
+        "threat": threat.model_dump(mode="json"),
+        "evaluation": matrix.evaluation.model_dump(mode="json"),
+    }
+    key = digest(chain)
+    folder = str(out / CELLS / f"{cell.model}-{cell.adaptation}-{cell.threat}-{cell.defense}-{key}")
+    return Cell(cell.model, cell.adaptation, cell.threat, cell.defense, threat, defense,
+                train=train, defend=defend, key=key, folder=folder,
+                evaluation=matrix.evaluation.model_dump(mode="json"))  # fmt: skip
+
+
+def _skipped(cell: Cell, reason: str) -> Cell:
+    return Cell(cell.model, cell.adaptation, cell.threat, cell.defense, cell.threat_spec,
+                cell.defense_spec, skip=reason)  # fmt: skip
+
+
+def _train_config(cell: Cell, matrix: MatrixConfig, out: Path, overrides: list[str],
+                  backbones: dict[str, Path]) -> ExperimentConfig:  # fmt: skip
+    """The training step: base, then the model's and the adaptation's fragments, the threat's
+    poison, an adversarial defense's training; named by its run key so equal steps share a
+    folder."""
+    adaptation = {k: v for k, v in matrix.adaptations[cell.adaptation].items() if k != "backbone"}
+    raw = deep_merge(deep_merge(matrix.base, matrix.models[cell.model]), adaptation)
+    stem = [cell.model, cell.adaptation]
+    if cell.threat_spec.poison is not None:
+        raw = deep_merge(raw, {"data": {"poison": cell.threat_spec.poison.model_dump()}})
+        stem.append(cell.threat)
+    if cell.defense_spec.kind == "adversarial":
+        raw = deep_merge(raw, {"train": cell.defense_spec.train_for(cell.model)})
+        stem.append(cell.defense)
+    if cell.adaptation in backbones and "pretrained" not in raw.get("model", {}):
+        raw = apply_overrides(raw, [f"model.pretrained={backbones[cell.adaptation]}"])
+    where = f"cell {cell.id}: "
+    try:
+        cfg = build_config(raw, [*overrides, f"output.dir={out / RUNS}"])
+    except ConfigError as error:
+        raise ConfigError(where + str(error)) from None
+    return cfg.model_copy(update={"name": f"{'-'.join(stem)}-{run_key(cfg)}"})
+
+
+def _nonsense(cfg: ExperimentConfig) -> str | None:
+    """Why this training makes no sense, or None: prompts on a net with no place for them."""
+    if cfg.adapt.mode in ("prompt", "prompt+full") and not _promptable(
+        cfg.model.name, json.dumps(cfg.model.options, sort_keys=True), cfg.data.img_size or 32
+    ):
+        return (f"model {cfg.model.name} has no prompt adapter (no token sequence): "
+                f"adaptation mode {cfg.adapt.mode} does not apply")  # fmt: skip
+    return None
+
+
+@functools.cache
+def _promptable(name: str, options: str, img_size: int) -> bool:
+    """Whether the model has a prompt adapter; built on the meta device (no memory, no time)."""
+    from vptlab.models import create_model
+    from vptlab.prompts.sites import find_prompt_adapter
+
+    with torch.device("meta"):
+        net = create_model(name, num_classes=2, img_size=img_size, **json.loads(options))
+    return find_prompt_adapter(getattr(net, "net", net)) is not None
