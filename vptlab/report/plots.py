@@ -1,9 +1,12 @@
 """Report figures as PNGs, each written atomically: training curves (one line per run, with the
 robust-accuracy probe and a poisoned run's ASR beside them when recorded), robust accuracy
-against the attack budget, and a grid of clean / adversarial examples."""
+against the attack budget, clean against robust accuracy, a backdoor's ASR before and after a
+defense, and a grid of clean / adversarial examples."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +104,59 @@ def plot_robust_accuracy(
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_clean_vs_robust(
+    points: Mapping[str, Sequence[tuple[float, float, str]]], path: str | Path, title: str = ""
+) -> None:
+    """Clean top-1 (x) against robust top-1 (y), both in %: one marker series per group (e.g.
+    "simplenet / full"), each point labelled with its short name (e.g. "pgd-at"). The diagonal
+    is "the attack changes nothing": the distance below it is what the attack takes."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.plot([0, 100], [0, 100], ls="--", color="0.6", lw=1, label="robust = clean")
+    # Shapes as well as colours keep the groups apart in grayscale prints.
+    for (group, series), marker in zip(points.items(), itertools.cycle("osD^vP*X")):
+        ax.scatter([p[0] for p in series], [p[1] for p in series], marker=marker, s=40,
+                   label=group, zorder=3)  # fmt: skip
+        for x, y, label in series:
+            ax.annotate(label, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    ax.set_xlabel("clean top-1 %")
+    ax.set_ylabel("robust top-1 %")
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_asr_before_after(
+    rows: Sequence[tuple[str, float, float]], path: str | Path, title: str = ""
+) -> None:
+    """Per label (e.g. a defense on a trigger) two bars: the attack success rate (%) before the
+    defense and after it, each with its value written on top."""
+    labels = [row[0] for row in rows]
+    x = range(len(rows))
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 * len(rows) + 2), 4))
+    before = ax.bar([i - width / 2 for i in x], [row[1] for row in rows], width, label="before",
+                    color="tab:red")  # fmt: skip
+    after = ax.bar([i + width / 2 for i in x], [row[2] for row in rows], width, label="after",
+                   color="tab:blue")  # fmt: skip
+    for bars in (before, after):
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    tilt = len(rows) > 4  # long labels side by side would overlap
+    ax.set_xticks(list(x), labels, rotation=20 if tilt else 0, ha="right" if tilt else "center")
+    ax.set_ylabel("ASR %")
+    ax.set_ylim(0, 105)  # room for the value labels over a 100% bar
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # inside, it would hide a value
     if title:
         ax.set_title(title)
     fig.tight_layout()
