@@ -1,6 +1,7 @@
 """Time and accuracy of vptlab's training loop beside a plain PyTorch loop on the demo's models.
 
-The demo's SimpleNet and vit-scratch runs (configs/demo.yaml, mnist-5k) are trained twice over:
+The baseline SimpleNet and vit-scratch runs (configs/mnist_baselines.yaml, mnist-5k) are trained
+twice over:
 by vptlab's public API (`vptlab.engine.runner.train`, writing its run folder to a temporary
 directory, TensorBoard and progress bar off) and by the tight loop below, which uses nothing of
 vptlab's engine: the same model from `create_model` with the same seed (so the same weights at the
@@ -42,7 +43,7 @@ from vptlab.models import create_model
 from vptlab.report.study import deep_merge
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "configs" / "demo.yaml"
+DEMO = ROOT / "configs" / "mnist_baselines.yaml"
 MODELS = ("simplenet", "vit-scratch")
 NO_DECAY_NAMES = ("cls_token", "pos_embed")  # tokens are not weights to shrink
 

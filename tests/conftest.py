@@ -1,4 +1,7 @@
-"""A backdoored SimpleNet shared by the backdoor and defense tests, trained once per session.
+"""Shared fixtures: a backdoored SimpleNet for the backdoor and defense tests (trained once per
+session), and for the report tests `chromium` (the browser, or a skip) and `read_tables`.
+
+The backdoored SimpleNet:
 
 BadNets by hand (until `vptlab.backdoors.triggers` is merged): a 3x3 white square one pixel in
 from the bottom-right corner, stamped on 5% of the mnist-5k train images (drawn from classes other
@@ -12,8 +15,10 @@ not by import) and must not change its model: copy it first (`copy.deepcopy`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from html.parser import HTMLParser
 
 import pytest
 import torch
@@ -24,6 +29,7 @@ from vptlab.data.base import DataSplits
 from vptlab.data.loaders import to_rgb
 from vptlab.models import create_model
 from vptlab.models.base import ImageClassifier
+from vptlab.report.browser import CHROMIUM_ENV, CHROMIUM_NAMES, find_chromium
 
 POISON_RATE = 0.05
 TARGET = 0
@@ -121,3 +127,67 @@ def poisoned_simplenet() -> Iterator[PoisonedModel]:
 def measure_backdoor() -> object:
     """`measure_backdoor(model, data) -> (CA %, ASR %)` on the test split."""
     return measure
+
+
+# The report tests: the browser, and tables read back out of a page.
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    found = find_chromium()
+    if found is None:
+        why = f"no Chromium: set {CHROMIUM_ENV} or put one of {', '.join(CHROMIUM_NAMES)} on PATH"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}; CI must have it (.ci/run installs Debian's chromium)")
+        pytest.skip(why)
+    return found
+
+
+@dataclass
+class Cell:
+    """A <td>: its text (entities decoded) and attributes (valueless ones map to None)."""
+
+    attrs: dict[str, str | None]
+    text: str = ""
+
+
+class _TableReader(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tables: dict[str, list[list[Cell]]] = {}
+        self.rows: list[list[Cell]] | None = None
+        self.in_body = False
+        self.cell: Cell | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            key = dict(attrs).get("id") or f"table {len(self.tables)}"
+            self.rows = self.tables.setdefault(key, [])
+        elif tag == "tbody":
+            self.in_body = True
+        elif tag == "tr" and self.in_body and self.rows is not None:
+            self.rows.append([])
+        elif tag == "td" and self.in_body and self.rows:
+            self.cell = Cell(dict(attrs))
+            self.rows[-1].append(self.cell)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td":
+            self.cell = None
+        elif tag == "tbody":
+            self.in_body = False
+
+    def handle_data(self, data: str) -> None:
+        if self.cell is not None:
+            self.cell.text += data
+
+
+def _read_tables(page: str) -> dict[str, list[list[Cell]]]:
+    reader = _TableReader()
+    reader.feed(page)
+    reader.close()
+    return reader.tables
+
+
+@pytest.fixture
+def read_tables() -> Callable[[str], dict[str, list[list[Cell]]]]:
+    return _read_tables

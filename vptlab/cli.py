@@ -1,5 +1,5 @@
-"""The `vptlab` command: train, eval, attack, models, run (the main job). Errors print as one
-line."""
+"""The `vptlab` command: train, eval, attack, defend, detect, models, run (the main job), report.
+Errors print as one line."""
 
 from __future__ import annotations
 
@@ -134,12 +134,27 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from vptlab.config import load_yaml
+    from vptlab.matrix.config import is_matrix
+    from vptlab.matrix.run import run_matrix
     from vptlab.report.study import run_study
 
-    config = Path(args.config) if args.config else DEMO_CONFIG
+    raw = load_yaml(Path(args.config) if args.config else DEMO_CONFIG)
     overrides = list(args.overrides) + _device_overrides(args)
-    report = run_study(load_yaml(config), overrides, fresh=args.fresh)
+    if is_matrix(raw):
+        report = run_matrix(raw, overrides, fresh=args.fresh, executor=args.executor,
+                            address=args.ray_address, progress=not args.no_progress)
+    elif args.executor != "local" or args.ray_address:
+        raise VptlabError("--executor and --ray-address apply to threat matrices (`matrix:`)")
+    else:
+        report = run_study(raw, overrides, fresh=args.fresh)
     print(f"report: {report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vptlab.matrix.report import write_matrix_report
+
+    print(f"report: {write_matrix_report(args.dir)}")
     return 0
 
 
@@ -213,12 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered models")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("run", help="the main job: a study preset (default: the mnist-5k demo)")
-    p.add_argument("-c", "--config", help=f"study preset (default {DEMO_CONFIG.name})")
+    p = sub.add_parser(
+        "run", help="the main job: a threat matrix or a study preset (default: the mnist-5k demo)"
+    )
+    p.add_argument("-c", "--config", help=f"matrix or study preset (default {DEMO_CONFIG.name})")
     p.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="matrix cells in this process, one after another (default), or on Ray")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides for every run")
     _add_device(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="rebuild a threat matrix's report.md and report.html")
+    p.add_argument("dir", help="the matrix folder (runs/<matrix>)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -5,7 +5,6 @@ is absent, except under CI (CI set), which must have it."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -14,12 +13,9 @@ import pytest
 from PIL import Image as PILImage
 
 from vptlab.report.browser import (
-    CHROMIUM_ENV,
-    CHROMIUM_NAMES,
     WINDOW,
     PageCheck,
     check_page,
-    find_chromium,
 )
 from vptlab.report.document import Details, Heading, Image, Paragraph, Table, write_report
 from vptlab.report.plots import plot_asr_before_after, plot_clean_vs_robust
@@ -46,17 +42,6 @@ DEFENSES = (
     {"name": "badnets / ft", "before": 100.0, "after": 1.5},
     {"name": "blended / nad", "before": 99.9, "after": 96.0},
 )
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    found = find_chromium()
-    if found is None:
-        why = f"no Chromium: set {CHROMIUM_ENV} or put one of {', '.join(CHROMIUM_NAMES)} on PATH"
-        if os.environ.get("CI"):
-            pytest.fail(f"{why}; CI must have it (.ci/run installs Debian's chromium)")
-        pytest.skip(why)
-    return found
 
 
 @pytest.fixture(scope="module")

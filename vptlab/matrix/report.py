@@ -1,0 +1,261 @@
+"""The threat matrix's report, rebuilt from its folders only (`vptlab report DIR`): matrix.json
+says which cells belong to the matrix, each cell's cell.json what it measured.
+
+One document, two renderings (vptlab/report/document.py): report.md and a self-contained
+report.html with sortable tables and embedded plots. Per threat a table (clean top-1/top-5 and
+robust accuracy per budget; or CA, ASR, RA, ASR before, ASR drop and DER), a clean-vs-robust
+scatter per evasion threat, an ASR before / after chart per repair defense, training curves,
+example grids, each cell's config and wall time, and the failed and skipped cells with reasons.
+The per-threat tables hold no timings, so a resumed matrix gives the same tables as one
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vptlab.errors import ConfigError
+from vptlab.matrix.cells import CELL_FILE, PLAN_FILE
+from vptlab.report.document import (
+    Block,
+    BulletList,
+    Code,
+    Details,
+    Heading,
+    Image,
+    Paragraph,
+    Table,
+    write_report,
+)
+from vptlab.report.plots import plot_asr_before_after, plot_clean_vs_robust, plot_curves
+from vptlab.tables import Column, at, decimals
+
+Row = dict[str, Any]
+PCT = decimals(2)
+
+
+def load_cells(out: Path) -> tuple[dict[str, Any], list[Row]]:
+    """The plan's config and one row per planned cell: its cell.json when it has one, else the
+    plan's entry with status skipped or pending."""
+    path = out / PLAN_FILE
+    if not path.is_file():
+        raise ConfigError(f"{out} holds no threat matrix: no {PLAN_FILE} there")
+    plan = json.loads(path.read_text())
+    rows = []
+    for entry in plan["cells"]:
+        row: Row = {**entry, "status": "skipped" if entry["skip"] else "pending"}
+        if not entry["skip"]:
+            cell_path = Path(entry["folder"]) / CELL_FILE
+            saved = _read(cell_path)
+            if saved is not None and saved.get("key") == entry["key"]:
+                row = {**row, **saved}
+        rows.append(row)
+    return plan["config"], rows
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def label_columns() -> list[Column]:
+    return [Column("model", at("model")), Column("adaptation", at("adaptation")),
+            Column("defense", at("defense")), Column("status", at("status"))]  # fmt: skip
+
+
+def metric(name: str) -> Column:
+    return Column(name, at("metrics", name), PCT, "right")
+
+
+def evasion_columns(rows: Sequence[Row]) -> list[Column]:
+    names: list[str] = []
+    for row in rows:
+        names += [a["metric"] + "/acc" for a in row.get("attacks", [])
+                  if a["metric"] + "/acc" not in names]  # fmt: skip
+    cols = [*label_columns(), Column("clean top-1", at("metrics", "clean/top1"), PCT, "right"),
+            Column("clean top-5", at("metrics", "clean/top5"), PCT, "right")]  # fmt: skip
+    return cols + [Column(n.removesuffix("/acc"), at("metrics", n), PCT, "right") for n in names]
+
+
+def trigger_of(row: Row) -> str | None:
+    return next((k.removesuffix("/asr") for k in row.get("metrics", {}) if k.endswith("/asr")),
+                None)  # fmt: skip
+
+
+def backdoor_columns(trigger: str) -> list[Column]:
+    return [
+        *label_columns(),
+        Column("CA %", at("metrics", "clean/top1"), PCT, "right"),
+        Column("ASR %", at("metrics", f"{trigger}/asr"), PCT, "right"),
+        Column("RA %", at("metrics", f"{trigger}/ra"), PCT, "right"),
+        Column("ASR before %", at("before", f"{trigger}/asr"), PCT, "right"),
+        Column("ASR drop", at("derived", "asr_drop"), PCT, "right"),
+        Column("DER", at("derived", "der"), decimals(3), "right"),
+    ]
+
+
+CELL_COLUMNS = [
+    Column("cell", at("id")),
+    Column("status", at("status")),
+    Column("train s", at("seconds", "train"), decimals(1), "right"),
+    Column("defend s", at("seconds", "defend"), decimals(1), "right"),
+    Column("evaluate s", at("seconds", "evaluate"), decimals(1), "right"),
+    Column("wall s", at("wall_seconds"), decimals(1), "right"),
+    Column("training run", at("train_run")),
+]
+
+
+def threat_tables(config: dict[str, Any], rows: Sequence[Row]) -> list[Block]:
+    """One section per threat: what it is, and its cells' table (skipped cells left out)."""
+    blocks: list[Block] = []
+    for threat, spec in config["threats"].items():
+        cells = [r for r in rows if r["threat"] == threat and r["status"] != "skipped"]
+        blocks += [Heading(f"Threat: {threat} ({spec['kind']})"), Paragraph(describe(spec))]
+        if not cells:
+            blocks.append(Paragraph("No cell of this threat runs (all skipped)."))
+            continue
+        if spec["kind"] == "backdoor":
+            trigger = next((t for r in cells if (t := trigger_of(r))), spec["poison"]["trigger"])
+            columns = backdoor_columns(trigger)
+        else:
+            columns = evasion_columns(cells)
+        blocks.append(Table(columns, cells, id=f"threat-{threat}"))
+    return blocks
+
+
+def describe(spec: dict[str, Any]) -> str:
+    if spec["kind"] == "evasion":
+        budgets = ", ".join(f"{a['name']} {a['norm']} eps {a['eps']:g} ({a['steps']} steps)"
+                            for a in spec["attacks"])  # fmt: skip
+        return f"Evasion attacks, robust top-1 % per budget: {budgets}."
+    if spec["kind"] == "backdoor":
+        p = spec["poison"]
+        return (f"Backdoor `{p['trigger']}`: {p['rate']:g} of the train split poisoned, target "
+                f"{p['target']} ({p['mode']}, {p['label']} label). CA: clean top-1; ASR: "
+                "triggered non-target test images classified as the target; RA: triggered images "
+                "still classified correctly; ASR before / drop and DER for repair defenses.")
+    return "Clean test accuracy."
+
+
+def scatter_plots(out: Path, config: dict[str, Any], rows: Sequence[Row]) -> list[Block]:
+    """Per evasion threat: clean vs robust top-1 at its strongest budget, one series per model /
+    adaptation, each point labelled by its defense."""
+    blocks: list[Block] = []
+    for threat, spec in config["threats"].items():
+        if spec["kind"] != "evasion":
+            continue
+        done = [r for r in rows if r["threat"] == threat and r["status"] == "complete"]
+        if not done:
+            continue
+        strongest = max(spec["attacks"], key=lambda a: a["eps"])
+        points: dict[str, list[tuple[float, float, str]]] = {}
+        for row in done:
+            name = next((a["metric"] for a in row.get("attacks", [])
+                         if a["eps"] == strongest["eps"] and a["norm"] == strongest["norm"]),
+                        None)  # fmt: skip
+            if name is None:
+                continue
+            points.setdefault(f"{row['model']} / {row['adaptation']}", []).append(
+                (row["metrics"]["clean/top1"], row["metrics"][f"{name}/acc"], row["defense"]))
+        path = out / f"clean_vs_robust-{threat}.png"
+        plot_clean_vs_robust(points, path, title=f"{threat}: clean vs robust top-1 "
+                             f"({strongest['norm']} eps {strongest['eps']:g})")  # fmt: skip
+        blocks.append(Image(path, f"clean vs robust accuracy, {threat}"))
+    return blocks
+
+
+def asr_charts(out: Path, config: dict[str, Any], rows: Sequence[Row]) -> list[Block]:
+    """Per repair defense: each backdoored cell's ASR before and after it."""
+    blocks: list[Block] = []
+    for defense, spec in config["defenses"].items():
+        if spec["kind"] != "repair":
+            continue
+        bars = []
+        for row in rows:
+            trigger = trigger_of(row)
+            if row["defense"] == defense and row["status"] == "complete" and trigger:
+                bars.append((f"{row['model']}/{row['adaptation']}/{row['threat']}",
+                             row["before"][f"{trigger}/asr"], row["metrics"][f"{trigger}/asr"]))
+        if bars:
+            path = out / f"asr-{defense}.png"
+            plot_asr_before_after(bars, path, title=f"ASR before / after defense {defense}")
+            blocks.append(Image(path, f"ASR before and after {defense}"))
+    return blocks
+
+
+def curves(out: Path, rows: Sequence[Row]) -> list[Block]:
+    histories: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        train = row.get("train") or {}
+        if train.get("history"):
+            histories.setdefault(train["name"], train["history"])
+    if not histories:
+        return []
+    plot_curves(histories, out / "curves.png", title="training runs of the matrix")
+    return [Heading("Training curves"), Image(out / "curves.png", "training curves")]
+
+
+def grids(rows: Sequence[Row]) -> list[Block]:
+    blocks: list[Block] = []
+    for row in rows:
+        images = [Image(Path(row["folder"]) / g, f"{row['id']}: {g}") for g in row.get("grids", [])]
+        if images:
+            blocks.append(Details(f"{row['id']}", images))
+    return [Heading("Examples"), *blocks] if blocks else []
+
+
+def cells_section(rows: Sequence[Row]) -> list[Block]:
+    run = [r for r in rows if r["status"] != "skipped"]
+    blocks: list[Block] = [Heading("Cells"), Table(CELL_COLUMNS, run, id="cells")]
+    for row in run:
+        if row.get("config"):
+            text = yaml.safe_dump(row["config"], sort_keys=False)
+            blocks.append(Details(f"config of {row['id']}", [Code(text)]))
+    failed = [f"{r['id']}: {r.get('error', 'failed')}" for r in rows if r["status"] == "failed"]
+    skipped = [f"{r['id']}: {r['skip']}" for r in rows if r["status"] == "skipped"]
+    pending = [r["id"] for r in rows if r["status"] == "pending"]
+    if failed:
+        blocks += [Heading("Failed cells"), BulletList(failed)]
+    if skipped:
+        blocks += [Heading("Skipped cells"), BulletList(skipped)]
+    if pending:
+        blocks += [Heading("Pending cells (not run yet)"), BulletList(pending)]
+    return blocks
+
+
+def matrix_blocks(out: Path) -> tuple[str, list[Block]]:
+    config, rows = load_cells(out)
+    title = config.get("title") or f"threat matrix {config['matrix']}"
+    counts = {s: sum(r["status"] == s for r in rows)
+              for s in ("complete", "failed", "skipped", "pending")}  # fmt: skip
+    wall = sum(r.get("wall_seconds") or 0.0 for r in rows if r["status"] == "complete")
+    summary = (f"{len(rows)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+               + f". Models: {', '.join(config['models'])}; adaptations: "
+               f"{', '.join(config['adaptations'])}; threats: {', '.join(config['threats'])}; "
+               f"defenses: {', '.join(config['defenses'])}. Sum of the cells' wall times: "
+               f"{wall:.0f} s (shared training runs counted in each of their cells).")
+    blocks: list[Block] = []
+    if config.get("description"):
+        blocks.append(Paragraph(config["description"].strip()))
+    blocks.append(Paragraph(summary))
+    blocks += threat_tables(config, rows)
+    plots = scatter_plots(out, config, rows) + asr_charts(out, config, rows)
+    if plots:
+        blocks += [Heading("Plots"), *plots]
+    blocks += curves(out, rows) + grids(rows) + cells_section(rows)
+    return title, blocks
+
+
+def write_matrix_report(out: str | Path) -> Path:
+    """Rebuild report.md and report.html of the matrix folder `out`; returns report.html."""
+    out = Path(out)
+    title, blocks = matrix_blocks(out)
+    _, html = write_report(blocks, out, title)
+    return html
