@@ -117,7 +117,8 @@ def threat_tables(config: dict[str, Any], rows: Sequence[Row]) -> list[Block]:
     blocks: list[Block] = []
     for threat, spec in config["threats"].items():
         cells = [r for r in rows if r["threat"] == threat and r["status"] != "skipped"]
-        blocks += [Heading(f"Threat: {threat} ({spec['kind']})"), Paragraph(describe(spec))]
+        text = describe(spec, config["evaluation"].get("limit"))
+        blocks += [Heading(f"Threat: {threat} ({spec['kind']})"), Paragraph(text)]
         if not cells:
             blocks.append(Paragraph("No cell of this threat runs (all skipped)."))
             continue
@@ -130,11 +131,12 @@ def threat_tables(config: dict[str, Any], rows: Sequence[Row]) -> list[Block]:
     return blocks
 
 
-def describe(spec: dict[str, Any]) -> str:
+def describe(spec: dict[str, Any], limit: int | None) -> str:
     if spec["kind"] == "evasion":
         budgets = ", ".join(f"{a['name']} {a['norm']} eps {a['eps']:g} ({a['steps']} steps)"
                             for a in spec["attacks"])  # fmt: skip
-        return f"Evasion attacks, robust top-1 % per budget: {budgets}."
+        samples = f"the first {limit} test samples" if limit else "the test split"
+        return f"Evasion attacks on {samples}, robust top-1 % per budget: {budgets}."
     if spec["kind"] == "backdoor":
         p = spec["poison"]
         return (f"Backdoor `{p['trigger']}`: {p['rate']:g} of the train split poisoned, target "
@@ -241,7 +243,7 @@ def matrix_blocks(out: Path) -> tuple[str, list[Block]]:
                f"{', '.join(config['adaptations'])}; threats: {', '.join(config['threats'])}; "
                f"defenses: {', '.join(config['defenses'])}. Sum of the cells' wall times: "
                f"{wall:.0f} s (shared training runs counted in each of their cells).")
-    blocks: list[Block] = []
+    blocks: list[Block] = [Heading(title, 1)]
     if config.get("description"):
         blocks.append(Paragraph(config["description"].strip()))
     blocks.append(Paragraph(summary))
