@@ -122,3 +122,21 @@ def test_skips_and_shared_training(tmp_path: Path) -> None:
     assert poisoned.train["data"]["poison"]["trigger"] == "badnets"
     assert poisoned.train["name"] == cells["vit/full/badnets/none"].train["name"]
     assert poisoned.defend is not None and poisoned.defend["defense"]["name"] == "ft"
+
+
+def test_adaptation_backbone_reaches_its_cells(tmp_path: Path) -> None:
+    """An adaptation with a cached backbone trains from it; its run key (and folder) follow the
+    backbone, and a run that names its own pretrained weights keeps them."""
+    raw = matrix(tmp_path)
+    raw["adaptations"] = {"full": {"adapt": {"mode": "full"}},
+                          "linear": {"adapt": {"mode": "linear"}, "backbone": {"name": "bb"}}}
+    backbone = tmp_path / "bb.safetensors"
+    cells = {c.id: c for c in plan(parse_matrix(raw), backbones={"linear": backbone})}
+    linear, full = cells["simplenet/linear/clean/none"], cells["simplenet/full/clean/none"]
+    assert linear.train["model"]["pretrained"] == str(backbone)
+    assert full.train["model"]["pretrained"] is False
+    other = {c.id: c for c in plan(parse_matrix(raw), backbones={"linear": tmp_path / "b2"})}
+    assert other[linear.id].train["name"] != linear.train["name"]
+    raw["models"]["simplenet"]["model"]["pretrained"] = str(tmp_path / "own.safetensors")
+    own = {c.id: c for c in plan(parse_matrix(raw), backbones={"linear": backbone})}
+    assert own[linear.id].train["model"]["pretrained"] == str(tmp_path / "own.safetensors")
