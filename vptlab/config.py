@@ -90,9 +90,51 @@ class PromptConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
+class PixelConfig(Section):
+    """A pixel-space visual prompt on a frozen model whose own classes are mapped to the task's
+    (Bahng et al. 2022; vptlab/prompts/pixel.py and label_mapping.py).
+
+    kind: `padding` (a learnable frame `size` pixels wide around the image shrunk to fit inside
+    it), `patch` (a learnable `size` x `size` square in the top-left corner) or `full` (an
+    additive perturbation of the whole image, bounded by `eps`). mapping: `fixed` (target label j
+    is source class j), `frequency` (one-to-one, from the frozen model's predictions on the train
+    split before training), `iterative` (the same, redone at the start of every epoch) or
+    `linear` (a learned linear layer on the source logits). `source_classes`: how many outputs
+    the model's own (kept) classifier has.
+    """
+
+    kind: Literal["padding", "patch", "full"] = "padding"
+    size: int = Field(30, gt=0, description="padding: frame width; patch: side, in pixels")
+    eps: float = Field(1.0, gt=0, le=1, description="full: the perturbation's Linf bound")
+    mapping: Literal["fixed", "frequency", "iterative", "linear"] = "frequency"
+    source_classes: int = Field(1000, gt=0, description="outputs of the frozen model's head")
+
+
+# Modes whose backbone is frozen: their checkpoints hold only what trained (prompts, heads,
+# a label mapping), pinned to the backbone file they were trained on.
+FROZEN_BACKBONE_MODES = ("prompt", "linear", "pixel")
+
+
 class AdaptConfig(Section):
-    mode: Literal["prompt", "linear", "full", "prompt+full"] = "full"
+    mode: Literal["prompt", "linear", "full", "prompt+full", "pixel"] = "full"
     prompt: PromptConfig = PromptConfig()
+    pixel: PixelConfig | None = Field(None, description="mode pixel's prompt (None: defaults)")
+
+    @model_validator(mode="after")
+    def _check_pixel(self) -> AdaptConfig:
+        if self.pixel is not None and self.mode != "pixel":
+            raise ValueError(f"adapt.pixel applies to adapt.mode pixel only, not {self.mode!r}")
+        return self
+
+    @property
+    def frozen_backbone(self) -> bool:
+        """Whether the backbone stays frozen, so that checkpoints hold only what trains."""
+        return self.mode in FROZEN_BACKBONE_MODES
+
+    @property
+    def pixel_prompt(self) -> PixelConfig:
+        """The pixel prompt's settings, defaults where `pixel` is unset."""
+        return self.pixel or PixelConfig()
 
 
 class AttackConfig(Section):
@@ -394,7 +436,7 @@ def outside_run_key(key: str) -> bool:
 
 # Optional sections left out of the recipe while unset, so that adding one to the config keeps
 # the run keys of every run made before it (and their cached backbones) valid.
-UNSET_NOT_IN_RUN_KEY = (("data", "poison"), ("defense",))
+UNSET_NOT_IN_RUN_KEY = (("data", "poison"), ("adapt", "pixel"), ("defense",))
 
 
 def recipe(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -20,9 +20,11 @@ from vptlab.data.base import DataSplits, TensorSplit
 from vptlab.defenses.adversarial import RobustProbe, create_objective
 from vptlab.defenses.repair import create_repairer
 from vptlab.engine.evaluators import Evaluator, TestAccuracy
+from vptlab.engine.hooks import EpochHook, LabelRemap
 from vptlab.engine.tasks import Task
 from vptlab.models import create_model
 from vptlab.prompts import adapt
+from vptlab.prompts.label_mapping import DATA_MAPPINGS
 
 
 def build_data(cfg: ExperimentConfig) -> DataSplits:
@@ -53,15 +55,21 @@ def image_size(splits: DataSplits, cfg: ExperimentConfig) -> int:
 def build_model(cfg: ExperimentConfig, num_classes: int, img_size: int) -> nn.Module:
     # A path may also be a run's own model.safetensors (e.g. the cached offline backbone):
     # the models' loader strips our `net.` prefix and keeps its head only with model.keep_head.
+    # A pixel prompt keeps the model's own classifier (its classes are what the label mapping
+    # maps); the task's labels reach it through the mapping.
+    pixel = cfg.adapt.mode == "pixel"
     model = create_model(
         cfg.model.name,
-        num_classes=num_classes,
+        num_classes=cfg.adapt.pixel_prompt.source_classes if pixel else num_classes,
         img_size=img_size,
         pretrained=cfg.model.pretrained,
-        keep_head=cfg.model.keep_head,
+        keep_head=cfg.model.keep_head or pixel,
         **cfg.model.options,
     )
-    model = adapt(model, cfg.adapt.mode, cfg.adapt.prompt)
+    model = adapt(
+        model, cfg.adapt.mode, cfg.adapt.prompt, cfg.adapt.pixel_prompt,
+        num_classes=num_classes, img_size=img_size,
+    )  # fmt: skip
     if cfg.defense is not None:
         # A defended run's structure (a pruning mask...), so that its saved weights load.
         model = create_repairer(cfg.defense.name, **cfg.defense.options).prepare(model)
@@ -97,6 +105,14 @@ def build_evaluators(
         evaluators.append(
             RobustProbe(data.test, tcfg.probe_size, tcfg.attack, run_dir=run_dir,
                         keep_best=tcfg.keep_best_robust,
-                        trainable_only=cfg.adapt.mode in ("prompt", "linear"))  # fmt: skip
+                        trainable_only=cfg.adapt.frozen_backbone)  # fmt: skip
         )
     return evaluators
+
+
+def build_epoch_hooks(cfg: ExperimentConfig, data: DataSplits) -> list[EpochHook]:
+    """A pixel prompt's frequency / iterative label mapping, chosen from the frozen model's
+    predictions on the (possibly poisoned) train split before the first / every epoch."""
+    if cfg.adapt.mode != "pixel" or cfg.adapt.pixel_prompt.mapping not in DATA_MAPPINGS:
+        return []
+    return [LabelRemap(data.train, every_epoch=cfg.adapt.pixel_prompt.mapping == "iterative")]

@@ -64,13 +64,32 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def model_state(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
-    """The model's tensors; with `trainable_only`, just parameters that require grad.
+def learned_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that a run learns without an optimizer (a label mapping chosen from data), by
+    state-dict key: those a module lists in its `learned_buffers` attribute (buffer names)."""
+    found = {}
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "learned_buffers", ()):
+            found[f"{prefix}.{name}" if prefix else name] = getattr(module, name)
+    return found
 
-    Typically those are the prompts and the head.
+
+def trained_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of what a frozen-backbone run trains: parameters that require grad and
+    `learned_buffers`."""
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    return trainable | set(learned_buffers(model))
+
+
+def model_state(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The model's tensors; with `trainable_only`, just parameters that require grad and
+    `learned_buffers`.
+
+    Typically those are the prompts and the head (and a pixel prompt's label mapping).
     """
     if trainable_only:
         state = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        state |= learned_buffers(model)
     else:
         state = model.state_dict()
     # safetensors refuses shared or non-contiguous storage: store independent copies.
@@ -112,7 +131,7 @@ def load_model(model: nn.Module, path: str | Path) -> nn.Module:
             f"checkpoint {path} does not fit this model; "
             f"unexpected keys: {', '.join(unexpected[:5])}"
         )
-    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    trainable = trained_keys(model)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     partial = meta.get("trainable_only") == "True"

@@ -40,6 +40,7 @@ from vptlab.engine.distributed import (
     wrap_model,
 )
 from vptlab.engine.evaluators import EvalContext, Evaluator, TestAccuracy
+from vptlab.engine.hooks import EpochHook
 from vptlab.engine.optim import build_optimizer, build_scheduler
 from vptlab.engine.tasks import ClassificationTask, Task
 from vptlab.errors import ConfigError, TrainingDiverged, VptlabError
@@ -111,19 +112,22 @@ def fit(
     resume: bool = False,
     trainable_only: bool | None = None,
     stop_after_epochs: int | None = None,
+    epoch_hooks: list[EpochHook] | None = None,
 ) -> dict[str, Any]:
     """Train `model` on `data` as `cfg` says, writing checkpoints and metrics into `run_dir`.
 
     `evaluators` measure the model after each evaluated epoch (default: clean top-1/top-5 on the
     test split). `trainable_only` saves just the trained tensors (prompts, head); by default it
     follows the adaptation mode. `stop_after_epochs` ends the call early, as an interrupted run.
+    `epoch_hooks` run before each epoch's first step (not when resuming inside an epoch), e.g.
+    a pixel prompt's label remapping (engine/hooks.py).
     """
     run_dir = Path(run_dir)
     tcfg = cfg.train
     task = task or ClassificationTask(tcfg.label_smoothing)
     evaluators = evaluators if evaluators is not None else [TestAccuracy(data.test)]
     if trainable_only is None:
-        trainable_only = cfg.adapt.mode in ("prompt", "linear")
+        trainable_only = cfg.adapt.frozen_backbone
     dist_info, device = setup_distributed(resolve_device(cfg.device))
     is_main = dist_info.is_main
     amp_dtype = amp_dtype_for(device, tcfg.amp)
@@ -172,6 +176,9 @@ def fit(
                 metrics["status"] = "stopped"
                 break
             epoch_start = time.perf_counter()
+            if pos.batch == 0:
+                for hook in epoch_hooks or []:
+                    hook(model, ctx, pos.epoch)
             row = _train_epoch(
                 step_model, model, task, train_loader, optimizer, scheduler, pos, cfg, amp_dtype,
                 dist_info, checkpoint, show_progress=cfg.output.progress and is_main,

@@ -19,7 +19,12 @@ from vptlab.config import (
 )
 from vptlab.data.base import DataSplits
 from vptlab.defenses.adversarial import robust_summary
-from vptlab.engine.build import build_evaluators, build_experiment, build_task
+from vptlab.engine.build import (
+    build_epoch_hooks,
+    build_evaluators,
+    build_experiment,
+    build_task,
+)
 from vptlab.engine.checkpoint import atomic_write_text, load_model
 from vptlab.engine.distributed import is_main_process
 from vptlab.engine.loop import (
@@ -76,7 +81,10 @@ def _fit_run(
     poison: PoisonRecord | None = getattr(data.train, "poison", None)
     if poison is not None and is_main_process():
         save_poison(run_dir, poison)
-    metrics = fit(model, data, cfg, run_dir, task=task, evaluators=evaluators, **kwargs)
+    metrics = fit(
+        model, data, cfg, run_dir, task=task, evaluators=evaluators,
+        epoch_hooks=build_epoch_hooks(cfg, data), **kwargs,
+    )  # fmt: skip
     extra = robust_summary(metrics.get("history", []), kept_best=cfg.train.keep_best_robust)
     if poison is not None:
         extra["backdoor"] = backdoor_summary(poison, metrics.get("final", {}))

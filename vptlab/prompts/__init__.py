@@ -1,4 +1,5 @@
-"""Adapting a pretrained classifier: VPT prompts for ViTs and TinyViT, and the training modes.
+"""Adapting a pretrained classifier: VPT prompts for ViTs and TinyViT, pixel prompts with label
+mapping for any model, and the training modes.
 
 Where prompts go in a given net is said by its prompt adapter (`sites.py`, built-ins in
 `adapters.py`); `register_prompt_adapter` adds a backbone family without touching the VPT code.
@@ -15,6 +16,17 @@ from vptlab.prompts.adapt import (
     add_prompts,
     prompt_parameters,
 )
+from vptlab.prompts.label_mapping import MAPPINGS, LabelMapping
+from vptlab.prompts.pixel import (
+    PIXEL_PROMPTS,
+    FullPrompt,
+    PaddingPrompt,
+    PatchPrompt,
+    PixelPrompt,
+    PixelPrompted,
+    create_pixel_prompt,
+    pixel_prompted,
+)
 from vptlab.prompts.sites import (
     PROMPT_ADAPTERS,
     PromptAdapter,
@@ -30,6 +42,16 @@ from vptlab.prompts.vpt import VisualPrompt, add_vit_prompts
 
 __all__ = [
     "ADAPT_MODES",
+    "MAPPINGS",
+    "PIXEL_PROMPTS",
+    "FullPrompt",
+    "LabelMapping",
+    "PaddingPrompt",
+    "PatchPrompt",
+    "PixelPrompt",
+    "PixelPrompted",
+    "create_pixel_prompt",
+    "pixel_prompted",
     "PROMPT_ADAPTERS",
     "AdaptedClassifier",
     "PromptAdapter",

@@ -6,18 +6,19 @@ from __future__ import annotations
 
 from torch import nn
 
-from vptlab.config import PromptConfig
+from vptlab.config import FROZEN_BACKBONE_MODES, PixelConfig, PromptConfig
 from vptlab.errors import ConfigError
 from vptlab.models.base import ImageClassifier
+from vptlab.prompts.pixel import PixelPrompted, pixel_prompted
 from vptlab.prompts.sites import TokenPromptSite, prompt_site
 from vptlab.prompts.tinyvit import PromptedWindowAttention, add_tinyvit_prompts
 from vptlab.prompts.vpt import VisualPrompt, add_vit_prompts
 
-ADAPT_MODES = ("prompt", "linear", "full", "prompt+full")
+ADAPT_MODES = ("prompt", "linear", "full", "prompt+full", "pixel")
 PROMPT_MODES = ("prompt", "prompt+full")
-# Modes whose backbone is frozen: it also runs in eval mode while training (no dropout, drop-path or
-# BatchNorm statistic updates), as in VPT, so its weights and buffers stay bit-identical.
-FROZEN_BACKBONE_MODES = ("prompt", "linear")
+# In FROZEN_BACKBONE_MODES (config.py) the backbone also runs in eval mode while training (no
+# dropout, drop-path or BatchNorm statistic updates), as in VPT, so its weights and buffers stay
+# bit-identical.
 
 
 class AdaptedClassifier(ImageClassifier):
@@ -73,21 +74,33 @@ def prompt_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def adapt(
-    model: ImageClassifier, mode: str, prompt: PromptConfig | None = None
-) -> AdaptedClassifier:
+    model: ImageClassifier,
+    mode: str,
+    prompt: PromptConfig | None = None,
+    pixel: PixelConfig | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+) -> AdaptedClassifier | PixelPrompted:
     """Prepare `model` for `mode` and return it wrapped; its net is changed in place (prompts).
 
     prompt: prompts and classifier train; linear: classifier only; full: every weight;
-    prompt+full: every weight plus the prompts. `prompt` is ignored by linear and full.
+    prompt+full: every weight plus the prompts; pixel: a pixel prompt on the input and, with
+    mapping linear, a head on the model's own logits (`PixelPrompted`; the model keeps its own
+    classifier, `num_classes` task labels are mapped onto it, inputs are `img_size` pixels).
+    `prompt` is read by the prompt modes only, `pixel` by pixel only.
     Frozen parameters get requires_grad=False, so `[p for p in m.parameters() if p.requires_grad]`
     is what to optimize and `save_model(m, path, trainable_only=True)` saves just those.
     """
     if mode not in ADAPT_MODES:
         raise ConfigError(f"adapt mode must be one of {', '.join(ADAPT_MODES)}; got {mode!r}")
-    if isinstance(model, AdaptedClassifier):
+    if isinstance(model, AdaptedClassifier | PixelPrompted):
         raise ConfigError(f"model is already adapted (mode {model.mode!r}); adapt a fresh model")
     if not isinstance(model, ImageClassifier):
         raise TypeError(f"adapt expects an ImageClassifier, got {type(model).__name__}")
+    if mode == "pixel":
+        if num_classes is None or img_size is None:
+            raise TypeError("adapt(mode='pixel') needs num_classes and img_size")
+        return pixel_prompted(model, pixel or PixelConfig(), num_classes, img_size)
     if mode in PROMPT_MODES:
         add_prompts(model.net, prompt or PromptConfig())
 
