@@ -38,7 +38,7 @@ def test_override_values_are_never_evaluated() -> None:
         ("data.augment.flip=maybe", "data.augment.flip: Input should be a valid boolean"),
         (
             "adapt.mode=half",
-            "adapt.mode: Input should be 'prompt', 'linear', 'full' or 'prompt+full'",
+            "adapt.mode: Input should be 'prompt', 'linear', 'full', 'prompt+full' or 'pixel'",
         ),
         ("train=3", "train: Input should be a valid dictionary"),
         ("seed=-1", "seed: Input should be greater than or equal to 0, got -1"),
