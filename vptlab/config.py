@@ -184,9 +184,11 @@ class TrainConfig(Section):
         None, gt=0, description="also checkpoint every N optimizer steps (mid-epoch resume)"
     )
     compile: bool = Field(False, description="torch.compile the model (pays off on GPU)")
-    # Adversarial training (vptlab/defenses/adversarial.py): the objective picks the algorithm,
-    # `attack` gives its budget (norm, eps, alpha, steps); its `name` is not read by training.
-    objective: Literal["standard", "pgd", "fgsm_rs", "trades"] = "standard"
+    # The loss: `standard` cross-entropy, `clip` (contrastive image-text pretraining of a clip
+    # model on a captioned dataset; evaluated zero-shot), or adversarial training
+    # (vptlab/defenses/adversarial.py): pgd, fgsm_rs and trades, with `attack` as its budget
+    # (norm, eps, alpha, steps); its `name` is not read by training.
+    objective: Literal["standard", "clip", "pgd", "fgsm_rs", "trades"] = "standard"
     attack: AttackConfig = AttackConfig()
     trades_beta: float = Field(6.0, ge=0, description="TRADES weight of the KL term")
     eps_ramp_epochs: float = Field(
@@ -194,7 +196,7 @@ class TrainConfig(Section):
     )
     robust_probe: int | None = Field(
         None, ge=0, description="PGD-10 probe on the first N test samples each evaluated epoch "
-        "(None: 256 for adversarial objectives, off for standard; 0: off)",
+        "(None: 256 for adversarial objectives, off for standard and clip; 0: off)",
     )
     keep_best_robust: bool = Field(
         False, description="keep best_robust.safetensors: the weights with the best probe"
@@ -211,7 +213,7 @@ class TrainConfig(Section):
         attack = self.attack
         if self.objective == "fgsm_rs" and attack.norm != "linf":
             raise ValueError(f"attack.norm must be linf for objective fgsm_rs, got {attack.norm!r}")
-        if self.objective != "standard":
+        if self.adversarial:
             if attack.name == "autoattack":
                 raise ValueError("attack.name autoattack cannot train; objective sets the attack")
             if attack.targeted or attack.restarts != 1:
@@ -227,11 +229,16 @@ class TrainConfig(Section):
         return self
 
     @property
+    def adversarial(self) -> bool:
+        """Whether the objective trains on attacked inputs (pgd, fgsm_rs, trades)."""
+        return self.objective not in ("standard", "clip")
+
+    @property
     def probe_size(self) -> int:
         """How many test samples the robust-accuracy probe attacks each evaluated epoch."""
         if self.robust_probe is not None:
             return self.robust_probe
-        return 0 if self.objective == "standard" else 256
+        return 256 if self.adversarial else 0
 
 
 class OutputConfig(Section):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +225,7 @@ def poison_split(
 def poison_data(data: DataSplits, cfg: PoisonConfig, seed: int = 0) -> DataSplits:
     """`data` with its train split poisoned (see `poison_split`); the test split stays clean."""
     train = poison_split(data.train, cfg, data.num_classes, seed)
-    return DataSplits(data.name, train, data.test, data.num_classes, data.classes)
+    return replace(data, train=train)
 
 
 def non_target_index(labels: torch.Tensor, target: int, mode: str) -> torch.Tensor:

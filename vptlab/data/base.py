@@ -47,6 +47,9 @@ class DataSplits:
     test: TensorSplit | Dataset
     num_classes: int
     classes: list[str] = field(default_factory=list)
+    # Zero-shot prompt templates with one `{}` for a class name ("a photo of the digit {}."):
+    # how an image-text model classifies the test split; empty: models/clip.py's defaults.
+    templates: list[str] = field(default_factory=list)
 
 
 DATASETS = Registry[DataSplits]("dataset")

@@ -1,7 +1,8 @@
 """`load_dataset(name, root, seed, **options)`: every dataset by its registry name.
 
 Importing this module registers the readers: small.py (digits, mnist-5k, fashion-mnist), cifar.py
-(cifar10, cifar100) and folders.py (imagefolder, miniplaces).
+(cifar10, cifar100), folders.py (imagefolder, miniplaces) and captions.py (mnist-captions,
+fashion-captions, image-text).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import inspect
 from typing import Any
 
 from vptlab.config import DATA_SUPPLIED
-from vptlab.data import cifar, folders, small  # noqa: F401  (imported to register their readers)
+from vptlab.data import captions, cifar, folders, small  # noqa: F401  (imported to register their readers)
 from vptlab.data.base import DATASETS, DataSplits
 
 

@@ -196,6 +196,8 @@ def create_objective(train: TrainConfig) -> ClassificationTask:
     """The task of `train.objective`: standard cross-entropy or one of the adversarial ones."""
     if train.objective == "standard":
         return ClassificationTask(train.label_smoothing)
+    if train.objective == "clip":
+        raise ValueError("objective clip needs the captions and the model: use build_task")
     if train.objective == "pgd":
         return PGDTraining(train.attack, train.eps_ramp_epochs)
     if train.objective == "fgsm_rs":

@@ -14,6 +14,7 @@ Distillation, Li et al. 2021); `create_repairer(name, **options)` builds one, an
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -110,13 +111,7 @@ def clean_subset(
 
 def clean_splits(data: DataSplits, fraction: float, seed: int) -> DataSplits:
     """`data` with its train split cut to the defender's `clean_subset`; the test split kept."""
-    return DataSplits(
-        data.name,
-        clean_subset(data.train, fraction, seed),
-        data.test,
-        data.num_classes,
-        data.classes,
-    )
+    return replace(data, train=clean_subset(data.train, fraction, seed))
 
 
 def backbone(model: nn.Module) -> nn.Module:

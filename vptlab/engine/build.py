@@ -17,12 +17,15 @@ from vptlab.backdoors.poison import poison_data, poison_trigger
 from vptlab.config import ExperimentConfig
 from vptlab.data import dataset_options, load_dataset
 from vptlab.data.base import DataSplits, TensorSplit
+from vptlab.data.captions import split_captions
 from vptlab.defenses.adversarial import RobustProbe, create_objective
 from vptlab.defenses.repair import create_repairer
-from vptlab.engine.evaluators import Evaluator, TestAccuracy
+from vptlab.engine.evaluators import Evaluator, TestAccuracy, ZeroShotAccuracy
 from vptlab.engine.hooks import EpochHook, LabelRemap
-from vptlab.engine.tasks import Task
+from vptlab.engine.tasks import ContrastiveTask, Task
+from vptlab.errors import ConfigError
 from vptlab.models import create_model
+from vptlab.models.clip import DEFAULT_TEMPLATES, clip_net, is_clip
 from vptlab.prompts import adapt
 from vptlab.prompts.label_mapping import DATA_MAPPINGS
 
@@ -66,6 +69,10 @@ def build_model(cfg: ExperimentConfig, num_classes: int, img_size: int) -> nn.Mo
         keep_head=cfg.model.keep_head or pixel,
         **cfg.model.options,
     )
+    if is_clip(model) and cfg.adapt.mode != "full":
+        # Its head is fixed text embeddings, not weights: linear and prompt modes would train
+        # nothing of it (a linear probe / visual prompts on CLIP need their own head; not yet).
+        raise ConfigError(f"adapt.mode: {cfg.model.name} trains in mode full, got {cfg.adapt.mode}")
     model = adapt(
         model, cfg.adapt.mode, cfg.adapt.prompt, cfg.adapt.pixel_prompt,
         num_classes=num_classes, img_size=img_size,
@@ -80,21 +87,47 @@ def build_experiment(cfg: ExperimentConfig) -> tuple[DataSplits, nn.Module]:
     """Data and adapted model of a config; seeded, so the same config gives the same start."""
     torch.manual_seed(cfg.seed)
     data = build_data(cfg)
-    return data, build_model(cfg, data.num_classes, image_size(data, cfg))
+    model = build_model(cfg, data.num_classes, image_size(data, cfg))
+    if is_clip(model):
+        # An image-text model classifies through its text tower: the head starts as the
+        # (pretrained) zero-shot classifier of the data's classes; a run's saved head replaces it.
+        clip_net(model).set_zero_shot_head(*zero_shot_prompts(data))
+    return data, model
 
 
-def build_task(cfg: ExperimentConfig) -> Task:
-    """The loss of `train.objective`: standard, pgd, fgsm_rs or trades (defenses/adversarial.py)."""
-    return create_objective(cfg.train)
+def zero_shot_prompts(data: DataSplits) -> tuple[list[str], list[str]]:
+    """The class names and templates an image-text model classifies `data` with."""
+    classes = data.classes or [str(i) for i in range(data.num_classes)]
+    return classes, data.templates or list(DEFAULT_TEMPLATES)
+
+
+def build_task(
+    cfg: ExperimentConfig, data: DataSplits | None = None, model: nn.Module | None = None
+) -> Task:
+    """The loss of `train.objective`: standard, pgd, fgsm_rs or trades (defenses/adversarial.py),
+    or clip: contrastive pretraining on the train split's captions, which are tokenized here
+    once with the model's tokenizer (so it needs `data` and `model`)."""
+    if cfg.train.objective != "clip":
+        return create_objective(cfg.train)
+    if data is None or model is None:
+        raise ValueError("objective clip: build_task needs the data and the model")
+    if not is_clip(model):
+        raise ConfigError(
+            f"train.objective clip needs an image-text model (model.name clip or clip-tiny), "
+            f"got {cfg.model.name}"
+        )
+    return ContrastiveTask(clip_net(model).tokenize(split_captions(data.train)))
 
 
 def build_evaluators(
     cfg: ExperimentConfig, data: DataSplits, run_dir: str | Path
 ) -> list[Evaluator]:
-    """Clean test accuracy, plus the robust-accuracy probe when `train.robust_probe` asks for it
-    (by default: adversarial objectives), plus ASR and RA of the trigger on the test split when
-    the train split is poisoned (`data.poison`)."""
+    """Clean test accuracy (zero-shot for objective clip), plus the robust-accuracy probe when
+    `train.robust_probe` asks for it (by default: adversarial objectives), plus ASR and RA of
+    the trigger on the test split when the train split is poisoned (`data.poison`)."""
     evaluators: list[Evaluator] = [TestAccuracy(data.test)]
+    if cfg.train.objective == "clip":  # the text tower trains: rebuild the head, then score
+        evaluators = [ZeroShotAccuracy(data.test, *zero_shot_prompts(data))]
     poison = cfg.data.poison
     if poison is not None:
         threat = BackdoorThreat(poison_trigger(poison, cfg.seed), poison.target, poison.mode,

@@ -21,6 +21,7 @@ from vptlab.data.loaders import StreamLoader, TensorLoader, make_loader
 from vptlab.engine.distributed import DistInfo, all_gather_rows
 from vptlab.metrics.accuracy import InputTransform, Predictions, predict
 from vptlab.metrics.suite import CLEAN, Threat, as_threats, first_samples, suite_metrics
+from vptlab.models.clip import DEFAULT_TEMPLATES, clip_net
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,31 @@ class TestAccuracy:
     def __call__(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
         summary = self.predictions(model, ctx).summary()
         return {f"{self.prefix}_{k}": summary[k] for k in ("loss", "top1", "top5")}
+
+
+class ZeroShotAccuracy(TestAccuracy):
+    """Zero-shot top-1/top-5 of an image-text model, reported as `test_top1` ... like any run's.
+
+    First rebuilds the model's zero-shot head from its text tower as it is now (class names
+    through the `templates` ensemble; see models/clip.py), then scores the split through it. The
+    head is saved with the model at the checkpoint that follows, so attacks, triggers and
+    `evaluate_suite` on the run's model see the classifier measured here.
+    """
+
+    def __init__(
+        self,
+        split: TensorSplit | Dataset,
+        classes: Sequence[str],
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        prefix: str = "test",
+    ) -> None:
+        super().__init__(split, prefix)
+        self.classes = list(classes)
+        self.templates = list(templates) or list(DEFAULT_TEMPLATES)
+
+    def __call__(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        clip_net(model).set_zero_shot_head(self.classes, self.templates)
+        return super().__call__(model, ctx)
 
 
 class RobustAccuracy:

@@ -237,6 +237,7 @@ def _train_epoch(
     # Tasks whose loss depends on where training stands (an eps ramp) are told before each step;
     # `pos` is checkpointed, so a resumed run tells them the same.
     set_progress = getattr(task, "set_progress", None)
+    count_correct = getattr(task, "correct", None)
     model.train()
     loader.set_epoch(pos.epoch, pos.batch)
     if pos.lr is None:
@@ -263,7 +264,11 @@ def _train_epoch(
             optimizer.step()
             scheduler.step()
             loss_sum = loss_sum.to(loss.device) + loss.detach().double() * len(batch.y)
-            correct = correct.to(batch.y.device) + (logits.detach().argmax(1) == batch.y).sum()
+            if count_correct is not None:
+                hits = count_correct(logits, batch)
+            else:
+                hits = (logits.detach().argmax(1) == batch.y).sum()
+            correct = correct.to(batch.y.device) + hits
             pos.seen += len(batch.y)
             pos.batch += 1
             pos.step += 1

@@ -77,7 +77,7 @@ def _fit_run(
     catastrophic overfitting) is added to metrics.json and the run report. A poisoned train
     split's record (indices, trigger) is saved in the run folder first, and its final CA, ASR
     and RA go into metrics.json (`backdoor`) and the report."""
-    task, evaluators = build_task(cfg), build_evaluators(cfg, data, run_dir)
+    task, evaluators = build_task(cfg, data, model), build_evaluators(cfg, data, run_dir)
     poison: PoisonRecord | None = getattr(data.train, "poison", None)
     if poison is not None and is_main_process():
         save_poison(run_dir, poison)

@@ -1,5 +1,8 @@
 """Training objectives for the one loop: a task turns a batch into (loss, logits).
 
+`ClassificationTask` is cross-entropy on labels; `ContrastiveTask` is CLIP's symmetric InfoNCE on
+image-text pairs (`train.objective: clip`).
+
 A task gets the model the step runs through (maybe wrapped in DDP or compiled) and the bare model
 beside it: an inner attack (adversarial training) or a frozen teacher's hooks (distillation) run
 on the bare model, so they neither trigger DDP's gradient sync nor recompile.
@@ -10,6 +13,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -21,7 +25,9 @@ class Task(Protocol):
 
     A task may also define `set_progress(epochs_done: float)`: the loop then calls it before
     every step with the epoch plus the fraction of it done (vptlab/defenses/adversarial.py ramps
-    its eps with it).
+    its eps with it); and `correct(logits, batch) -> tensor`, the count of right answers the
+    loop's train accuracy sums (default: argmax == label; the contrastive task counts captions
+    retrieved in the batch instead).
     """
 
     def loss(
@@ -41,3 +47,76 @@ class ClassificationTask:
         logits = model(batch.x)
         loss = F.cross_entropy(logits.float(), batch.y, label_smoothing=self.label_smoothing)
         return loss, logits
+
+
+def _gather_with_local_grad(features: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows concatenated in rank order; only this rank's rows carry gradient.
+
+    As open_clip's ClipLoss (gather_with_grad=False): the others' features are constants here and
+    get their gradient on their own rank, and DDP's all-reduce sums the parts.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features
+    parts = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, features.detach().contiguous())
+    parts[dist.get_rank()] = features
+    return torch.cat(parts)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def clip_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE over image-text pairs (Radford et al. 2021), and the image-to-text logits.
+
+    Shape:
+        image_features, text_features: (B, D), L2-normalized, row i of each a pair.
+        scale: () the temperature's inverse, exp(logit_scale), already clamped.
+        returns: loss (), logits (B, B x world_size): this rank's images against all captions.
+
+    loss = (CE(scale * I T^T, pairs) + CE(scale * T I^T, pairs)) / 2, with the features of all
+    ranks as negatives under DDP (this rank's pairs sit at offset rank x B).
+    """
+    all_images = _gather_with_local_grad(image_features)
+    all_texts = _gather_with_local_grad(text_features)
+    logits_per_image = scale * image_features @ all_texts.T
+    logits_per_text = scale * text_features @ all_images.T
+    targets = torch.arange(len(image_features), device=image_features.device)
+    targets = targets + _rank() * len(image_features)
+    loss = (
+        F.cross_entropy(logits_per_image.float(), targets)
+        + F.cross_entropy(logits_per_text.float(), targets)
+    ) / 2
+    return loss, logits_per_image
+
+
+class ContrastiveTask:
+    """CLIP pretraining: `clip_loss` between a batch's images and their captions' token ids.
+
+    `tokens` (N, context_length) are the train split's captions, tokenized once; a batch's
+    `index` (its samples' places in the split) picks its rows, so loaders and batches stay what
+    they are for classification. The model is called as `model(x, text=tokens)` and returns
+    (image features, text features, scale): through the DDP wrapper, so both towers sync.
+    """
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be (N, context_length), got {tuple(tokens.shape)}")
+        self.tokens = tokens.long()
+
+    def loss(
+        self, model: nn.Module, batch: Batch, raw_model: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tokens.device != batch.x.device:
+            self.tokens = self.tokens.to(batch.x.device)  # once: the table then stays there
+        text = self.tokens[batch.index]
+        image_features, text_features, scale = model(batch.x, text=text)
+        return clip_loss(image_features, text_features, scale)
+
+    def correct(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Images whose own caption scores highest among all captions of the (global) batch."""
+        targets = torch.arange(len(logits), device=logits.device) + _rank() * len(logits)
+        return (logits.detach().argmax(1) == targets).sum()

@@ -1,8 +1,9 @@
 """Models by name: `create_model("vit-scratch", num_classes=10, img_size=28)` returns an
 `ImageClassifier` that takes (B,3,H,W) pixels in [0,1] and returns logits.
 
-Our own models (simplenet, vit-scratch) and a list of timm models are registered in `MODELS`;
-any other name timm knows is built through the same timm path.
+Our own models (simplenet, vit-scratch), open_clip's image-text models (clip, clip-tiny: zero-shot
+classifiers, see clip.py) and a list of timm models are registered in `MODELS`; any other name
+timm knows is built through the same timm path.
 """
 
 from __future__ import annotations
@@ -101,12 +102,13 @@ def _timm_knows(name: str) -> bool:
 
 
 # Imported last: each submodule registers its models into MODELS defined above.
-from vptlab.models import simplenet, timm_models, vit_scratch  # noqa: E402
+from vptlab.models import clip, simplenet, timm_models, vit_scratch  # noqa: E402
 
 __all__ = [
     "MODELS",
     "ImageClassifier",
     "build_classifier",
+    "clip",
     "create_model",
     "list_models",
     "simplenet",

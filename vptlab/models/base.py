@@ -41,8 +41,10 @@ class ImageClassifier(nn.Module):
         self.backbone_file: str | None = None
         self.backbone_sha256: str | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        # Extra arguments go to the net: an image-text net takes `text=` tokens for its
+        # contrastive forward (models/clip.py), which must run through the DDP wrapper.
+        return self.net(self.normalize(x), *args, **kwargs)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_features(self.normalize(x))
