@@ -25,7 +25,8 @@ from vptlab.registry import check_factory_options
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Infinite or NaN numbers are never a setting (an infinite lr passes `gt=0`): refuse them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AugmentConfig(Section):
@@ -349,8 +350,8 @@ DATA_SUPPLIED = {"root": "set it as data.root", "seed": "set it as seed"}
 def check_options(cfg: ExperimentConfig) -> None:
     """Validate `model.options` and `data.options` against the named factories' signatures.
 
-    Done here, not when the model is built, so a bad option fails before any data is loaded and
-    names its key. Unknown model or dataset names are left to the builders, which list the choices.
+    Done here, not when the model is built, so a bad option or an unknown model or dataset name
+    fails before any data is loaded (or a run folder made) and names its key.
     """
     # Imported when a config is built, not with this module: the registries live on the floors
     # above (and pull in torch and timm).
@@ -363,15 +364,23 @@ def check_options(cfg: ExperimentConfig) -> None:
     factory = MODELS.get(name) if name in MODELS else None
     if factory is None and timm.is_model(name):
         factory = timm_models.timm_factory(name)
-    if factory is not None:
-        cfg.model.options = check_factory_options(
-            factory, cfg.model.options, where="model.options", owner=f"model '{name}'",
-            supplied=MODEL_SUPPLIED,
+    if factory is None:
+        raise ConfigError(
+            f"model.name: unknown model {name!r}; choose from: {', '.join(MODELS.names())} "
+            "(or any name in timm.list_models())"
         )
-    if cfg.data.name in DATASETS:
-        cfg.data.options = DATASETS.check_options(
-            cfg.data.name, cfg.data.options, where="data.options", supplied=DATA_SUPPLIED
+    cfg.model.options = check_factory_options(
+        factory, cfg.model.options, where="model.options", owner=f"model '{name}'",
+        supplied=MODEL_SUPPLIED,
+    )
+    if cfg.data.name not in DATASETS:
+        raise ConfigError(
+            f"data.name: unknown dataset {cfg.data.name!r}; "
+            f"choose from: {', '.join(DATASETS.names())}"
         )
+    cfg.data.options = DATASETS.check_options(
+        cfg.data.name, cfg.data.options, where="data.options", supplied=DATA_SUPPLIED
+    )
     if cfg.data.poison is not None:
         check_poison(cfg.data.poison)
     if cfg.defense is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -123,7 +125,7 @@ def load_model(model: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise VptlabError(f"checkpoint not found: {path}")
-    state = load_file(str(path), device=str(next(model.parameters()).device))
+    state = _read_tensors(path, str(next(model.parameters()).device))
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
     if unexpected:
@@ -132,8 +134,7 @@ def load_model(model: nn.Module, path: str | Path) -> nn.Module:
             f"unexpected keys: {', '.join(unexpected[:5])}"
         )
     trainable = trained_keys(model)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = read_metadata(path)
     partial = meta.get("trainable_only") == "True"
     # Prompts and heads are only meaningful on the weights they were trained with: a retrained or
     # replaced backbone file must fail loudly, not run the saved prompts on other weights.
@@ -172,10 +173,28 @@ def tensor_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _read_tensors(path: Path, device: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated or foreign file is one error naming it."""
+    try:
+        return load_file(str(path), device=device)
+    except Exception as error:  # SafetensorError, or an OSError from a damaged file
+        raise VptlabError(f"checkpoint {path} is damaged or not a safetensors file: "
+                          f"{_one_line(error)}") from None  # fmt: skip
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata in a safetensors header, without reading the tensors."""
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as error:
+        raise VptlabError(f"checkpoint {path} is damaged or not a safetensors file: "
+                          f"{_one_line(error)}") from None  # fmt: skip
 
 
 def save_state(state: dict[str, Any], path: str | Path) -> None:
@@ -184,5 +203,22 @@ def save_state(state: dict[str, Any], path: str | Path) -> None:
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The loop state, read with `weights_only=True`: a file holding anything beyond tensors and
+    plain containers (a pickle that would run code) is refused unrun, as is a damaged one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise VptlabError(f"checkpoint state not found: {path}") from None
+    except pickle.UnpicklingError as error:
+        # torch's message is a page of advice to load it unsafely: name the offending global only.
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f": it references {found.group(1)}" if found else ""
+        raise VptlabError(f"checkpoint state {path} holds more than tensors and plain containers "
+                          f"(refused unread{what})") from None  # fmt: skip
+    except Exception as error:  # EOFError, RuntimeError (a broken zip), ...
+        raise VptlabError(f"checkpoint state {path} is damaged (refused unread): "
+                          f"{_one_line(error)}") from None  # fmt: skip
+    if not isinstance(state, dict):
+        raise VptlabError(f"checkpoint state {path} holds a {type(state).__name__}, not a dict")
+    return state
 

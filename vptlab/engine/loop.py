@@ -365,6 +365,10 @@ def _restore(
 ) -> Position:
     """Load the last checkpoint pair; a model file one write ahead of its state is repaired."""
     state = load_state(run_dir / STATE_FILE)
+    missing = [k for k in ("optimizer", "scheduler", "rng_cpu", "epoch") if k not in state]
+    if missing:
+        raise VptlabError(f"checkpoint state {run_dir / STATE_FILE} lacks keys: "
+                          f"{', '.join(missing)}; retrain the run with --force")  # fmt: skip
     model_path = run_dir / MODEL_FILE
     expected = state.get("model_digest")  # absent in checkpoints of older versions
     if expected is not None:
@@ -375,8 +379,12 @@ def _restore(
             f"{model_path} does not hold the weights {run_dir / STATE_FILE} was saved with "
             "(the file was changed); retrain the run with --force"
         )
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
+        raise VptlabError(f"checkpoint state {run_dir / STATE_FILE}: its optimizer or schedule "
+                          f"does not fit this run ({error}); retrain with --force") from None
     rng = state["rng_cpu"]
     rows = rng if rng.ndim == 2 else rng[None]
     # A run resumed on another number of ranks cannot replay each rank's stream exactly.

@@ -112,6 +112,7 @@ def _resolve(cell: Cell, matrix: MatrixConfig, out: Path, overrides: list[str],
                 "options": defense.options}  # fmt: skip
         recipe = defense.train_for(cell.model)
         name = f"{cfg.name}-{cell.defense}-{digest([spec, recipe], 8)}"
+        _check_defended(cell, cfg, spec, recipe, name, out)
         defend = {"defense": spec, "train": recipe, "name": name}
     chain = {
         "train": run_key(cfg),
@@ -124,6 +125,19 @@ def _resolve(cell: Cell, matrix: MatrixConfig, out: Path, overrides: list[str],
     return Cell(cell.model, cell.adaptation, cell.threat, cell.defense, threat, defense,
                 train=train, defend=defend, key=key, folder=folder,
                 evaluation=matrix.evaluation.model_dump(mode="json"))  # fmt: skip
+
+
+def _check_defended(cell: Cell, cfg: ExperimentConfig, spec: dict[str, Any],
+                    recipe: dict[str, Any], name: str, out: Path) -> None:  # fmt: skip
+    """The repair step's config built as `vptlab defend` will build it, so a bad defense name,
+    option or recipe key fails at planning (naming the defense), not after training."""
+    from vptlab.defenses.defend import defended_config
+
+    parent = out / RUNS / cfg.name
+    try:
+        defended_config(parent, cfg, spec, [f"name={name}"], train=recipe)
+    except ConfigError as error:
+        raise ConfigError(f"defenses.{cell.defense} (cell {cell.id}): {error}") from None
 
 
 def _skipped(cell: Cell, reason: str) -> Cell:
@@ -142,6 +156,7 @@ def _train_config(cell: Cell, matrix: MatrixConfig, out: Path, overrides: list[s
     if cell.threat_spec.poison is not None:
         raw = deep_merge(raw, {"data": {"poison": cell.threat_spec.poison.model_dump()}})
         stem.append(cell.threat)
+    without_defense = raw
     if cell.defense_spec.kind == "adversarial":
         raw = deep_merge(raw, {"train": cell.defense_spec.train_for(cell.model)})
         stem.append(cell.defense)
@@ -151,8 +166,18 @@ def _train_config(cell: Cell, matrix: MatrixConfig, out: Path, overrides: list[s
     try:
         cfg = build_config(raw, [*overrides, f"output.dir={out / RUNS}"])
     except ConfigError as error:
+        if cell.defense_spec.kind == "adversarial" and _builds(without_defense, overrides):
+            where = f"defenses.{cell.defense} (cell {cell.id}): "  # its `train` is to blame
         raise ConfigError(where + str(error)) from None
     return cfg.model_copy(update={"name": f"{'-'.join(stem)}-{run_key(cfg)}"})
+
+
+def _builds(raw: dict[str, Any], overrides: list[str]) -> bool:
+    try:
+        build_config(raw, overrides)
+    except ConfigError:
+        return False
+    return True
 
 
 def _nonsense(cfg: ExperimentConfig) -> str | None:

@@ -33,7 +33,7 @@ DEFAULT_AGAINST: dict[str, tuple[ThreatKind, ...]] = {
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ThreatSpec(Strict):

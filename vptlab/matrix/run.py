@@ -46,17 +46,24 @@ def run_matrix(
     re-evaluates everything; `executor` is local (in-process, sequential) or ray (`address`:
     join that cluster; else a local Ray with `ray_cpus` CPUs, default all)."""
     from vptlab.matrix.report import write_matrix_report
-    from vptlab.report.study import cached_backbone
+    from vptlab.report.study import backbone_path, cached_backbone
 
     matrix = parse_matrix(raw)
     overrides = [*(overrides or []), f"output.progress={str(progress).lower()}"]
     out = Path(matrix.output) / matrix.matrix
     device = [o for o in overrides if o.startswith("device=")]
-    backbones = {
-        label: cached_backbone(spec["backbone"], device)
-        for label, spec in matrix.adaptations.items() if spec.get("backbone") is not None
-    }  # fmt: skip
+    with_backbone = {label: spec["backbone"] for label, spec in matrix.adaptations.items()
+                     if spec.get("backbone") is not None}  # fmt: skip
+    backbones = {}
+    for label, spec in with_backbone.items():
+        try:
+            backbones[label] = backbone_path(spec, device)
+        except ConfigError as error:
+            raise ConfigError(f"adaptations.{label}.{error}") from None
+    # The whole plan is validated (every cell's config built) before a backbone trains.
     cells = plan(matrix, overrides, backbones)
+    for spec in with_backbone.values():
+        cached_backbone(spec, device)
     write_plan(out, matrix, cells)
     runner = create_executor(executor, address=address, num_cpus=ray_cpus)
     try:

@@ -45,7 +45,7 @@ from vptlab.tables import (
 class StudyDefense(BaseModel):
     """A backdoor defense applied to every poisoned run of a study (`vptlab defend`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str
     clean_fraction: float = Field(0.05, gt=0, le=1)
@@ -60,7 +60,7 @@ class StudyDefense(BaseModel):
 
 
 class StudyConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     study: str
     title: str = ""
@@ -70,7 +70,7 @@ class StudyConfig(BaseModel):
     backbone: dict[str, Any] | None = Field(
         None, description="a run config trained once and cached; the runs start from its weights"
     )
-    runs: dict[str, dict[str, Any]]
+    runs: dict[str, dict[str, Any]] = Field(min_length=1)
     attacks: list[AttackConfig] = Field(
         default_factory=list, description="evaluated on every finished run (robustness.json)"
     )
@@ -101,15 +101,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("VPTLAB_CACHE", Path.home() / ".cache" / "vptlab"))
 
 
-def cached_backbone(raw: dict[str, Any], overrides: list[str]) -> Path:
-    """Train the backbone config once and return its weights; reused while its run key holds.
-
-    The cache folder is named by the run key, so a changed recipe trains into a new folder and
-    never touches the old one."""
-    cfg = build_config(raw, overrides)
+def backbone_config(raw: dict[str, Any], overrides: list[str]) -> ExperimentConfig:
+    """The backbone's run config, in the cache folder named by its run key (so a changed recipe
+    trains into a new folder and never touches the old one). Validates it; trains nothing.
+    Errors name the key under `backbone`."""
+    try:
+        cfg = build_config(raw, overrides)
+    except ConfigError as error:
+        raise ConfigError(f"backbone: {error}") from None
     folder = cache_root() / "backbones"
     name = f"{cfg.name}-{run_key(cfg)}"
-    cfg = build_config(raw, [*overrides, f"name={name}", f"output.dir={folder}"])
+    return build_config(raw, [*overrides, f"name={name}", f"output.dir={folder}"])
+
+
+def backbone_path(raw: dict[str, Any], overrides: list[str]) -> Path:
+    """Where the cached backbone's weights are (or will be), without training it."""
+    return run_dir_of(backbone_config(raw, overrides)) / MODEL_FILE
+
+
+def cached_backbone(raw: dict[str, Any], overrides: list[str]) -> Path:
+    """Train the backbone config once and return its weights; reused while its run key holds."""
+    cfg = backbone_config(raw, overrides)
     run_or_reuse(cfg, fresh=False)
     return run_dir_of(cfg) / MODEL_FILE
 
@@ -176,16 +188,17 @@ def run_study(
     device_overrides = [o for o in overrides if o.startswith("device=")]
     pretrained = None
     if study.backbone is not None:
-        pretrained = cached_backbone(study.backbone, device_overrides)
+        pretrained = backbone_path(study.backbone, device_overrides)
+    # Every run's config (and every defense of it) is validated before anything trains: a bad
+    # key in the last run must not be found after the first ones have run.
+    configs = {
+        label: _run_config(study, label, spec, out_dir, pretrained, overrides)
+        for label, spec in study.runs.items() if not only or label in only
+    }  # fmt: skip
+    if study.backbone is not None:
+        cached_backbone(study.backbone, device_overrides)
     results: dict[str, dict[str, Any]] = {}
-    for label, spec in study.runs.items():
-        if only and label not in only:
-            continue
-        merged = deep_merge(study.base, spec)
-        merged = apply_overrides(merged, [f"name={label}", f"output.dir={out_dir}"])
-        if pretrained is not None and _takes_backbone(merged, study.backbone or {}):
-            merged = apply_overrides(merged, [f"model.pretrained={pretrained}"])
-        cfg = build_config(merged, overrides)
+    for label, cfg in configs.items():
         results[label] = run_or_diverge(cfg, fresh)
         if study.attacks and is_main_process() and results[label].get("status") == "complete":
             results[label]["robustness"] = _robustness(cfg, study)
@@ -196,6 +209,37 @@ def run_study(
     if is_main_process():
         write_study_report(study, out_dir, results, backbone=pretrained)
     return out_dir / "report.md"
+
+
+def _run_config(study: StudyConfig, label: str, spec: dict[str, Any], out_dir: Path,
+                pretrained: Path | None, overrides: list[str]) -> ExperimentConfig:  # fmt: skip
+    """Run `label`'s resolved config, and its defenses' configs checked; errors name the run."""
+    from vptlab.defenses.defend import defended_config
+
+    merged = deep_merge(study.base, spec)
+    merged = apply_overrides(merged, [f"name={label}", f"output.dir={out_dir}"])
+    if pretrained is not None and _takes_backbone(merged, study.backbone or {}):
+        merged = apply_overrides(merged, [f"model.pretrained={pretrained}"])
+    try:
+        cfg = build_config(merged, overrides)
+    except ConfigError as error:
+        raise ConfigError(f"runs.{label}: {error}") from None
+    if cfg.data.poison is not None:
+        for name, defense in study.defenses.items():
+            try:
+                defended_config(run_dir_of(cfg), cfg, _defense_spec(defense), [],
+                                train=_defense_train(defense, cfg))  # fmt: skip
+            except ConfigError as error:
+                raise ConfigError(f"defenses.{name} (run {label}): {error}") from None
+    return cfg
+
+
+def _defense_spec(spec: StudyDefense) -> dict[str, Any]:
+    return {"name": spec.name, "clean_fraction": spec.clean_fraction, "options": spec.options}
+
+
+def _defense_train(spec: StudyDefense, cfg: ExperimentConfig) -> dict[str, Any]:
+    return {**spec.train, **spec.train_by_model.get(cfg.model.name, {})}
 
 
 def _robustness(cfg: ExperimentConfig, study: StudyConfig) -> dict[str, Any]:
@@ -224,13 +268,12 @@ def _defend_all(cfg: ExperimentConfig, study: StudyConfig, fresh: bool) -> dict[
 
     out: dict[str, Any] = {}
     for label, spec in study.defenses.items():
-        defense = {"name": spec.name, "clean_fraction": spec.clean_fraction,
-                   "options": spec.options}  # fmt: skip
+        defense = _defense_spec(spec)
         overrides = [f"name={cfg.name}-{label}", f"device={cfg.device}",
                      f"output.progress={str(cfg.output.progress).lower()}"]  # fmt: skip
         try:
-            train = {**spec.train, **spec.train_by_model.get(cfg.model.name, {})}
-            metrics = defend(run_dir_of(cfg), defense, overrides, train=train, fresh=fresh)
+            metrics = defend(run_dir_of(cfg), defense, overrides, train=_defense_train(spec, cfg),
+                             fresh=fresh)
             out[label] = {k: metrics.get(k) for k in ("name", "defense", "history", "status")}
         except (ConfigError, TrainingDiverged) as error:
             print(f"vptlab: defense '{label}' of run '{cfg.name}' failed: {error}",
