@@ -24,8 +24,10 @@ def same_split(a: DataSplits, b: DataSplits) -> bool:
 
 
 def test_registry_lists_every_dataset() -> None:
-    expected = {"digits", "mnist-5k", "fashion-mnist", "cifar10", "cifar100", "imagefolder"}
-    assert expected | {"miniplaces"} == set(DATASETS.names())
+    labeled = {"digits", "mnist-5k", "fashion-mnist", "cifar10", "cifar100", "imagefolder",
+               "miniplaces"}  # fmt: skip
+    captioned = {"mnist-captions", "fashion-captions", "image-text"}  # image-text pretraining
+    assert labeled | captioned == set(DATASETS.names())
 
 
 def test_digits() -> None:
