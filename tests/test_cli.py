@@ -29,7 +29,7 @@ def write_config(tmp_path: Path) -> Path:
     ("overrides", "expected"),
     [
         (["train.lr=-1"], "vptlab: error: train.lr: Input should be greater than 0"),
-        (["model.name=resnet9000"], "vptlab: error: unknown model 'resnet9000'"),
+        (["model.name=resnet9000"], "vptlab: error: model.name: unknown model 'resnet9000'"),
         (["data.name=cifar10", "data.root=/nonexistent/cifar"], "vptlab: error: cifar10: "),
         (["data.name=miniplaces", "data.root=/nonexistent/mp"], "vptlab: error: miniplaces: "),
         # config values the factories or the seeding would choke on: named before any work
