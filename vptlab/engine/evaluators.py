@@ -34,6 +34,16 @@ class EvalContext:
     dist: DistInfo
 
 
+def eval_loader(split: Dataset, ctx: EvalContext) -> TensorLoader | StreamLoader:
+    """An evaluation loader over `split` with the run's batch size, device and rank shard."""
+    data = ctx.cfg.data
+    return make_loader(
+        split, data.eval_batch_size, train=False, device=ctx.device, seed=ctx.cfg.seed,
+        num_workers=data.num_workers, img_size=data.img_size, rank=ctx.dist.rank,
+        world_size=ctx.dist.world_size,
+    )  # fmt: skip
+
+
 class Evaluator(Protocol):
     """Returns flat named metrics (`test_top1`, `badnets/asr` ...) that go into the history."""
 
@@ -58,12 +68,7 @@ class SplitPredictions:
 
     def __call__(self, model: nn.Module, ctx: EvalContext) -> Predictions:
         if self._loader is None:  # built once: a TensorLoader copies its split to the device
-            data = ctx.cfg.data
-            self._loader = make_loader(
-                self.split, data.eval_batch_size, train=False, device=ctx.device,
-                seed=ctx.cfg.seed, num_workers=data.num_workers, img_size=data.img_size,
-                rank=ctx.dist.rank, world_size=ctx.dist.world_size,
-            )  # fmt: skip
+            self._loader = eval_loader(self.split, ctx)
         preds = predict(model, self._loader, ctx.amp_dtype, self.transform)
         return gather_predictions(preds, ctx.dist)
 

@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from vptlab.data.base import TensorSplit
-from vptlab.data.loaders import StreamLoader, TensorLoader, make_loader
+from vptlab.data.loaders import StreamLoader, TensorLoader
 from vptlab.engine.distributed import all_reduce_sum
-from vptlab.engine.evaluators import EvalContext
+from vptlab.engine.evaluators import EvalContext, eval_loader
 
 
 class EpochHook(Protocol):
@@ -44,11 +44,6 @@ class LabelRemap:
         if epoch > 0 and not self.every_epoch:
             return
         if self._loader is None:
-            data = ctx.cfg.data
-            self._loader = make_loader(
-                self.split, data.eval_batch_size, train=False, device=ctx.device,
-                seed=ctx.cfg.seed, num_workers=data.num_workers, img_size=data.img_size,
-                rank=ctx.dist.rank, world_size=ctx.dist.world_size,
-            )  # fmt: skip
+            self._loader = eval_loader(self.split, ctx)
         counts = model.prediction_counts(self._loader, ctx.amp_dtype)
         model.mapping.assign(all_reduce_sum(counts, ctx.dist))
