@@ -303,7 +303,8 @@ def _check_finite(loss: float, pos: Position) -> None:
     if not math.isfinite(loss):
         raise TrainingDiverged(
             f"loss became {loss} in epoch {pos.epoch + 1} (step {pos.step}); the last good "
-            "checkpoint is kept. Lower train.lr or set train.grad_clip."
+            "checkpoint is kept: resume it if the cause has passed, or start a new run with a "
+            "lower train.lr or a train.grad_clip (neither can change on resume)"
         )
 
 
