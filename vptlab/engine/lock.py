@@ -28,7 +28,8 @@ LOCK_FILE = ".vptlab.lock"
 # writing it (microseconds), unless it is that young: then its holder may be writing it now.
 UNREADABLE_STALE_SECONDS = 10.0
 _held: dict[Path, int] = {}  # folders this process holds, with their nesting depth
-_created: set[Path] = set()  # folders that taking their lock created (removed again if empty)
+# Folders that taking a lock created, with their new parents: removed again if left empty.
+_created: dict[Path, list[Path]] = {}
 
 
 def _holder() -> dict[str, Any]:
@@ -135,8 +136,9 @@ def acquire(folder: str | Path, verb: str) -> Path:
         return folder / LOCK_FILE
     try:
         if not folder.is_dir():
+            new = [folder, *(p for p in folder.parents if not p.exists())]
             folder.mkdir(parents=True)
-            _created.add(key)
+            _created[key] = new
     except OSError as error:
         raise VptlabError(f"cannot create {folder}: {error.strerror or error}") from None
     lock = folder / LOCK_FILE
@@ -169,12 +171,12 @@ def release(folder: str | Path) -> None:
     if holder is not None and holder["pid"] == os.getpid() \
             and holder["host"] == socket.gethostname():  # fmt: skip
         lock.unlink(missing_ok=True)
-    if key in _created:  # a command that failed before writing leaves no empty folder behind
-        _created.discard(key)
+    # A command that failed before writing anything leaves no empty folder behind.
+    for path in _created.pop(key, []):
         try:
-            folder.rmdir()
+            path.rmdir()
         except OSError:
-            pass  # not empty: it holds what the command wrote
+            break  # not empty: it holds what the command wrote
 
 
 def clear_locked_folder(folder: str | Path) -> None:
