@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from vptlab.engine.loop import MODEL_FILE
+from vptlab.engine.checkpoint import load_state, read_metadata
+from vptlab.engine.loop import MODEL_FILE, PREVIOUS_MODEL_FILE
 from vptlab.matrix.cells import CELL_FILE
 
 from .helpers import (
@@ -74,6 +75,29 @@ def test_killed_training_resumes_to_the_uninterrupted_run(
     ok(capsys, ["train", "--resume", str(run)] if started else ["train", "-c", str(config)])
     assert read_metrics(run) == reference.metrics, f"killed at {point}"
     assert same_weights(run / MODEL_FILE, reference.run / MODEL_FILE), f"killed at {point}"
+    check_complete(run)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "state.pt"])
+def test_kill_inside_a_checkpoint_write_keeps_the_previous_checkpoint(
+    name: str, reference: Reference, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Killed between the temp file and the rename of epoch 1's last checkpoint (step 23): the
+    step-20 checkpoint survives whole, as model.safetensors + state.pt, or, when the model file
+    was already replaced, as the kept previous model file + state.pt; resume takes it."""
+    writes = reference.faults.writes
+    epoch_end = writes.index("metrics.json")  # the epoch-1 checkpoint's two writes come before
+    fail_at = epoch_end - 1 if name == "model.safetensors" else epoch_end
+    assert writes[fail_at - 1] == name
+    run = tmp_path / TINY["name"]
+    killed(KillPoint("write", fail_at, "inside"), ["train", "-c", str(tiny_config(tmp_path))])
+    state = load_state(run / "state.pt")
+    kept = run / (MODEL_FILE if name == "model.safetensors" else PREVIOUS_MODEL_FILE)
+    meta = read_metadata(kept)
+    assert (state["step"], meta["step"], meta["digest"]) == (20, "20", state["model_digest"])
+    assert len(list(run.glob(f".{name}.*.tmp"))) == 1  # the new file, never renamed
+    ok(capsys, ["train", "--resume", str(run)])
+    assert read_metrics(run) == reference.metrics
     check_complete(run)
 
 
