@@ -188,7 +188,7 @@ def test_lock_is_created_exclusively_with_its_holder(
     assert not (tmp_path / LOCK_FILE).exists()
 
 
-def test_locks_of_other_hosts_and_half_written_locks(tmp_path: Path) -> None:
+def test_locks_of_other_hosts_half_written_and_reused_pids(tmp_path: Path) -> None:
     """A lock from another host cannot be checked from here: refused, naming that host. A lock
     file without its record is being written (young: refused) or was left by a holder killed
     while writing it (older than a few seconds: stale, taken over)."""
@@ -203,6 +203,12 @@ def test_locks_of_other_hosts_and_half_written_locks(tmp_path: Path) -> None:
     os.utime(lock, (old, old))
     with folder_lock(tmp_path, "train"):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+    # A lock naming this very pid that this process does not hold: an earlier process of the
+    # same number (a restarted container) left it.
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": HOST, "verb": "train"}))
+    with folder_lock(tmp_path, "attack"):
+        assert json.loads(lock.read_text())["verb"] == "attack"
     assert not lock.exists()
 
 

@@ -61,12 +61,17 @@ def pid_alive(pid: int) -> bool:
 
 
 def _stale(lock: Path, holder: dict[str, Any] | None) -> bool:
+    """Whether the lock's holder is gone. Called for folders this process does not hold, so a
+    lock naming this very pid was left by an earlier process that had it (a restarted container
+    numbers its processes the same way)."""
     if holder is None:
         try:
             return time.time() - lock.stat().st_mtime > UNREADABLE_STALE_SECONDS
         except FileNotFoundError:
             return True
-    return holder["host"] == socket.gethostname() and not pid_alive(holder["pid"])
+    if holder["host"] != socket.gethostname():
+        return False
+    return holder["pid"] == os.getpid() or not pid_alive(holder["pid"])
 
 
 def _create(lock: Path, verb: str) -> bool:
@@ -96,8 +101,7 @@ def _take_over(lock: Path, seen: dict[str, Any] | None) -> None:
         os.replace(lock, aside)
     except FileNotFoundError:
         return  # another process removed it first; the O_EXCL create decides who gets it
-    moved = _read(aside)
-    if moved is not None and moved != seen:
+    if _read(aside) != seen:
         try:
             os.link(aside, lock)  # fails if yet another process holds it now: it stays theirs
         except FileExistsError:
@@ -148,9 +152,6 @@ def acquire(folder: str | Path, verb: str) -> Path:
             remove_orphan_temp_files(folder)
             return lock
         holder = _read(lock)
-        if holder is not None and holder["host"] == socket.gethostname() \
-                and holder["pid"] == os.getpid():  # fmt: skip
-            raise VptlabError(f"{lock} names this process but it does not hold the folder")
         if not _stale(lock, holder):
             raise _busy(folder, lock, holder)
         _take_over(lock, holder)
