@@ -51,9 +51,9 @@ def draw(faults: Faults, count: int, salt: str) -> list[KillPoint]:
 
 
 def test_kill_points_cover_steps_and_writes(reference: Reference) -> None:
-    """The training points are drawn from all 46 steps and every write: a checkpoint's model and
-    state files, metrics.json, config.yaml and report.md each get written more than once or at
-    least once (so a kill can land in any of them)."""
+    """The training points are drawn from all 46 steps and all writes, and the writes include
+    every kind of file the run holds (config, model, state, metrics, report), so a kill can land
+    in any of them."""
     names = set(reference.faults.writes)
     assert {"config.yaml", "model.safetensors", "state.pt", "metrics.json", "report.md"} <= names
     assert reference.faults.steps == 46
