@@ -57,9 +57,11 @@ _NATIVE_WRITE_FAILURES = ("I/O error", "(os error ")
 def _write_failure(error: BaseException) -> str | None:
     """The reason a write failed at the operating system, or None for any other error."""
     cause: BaseException | None = error
-    while cause is not None:
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
         if isinstance(cause, OSError):
             return cause.strerror or str(cause)
+        seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     text = _one_line(error)
     if any(mark in text for mark in _NATIVE_WRITE_FAILURES):
