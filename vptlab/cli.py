@@ -152,9 +152,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from vptlab.engine.lock import folder_lock
     from vptlab.matrix.report import write_matrix_report
 
-    print(f"report: {write_matrix_report(args.dir)}")
+    with folder_lock(args.dir, "report"):
+        print(f"report: {write_matrix_report(args.dir)}")
     return 0
 
 

@@ -22,6 +22,10 @@ class RegistryError(ConfigError):
     """An unknown name was asked of a registry."""
 
 
+class FolderLocked(VptlabError):
+    """Another vptlab command holds the folder's lock; the message names its pid and host."""
+
+
 class TrainingDiverged(VptlabError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 

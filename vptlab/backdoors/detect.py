@@ -30,6 +30,7 @@ from torch import nn
 from vptlab.data.base import seeded_generator, split_labels
 from vptlab.data.loaders import make_loader
 from vptlab.engine.checkpoint import atomic_write_text
+from vptlab.engine.lock import folder_lock
 from vptlab.errors import ConfigError
 from vptlab.models.base import ImageClassifier
 
@@ -220,17 +221,25 @@ def detect_run(run_dir: str | Path, detector: str, device: str = "auto",
     split). spectral: precision / recall of the flagged training samples (1.5 x the poison rate
     per label) against the poisoned indices the run saved.
     """
-    from vptlab.backdoors.metrics import select_samples
-    from vptlab.backdoors.poison import load_poison_record, non_target_index
-    from vptlab.defenses.defend import clean_data, parent_config, threat_of
-    from vptlab.defenses.repair import clean_subset
-    from vptlab.engine.runner import load_run
+    from vptlab.defenses.defend import parent_config
 
     if detector not in DETECTORS:
         raise ConfigError(f"--detector: unknown detector {detector!r}; choose from: "
                           f"{', '.join(DETECTORS)}")  # fmt: skip
     run_dir = Path(run_dir)
     parent_config(run_dir)  # a finished, poisoned run, or one clear error
+    with folder_lock(run_dir, "detect"):
+        return _detect(run_dir, detector, device, overlays)
+
+
+def _detect(run_dir: Path, detector: str, device: str, overlays: int) -> dict[str, Any]:
+    """`detect_run` with the run's folder locked."""
+    from vptlab.backdoors.metrics import select_samples
+    from vptlab.backdoors.poison import load_poison_record, non_target_index
+    from vptlab.defenses.defend import clean_data, threat_of
+    from vptlab.defenses.repair import clean_subset
+    from vptlab.engine.runner import load_run
+
     cfg, model, splits = load_run(run_dir, device=device)
     dev = next(model.parameters()).device
     record = load_poison_record(run_dir)

@@ -43,8 +43,22 @@ class ImageFileDataset(Dataset):
         return load_image(path, self.img_size), label
 
 
+def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
+    """`image` as 8-bit RGB. 16-bit gray is scaled to 8 bits (PIL's convert would clip it: all
+    but the darkest pixels white); 32-bit integer and float pixels have no range to scale from."""
+    if image.mode.startswith("I;16"):
+        pixels = np.asarray(image).astype(np.float64) / 257.0
+        return Image.fromarray(pixels.round().astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("I", "F"):
+        kind = "32-bit integer" if image.mode == "I" else "floating-point"
+        raise DataError(f"cannot read image {path}: its {kind} pixels (mode {image.mode}) have no "
+                        "fixed range; save it with 8 or 16 bits per channel")  # fmt: skip
+    return image.convert("RGB")
+
+
 def load_image(path: Path, size: int) -> torch.Tensor:
-    """One image file as a (3, size, size) float tensor in [0,1]; gray and RGBA become RGB.
+    """One image file as a (3, size, size) float tensor in [0,1]; gray, palette, CMYK, RGBA and
+    16-bit gray images become 8-bit RGB.
 
     An image of more than PIL's `Image.MAX_IMAGE_PIXELS` (89.5M pixels, ~270 MB decoded) is
     refused, not merely warned about: PIL only raises past twice that, and one such file per
@@ -54,7 +68,9 @@ def load_image(path: Path, size: int) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                image = _to_rgb(image, path)
+    except DataError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise DataError(f"refused image {path}: {error}") from None
     except UnidentifiedImageError:  # its message repeats the path

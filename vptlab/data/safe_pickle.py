@@ -13,6 +13,7 @@ import _codecs
 import io
 import math
 import pickle
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ SCALAR_KINDS = "biuf"  # numpy scalars in re-saved dicts (counts, sizes)
 # memo entries): one per 16 bytes of file, plus room for small files. Real batches use far fewer.
 _OBJECTS_PER_BYTE = 1 / 16
 _OBJECTS_FLOOR = 4096
+# The largest official batch (CIFAR-100 `train`) is 158 MB; a file past this is refused unread.
+MAX_FILE_BYTES = 1 << 30
 
 
 class RefusedPickle(pickle.UnpicklingError):
@@ -270,12 +273,24 @@ def safe_loads(data: bytes, encoding: str = "bytes") -> Any:
 
 
 def safe_load(path: str | Path, encoding: str = "bytes") -> Any:
-    """Unpickle the file at `path` with the allow-list; any failure is one DataError naming it."""
+    """Unpickle the file at `path` with the allow-list; any failure is one DataError naming it.
+
+    A file larger than `MAX_FILE_BYTES` is refused before it is read (the reader holds the whole
+    file, and up to twice its size again while unpickling)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(f"cannot read {path}: not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise DataError(f"{path} is larger than a CIFAR batch may be ({info.st_size:,} > "
+                            f"{MAX_FILE_BYTES:,} bytes): refused unread")  # fmt: skip
+        with open(path, "rb") as f:
+            data = f.read(info.st_size + 1)  # no more than it had: a growing file ends here
     except OSError as error:
         raise DataError(f"cannot read {path}: {error.strerror or error}") from None
+    if len(data) != info.st_size:
+        raise DataError(f"cannot read {path}: it changed while being read")
     try:
         return safe_loads(data, encoding=encoding)
     except RefusedPickle as error:

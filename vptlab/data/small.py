@@ -7,8 +7,11 @@ Debian package `dataset-fashion-mnist`, idx files read with numpy).
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -30,6 +33,8 @@ FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
+# Fashion-MNIST's largest file holds 47 MB: a header announcing more than this is refused unread.
+IDX_MAX_BYTES = 1 << 30
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -87,23 +92,43 @@ def load_mnist_5k(root: str | None = None, seed: int = 0) -> DataSplits:
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """An idx file (gzip or raw) as a numpy array: big-endian header, then the values."""
+    """An idx file (gzip or raw) as a numpy array: big-endian header, then the values.
+
+    The header is read first and the values after it, exactly as many as it announces: a file
+    cut short, with bytes to spare, or announcing more than `IDX_MAX_BYTES` (a gzip bomb) is one
+    DataError naming it, and memory never exceeds what the header announces.
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            data = bytearray(f.read())  # writable, so torch.from_numpy can share it
-    except (OSError, EOFError) as error:
+            return _read_idx(f, path)
+    except (OSError, EOFError, zlib.error) as error:  # a damaged gzip stream raises all three
         raise DataError(f"cannot read idx file {path}: {error}") from None
-    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+
+
+def _read_idx(f: BinaryIO, path: Path) -> np.ndarray:
+    magic = f.read(4)
+    if len(magic) < 4 or magic[:2] != b"\x00\x00" or magic[2] != 0x08:
         raise DataError(f"{path} is not an idx file of unsigned bytes (bad magic number)")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    values = np.frombuffer(data, dtype=np.uint8, offset=header)
-    if values.size != int(np.prod(shape)):
-        raise DataError(f"{path}: header says shape {shape} but holds {values.size} values")
-    return values.reshape(shape)
+    ndim = magic[3]
+    dims = f.read(4 * ndim)
+    if len(dims) != 4 * ndim:
+        raise DataError(f"{path}: header cut short ({ndim} dimensions announced)")
+    shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
+    count = math.prod(shape)
+    if count > IDX_MAX_BYTES:
+        raise DataError(f"{path}: header says shape {shape} ({count:,} bytes), more than an idx "
+                        f"file may hold here ({IDX_MAX_BYTES:,})")  # fmt: skip
+    data = bytearray(count)  # writable, so torch.from_numpy can share it
+    view, got = memoryview(data), 0
+    while got < count and (n := f.readinto(view[got:])):
+        got += n
+    if got < count or f.read(1):
+        found = f"{got}" if got < count else "more than that"
+        raise DataError(f"{path}: header says shape {shape} ({count} values) but the file holds "
+                        f"{found}")  # fmt: skip
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -116,11 +141,16 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 def _fashion_split(folder: Path, which: str, limit: int | None, seed: int) -> TensorSplit:
     image_path, label_path = (_find_idx(folder, stem) for stem in FASHION_MNIST_FILES[which])
     images, labels = read_idx(image_path), read_idx(label_path)
-    if images.ndim != 3 or labels.shape != images.shape[:1]:
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
         raise DataError(
-            f"fashion-mnist: {image_path.name} holds {images.shape}, {label_path.name} holds "
+            f"fashion-mnist: {image_path} holds {images.shape}, {label_path} holds "
             f"{labels.shape}; expected (N,28,28) images and N labels"
         )
+    top = len(FASHION_MNIST_CLASSES) - 1
+    if labels.size and int(labels.max()) > top:
+        first = int(np.argmax(labels > top))
+        raise DataError(f"fashion-mnist: {label_path}: labels must be in 0..{top}, got "
+                        f"{int(labels[first])} at index {first}")  # fmt: skip
     raw = TensorSplit(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels))
     # Subset while still uint8, so a limit also saves the float conversion of the rest.
     raw = subset(raw, limit, seed)

@@ -18,7 +18,6 @@ path is not part of the run key (a study folder may move); its run key is, as `p
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from vptlab.engine.build import build_data, build_model, image_size
 from vptlab.engine.checkpoint import atomic_write_text, load_model
 from vptlab.engine.distributed import is_main_process
 from vptlab.engine.evaluators import TestAccuracy
+from vptlab.engine.lock import clear_locked_folder, folder_lock
 from vptlab.engine.loop import CONFIG_FILE, METRICS_FILE, MODEL_FILE, amp_dtype_for, resolve_device
 from vptlab.errors import ConfigError
 from vptlab.metrics.suite import evaluate_suite
@@ -163,14 +163,21 @@ def defend(
     """Repair the poisoned run `parent` with `defense` ({name, clean_fraction, options}) and the
     recipe `train` (over `DEFENSE_TRAIN`); returns the defended run's metrics (see the module
     docstring)."""
-    from vptlab.defenses.repair import clean_splits, create_repairer
-
     parent = Path(parent)
     parent_cfg = parent_config(parent)
     cfg = defended_config(parent, parent_cfg, defense, overrides, train)
     run_dir = Path(cfg.output.dir) / cfg.name
     if run_dir.resolve() == parent.resolve():
         raise ConfigError(f"name: the defended run would overwrite its parent {parent}")
+    with folder_lock(run_dir, "defend"):
+        return _defend_locked(parent, parent_cfg, cfg, run_dir, fresh)
+
+
+def _defend_locked(parent: Path, parent_cfg: ExperimentConfig, cfg: ExperimentConfig, run_dir: Path,
+            fresh: bool) -> dict[str, Any]:  # fmt: skip
+    """`defend` with the defended run's folder locked."""
+    from vptlab.defenses.repair import clean_splits, create_repairer
+
     parent_key = run_key(parent_cfg)
     if not fresh and (reused := _reusable(run_dir, cfg, parent_key)) is not None:
         return reused
@@ -182,7 +189,7 @@ def defend(
     progress = cfg.output.progress
     before = suite(model, data, threat, cfg, progress)
     if is_main_process() and run_dir.exists():
-        shutil.rmtree(run_dir)  # unfinished (or --fresh): nothing finished is lost
+        clear_locked_folder(run_dir)  # unfinished (or --fresh): nothing finished is lost
     clean = clean_splits(data, cfg.defense.clean_fraction, cfg.seed)
     evaluators = [TestAccuracy(data.test), BackdoorAccuracy(data.test, threat)]
     torch.manual_seed(cfg.seed)

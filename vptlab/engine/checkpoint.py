@@ -26,8 +26,17 @@ def _umask() -> int:
     return mask
 
 
-def _fsync(path: str | Path) -> None:
-    """Flush a file's (or a folder's) content to the disk."""
+def _fsync_file(path: str | Path) -> None:
+    """Flush a file's content to the disk; a failure (ENOSPC, EIO) means it may not be there."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(path: str | Path) -> None:
+    """Flush a folder's entries (a rename) to the disk, where the platform allows it."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # folders cannot be opened on some platforms: nothing to flush there
@@ -35,9 +44,29 @@ def _fsync(path: str | Path) -> None:
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        pass  # some file systems refuse fsync on folders; the rename itself has happened
     finally:
         os.close(fd)
+
+
+# How safetensors' writer (Rust) reports a failed write: its own exception type, with the
+# operating system's reason inside the message ("I/O error: No space left on device (os error 28)").
+_NATIVE_WRITE_FAILURES = ("I/O error", "(os error ")
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """The reason a write failed at the operating system, or None for any other error."""
+    cause: BaseException | None = error
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return cause.strerror or str(cause)
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = _one_line(error)
+    if any(mark in text for mark in _NATIVE_WRITE_FAILURES):
+        return text.split("I/O error: ", 1)[-1]
+    return None
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -45,20 +74,28 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
 
     The temp file gets the mode a plain `open` would give (mkstemp makes it 0600), and it is
     flushed to disk before the rename and the folder after it, so a crash leaves either the old
-    file or the new one, complete.
+    file or the new one, complete. A write the operating system refuses (a full disk, a file size
+    limit, an I/O error) is one VptlabError naming the file, which is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
-        _fsync(tmp)
+        _fsync_file(tmp)
         os.replace(tmp, path)
-        _fsync(path.parent)
+        _fsync_folder(path.parent)
+    except Exception as error:
+        reason = _write_failure(error)
+        if reason is None:
+            raise
+        raise VptlabError(f"cannot write {path}: {reason} "
+                          f"({path.name} is left as it was)") from None  # fmt: skip
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -198,8 +235,16 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def save_state(state: dict[str, Any], path: str | Path) -> None:
-    """Optimizer/scheduler/RNG state: plain tensors and containers, readable with weights_only."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Optimizer/scheduler/RNG state: plain tensors and containers, readable with weights_only.
+
+    Written through a Python file, so that a refused write raises the OSError that says why
+    (torch's own file writer only reports "unexpected pos")."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+
+    atomic_write(path, write)
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

@@ -303,7 +303,8 @@ def _check_finite(loss: float, pos: Position) -> None:
     if not math.isfinite(loss):
         raise TrainingDiverged(
             f"loss became {loss} in epoch {pos.epoch + 1} (step {pos.step}); the last good "
-            "checkpoint is kept. Lower train.lr or set train.grad_clip."
+            "checkpoint is kept: resume it if the cause has passed, or start a new run with a "
+            "lower train.lr or a train.grad_clip (neither can change on resume)"
         )
 
 
@@ -327,7 +328,8 @@ def _checkpoint(
     """Write model and loop state as a pair that resume can check (same position and digest).
 
     Two files cannot be replaced at once; the previous model file is kept as a hard link until
-    the new state is written, so a kill in between leaves a pair that resume can repair.
+    the new state is written, so a kill in between leaves a pair that resume can repair, and a
+    write that fails (a full disk) puts the previous model file back before the error goes on.
     """
     rng = _rng_states(info)  # a collective: every rank takes part, rank 0 writes
     if not info.is_main:
@@ -345,12 +347,24 @@ def _checkpoint(
         "model_digest": digest,
     }
     model_path, previous = run_dir / MODEL_FILE, run_dir / PREVIOUS_MODEL_FILE
-    if model_path.is_file():
+    had_model = model_path.is_file()
+    if had_model:
         previous.unlink(missing_ok=True)
         os.link(model_path, previous)
     metadata = {**{k: str(v) for k, v in place.items()}, "digest": digest}
-    save_model(model, model_path, trainable_only=trainable_only, metadata=metadata)
-    save_state(state, run_dir / STATE_FILE)
+    saved_model = False
+    try:
+        save_model(model, model_path, trainable_only=trainable_only, metadata=metadata)
+        saved_model = True
+        save_state(state, run_dir / STATE_FILE)
+    except Exception:
+        if saved_model:  # the state file was not replaced: make the model file its pair again
+            if had_model:
+                os.replace(previous, model_path)
+            else:
+                model_path.unlink(missing_ok=True)
+        previous.unlink(missing_ok=True)
+        raise
     previous.unlink(missing_ok=True)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from vptlab.engine.build import (
 )
 from vptlab.engine.checkpoint import atomic_write_text, load_model
 from vptlab.engine.distributed import is_main_process
+from vptlab.engine.lock import clear_locked_folder, folder_lock
 from vptlab.engine.loop import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -58,16 +58,17 @@ def train(
 ) -> dict[str, Any]:
     """Train a fresh run into `output.dir/name`; an existing run is kept unless `force`."""
     run_dir = run_dir_of(cfg)
-    if (run_dir / STATE_FILE).exists():
-        if not force:
-            raise ConfigError(
-                f"run folder {run_dir} already holds a run; resume it with --resume {run_dir}, "
-                "pick another name=..., or pass --force to overwrite"
-            )
-        if is_main_process():
-            shutil.rmtree(run_dir)
-    data, model = build_experiment(cfg)
-    return _fit_run(cfg, data, model, run_dir, stop_after_epochs=stop_after_epochs)
+    with folder_lock(run_dir, "train"):
+        if (run_dir / STATE_FILE).exists():
+            if not force:
+                raise ConfigError(
+                    f"run folder {run_dir} already holds a run; resume it with --resume "
+                    f"{run_dir}, pick another name=..., or pass --force to overwrite"
+                )
+            if is_main_process():
+                clear_locked_folder(run_dir)
+        data, model = build_experiment(cfg)
+        return _fit_run(cfg, data, model, run_dir, stop_after_epochs=stop_after_epochs)
 
 
 def _fit_run(
@@ -133,9 +134,10 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str,
     check_resume_overrides(overrides)
     if not (run_dir / CONFIG_FILE).is_file():
         raise VptlabError(f"nothing to resume in {run_dir}: no {CONFIG_FILE} there")
-    cfg = build_config(load_yaml(run_dir / CONFIG_FILE), overrides)
-    data, model = build_experiment(cfg)
-    return _fit_run(cfg, data, model, run_dir, resume=(run_dir / STATE_FILE).is_file())
+    with folder_lock(run_dir, "train --resume"):
+        cfg = build_config(load_yaml(run_dir / CONFIG_FILE), overrides)
+        data, model = build_experiment(cfg)
+        return _fit_run(cfg, data, model, run_dir, resume=(run_dir / STATE_FILE).is_file())
 
 
 def load_run(

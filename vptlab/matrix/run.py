@@ -18,6 +18,7 @@ from typing import Any
 
 from vptlab.config import build_config
 from vptlab.engine.checkpoint import atomic_write_text
+from vptlab.engine.lock import folder_lock
 from vptlab.engine.loop import METRICS_FILE, MODEL_FILE
 from vptlab.errors import ConfigError
 from vptlab.matrix.cells import CELL_FILE, PLAN_FILE, Cell, plan
@@ -64,13 +65,14 @@ def run_matrix(
     cells = plan(matrix, overrides, backbones)
     for spec in with_backbone.values():
         cached_backbone(spec, device)
-    write_plan(out, matrix, cells)
-    runner = create_executor(executor, address=address, num_cpus=ray_cpus)
-    try:
-        execute(runner, matrix, cells, fresh, progress)
-    finally:
-        runner.close()
-    return write_matrix_report(out)
+    with folder_lock(out, "run"):
+        write_plan(out, matrix, cells)
+        runner = create_executor(executor, address=address, num_cpus=ray_cpus)
+        try:
+            execute(runner, matrix, cells, fresh, progress)
+        finally:
+            runner.close()
+        return write_matrix_report(out)
 
 
 def execute(runner: Executor, matrix: MatrixConfig, cells: list[Cell], fresh: bool,

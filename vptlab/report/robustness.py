@@ -22,6 +22,7 @@ from vptlab.attacks import ATTACKS, Attack, create_attack
 from vptlab.config import AttackConfig, AttackSuiteConfig, ExperimentConfig, load_yaml
 from vptlab.data.base import DataSplits
 from vptlab.engine.checkpoint import atomic_write, atomic_write_text
+from vptlab.engine.lock import folder_lock
 from vptlab.engine.loop import MODEL_FILE, amp_dtype_for
 from vptlab.engine.runner import load_run
 from vptlab.errors import ConfigError, format_validation_error
@@ -177,11 +178,13 @@ def attack_run(
     if not configs:
         raise ConfigError("no attacks to evaluate")
     cfg, model, splits = load_run(run_dir, device=device)
-    result = evaluate_attacks(
-        cfg, model, splits, configs, run_dir, model_sha256=file_sha256(run_dir / MODEL_FILE),
-        limit=limit, examples=examples, export=export, progress=progress, batch_size=batch_size,
-    )  # fmt: skip
-    write_report_section(run_dir, result, result["plots"])
+    with folder_lock(run_dir, "attack"):
+        result = evaluate_attacks(
+            cfg, model, splits, configs, run_dir, model_sha256=file_sha256(run_dir / MODEL_FILE),
+            limit=limit, examples=examples, export=export, progress=progress,
+            batch_size=batch_size,
+        )  # fmt: skip
+        write_report_section(run_dir, result, result["plots"])
     return result
 
 

@@ -24,6 +24,7 @@ from vptlab.config import (
 )
 from vptlab.engine.checkpoint import atomic_write_text
 from vptlab.engine.distributed import is_main_process
+from vptlab.engine.lock import folder_lock
 from vptlab.engine.loop import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
 from vptlab.engine.runner import resume, run_dir_of, train
 from vptlab.errors import ConfigError, TrainingDiverged, format_validation_error
@@ -197,6 +198,13 @@ def run_study(
     }  # fmt: skip
     if study.backbone is not None:
         cached_backbone(study.backbone, device_overrides)
+    with folder_lock(out_dir, "run"):
+        return _run_all(study, configs, out_dir, fresh, pretrained)
+
+
+def _run_all(study: StudyConfig, configs: dict[str, ExperimentConfig], out_dir: Path,
+             fresh: bool, pretrained: Path | None) -> Path:  # fmt: skip
+    """The study's runs, their attacks, defenses and detectors, then the report."""
     results: dict[str, dict[str, Any]] = {}
     for label, cfg in configs.items():
         results[label] = run_or_diverge(cfg, fresh)
