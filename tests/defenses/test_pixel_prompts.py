@@ -15,6 +15,7 @@ import torch
 from vptlab.attacks import PGD
 from vptlab.backdoors.metrics import BackdoorThreat
 from vptlab.backdoors.poison import load_poison
+from vptlab.cli import main
 from vptlab.config import ExperimentConfig, build_config, load_yaml
 from vptlab.defenses.defend import defend, defended_config
 from vptlab.defenses.repair import create_repairer, pixel_repairers
@@ -117,7 +118,7 @@ def test_fine_tuning_a_pixel_prompt_changes_only_the_prompt_and_lowers_asr(
 
 
 def test_backbone_repairers_are_refused_for_a_pixel_prompted_run(
-    prompts: dict[str, Any],
+    prompts: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     parent = prompts["dir"]
     cfg = build_config(load_yaml(parent / "config.yaml"))
@@ -128,6 +129,11 @@ def test_backbone_repairers_are_refused_for_a_pixel_prompted_run(
         text = str(error.value)
         assert text.startswith(f"defense.name: defense {name} works on the backbone's layers")
         assert "ft or prompt" in text and "\n" not in text
+    before = sorted(p.name for p in parent.parent.iterdir())
+    assert main(["defend", str(parent), "--defense", "fp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "defense.name: defense fp" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in parent.parent.iterdir()) == before  # nothing written
 
 
 def test_prompt_defense_goes_in_front_of_a_pixel_prompt(prompts: dict[str, Any]) -> None:
@@ -157,7 +163,8 @@ def test_adversarial_prompt_training_against_pgd(
     prompts: dict[str, Any], out: Path, backbone: Path
 ) -> None:
     """The clean prompt against a prompt (and head) trained with PGD-AT at the same budget."""
-    attack = {"objective": "pgd", "attack": {"eps": 0.1, "steps": 3}, "robust_probe": 0}
+    attack = {"objective": "pgd", "attack": {"eps": 0.1, "steps": 2}, "robust_probe": 0,
+              "epochs": 3}  # fmt: skip
     runner.train(pixel_config(out, "pgd-prompt", backbone, train=attack))
     standard, standard_noise = pgd_accuracy(out / "clean-prompt", 0.1)
     robust, _ = pgd_accuracy(out / "pgd-prompt", 0.1)
