@@ -8,8 +8,7 @@ survives. Blended triggers survive either way (ASR >= 96).
 
 A pixel-prompted model (adapt.mode pixel) is fine-tuned where its backdoor lives: the attacker
 trained the prompt (and a linear label-mapping head) in front of a frozen, shared backbone, so
-those are what the clean data retrain; the backbone stays bit-identical (BadVisualPrompt's
-fine-tuning defense).
+those are what the clean data retrain; the backbone stays bit-identical.
 """
 
 from __future__ import annotations
