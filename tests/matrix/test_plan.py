@@ -140,3 +140,27 @@ def test_adaptation_backbone_reaches_its_cells(tmp_path: Path) -> None:
     raw["models"]["simplenet"]["model"]["pretrained"] = str(tmp_path / "own.safetensors")
     own = {c.id: c for c in plan(parse_matrix(raw), backbones={"linear": backbone})}
     assert own[linear.id].train["model"]["pretrained"] == str(tmp_path / "own.safetensors")
+
+
+def test_pixel_prompt_adaptation_plans_on_any_model(tmp_path: Path) -> None:
+    """An adaptation with adapt.mode pixel plans like any other: every threat, PGD-AT as an
+    adversarial prompt, ft and prompt repairs of its poisoned run; repairers of the frozen
+    backbone's layers (fp) are skipped with their reason, not an error."""
+    raw = matrix(tmp_path)
+    pixel = {"kind": "padding", "size": 2, "mapping": "frequency", "source_classes": 10}
+    raw["adaptations"] = {"pixel": {"adapt": {"mode": "pixel", "pixel": pixel},
+                                    "train": {"lr": 5e-2}}}  # fmt: skip
+    raw["defenses"]["fp"] = {"kind": "repair", "name": "fp"}
+    raw["defenses"]["prompt"] = {"kind": "repair", "name": "prompt"}
+    cells = {c.id: c for c in plan(parse_matrix(raw))}
+    for threat in ("clean", "pgd", "badnets"):
+        cell = cells[f"simplenet/pixel/{threat}/none"]
+        assert cell.skip is None and cell.train["adapt"]["mode"] == "pixel"
+        assert cell.train["adapt"]["pixel"] == {**pixel, "eps": 1.0}
+    adversarial = cells["simplenet/pixel/pgd/pgd-at"]
+    assert adversarial.skip is None and adversarial.train["train"]["objective"] == "pgd"
+    assert adversarial.train["adapt"]["mode"] == "pixel"
+    for name in ("ft", "prompt"):
+        repair = cells[f"simplenet/pixel/badnets/{name}"]
+        assert repair.skip is None and repair.defend["defense"]["name"] == name
+    assert "defense fp works on the backbone's layers" in cells["simplenet/pixel/badnets/fp"].skip

@@ -167,6 +167,32 @@ def test_failed_training_fails_only_its_cells(tmp_path: Path, one_thread: Any) -
     assert "## Failed cells" in md and failed["error"] in md
 
 
+def test_pixel_prompt_adaptation_runs_in_a_matrix(tmp_path: Path, one_thread: Any) -> None:
+    """A pixel-prompt adaptation of the small matrix: PGD on the prompted model and a prompt
+    backdoor repaired by ft run to the end (example grids at data.img_size); fine-pruning the
+    frozen backbone is skipped with its reason. (PGD-AT prompts: test_plan.py plans them,
+    tests/defenses/test_pixel_prompts.py trains them.)"""
+    raw = small_matrix(tmp_path)
+    raw["threats"].pop("clean")
+    raw["defenses"].pop("pgd-at")
+    pixel = {"kind": "padding", "size": 2, "mapping": "linear", "source_classes": 10}
+    raw["adaptations"] = {"pixel": {"adapt": {"mode": "pixel", "pixel": pixel},
+                                    "train": {"lr": 5e-2, "epochs": 1}}}  # fmt: skip
+    raw["defenses"]["ft"]["train"]["epochs"] = 1
+    raw["defenses"]["fp"] = {"kind": "repair", "name": "fp", "train": {"epochs": 1}}
+    run_matrix(raw, progress=False)
+    cells = {json.loads(p.read_text())["id"]: json.loads(p.read_text())
+             for p in (tmp_path / "m" / "cells").glob(f"*/{CELL_FILE}")}  # fmt: skip
+    ran = ["pgd/none", "badnets/none", "badnets/ft"]
+    assert set(cells) == {f"simplenet/pixel/{c}" for c in ran}
+    assert all(c["status"] == "complete" and c["train"]["mode"] == "pixel" for c in cells.values())
+    backdoor = cells["simplenet/pixel/badnets/ft"]
+    assert "badnets/asr" in backdoor["metrics"] and backdoor["grids"]
+    plan = json.loads((tmp_path / "m" / "matrix.json").read_text())["cells"]
+    skipped = {c["id"]: c["skip"] for c in plan if c["skip"]}
+    assert "backbone's layers" in skipped["simplenet/pixel/badnets/fp"]
+
+
 def test_killed_matrix_finishes_with_the_same_tables(
     tmp_path: Path, finished: Path
 ) -> None:

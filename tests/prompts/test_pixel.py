@@ -6,15 +6,17 @@ EfficientNet-Lite0 beats the zero-training mapping while the backbone stays bit-
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vptlab.config import PixelConfig, build_config
+from vptlab.config import PixelConfig, build_config, load_yaml
 from vptlab.data import load_dataset
 from vptlab.data.base import DataSplits, subset
 from vptlab.data.loaders import make_loader
+from vptlab.defenses.defend import defended_config
 from vptlab.engine.build import build_epoch_hooks, build_experiment
 from vptlab.engine.checkpoint import read_metadata
 from vptlab.engine.distributed import DistInfo
@@ -37,6 +39,7 @@ from vptlab.prompts import (
     create_pixel_prompt,
 )
 from vptlab.prompts.label_mapping import prediction_counts
+from vptlab.report.study import StudyConfig, deep_merge
 
 LITE0 = "tf_efficientnet_lite0"
 # ImageNet's cats: tabby, tiger cat, Persian, Siamese, Egyptian cat.
@@ -313,3 +316,31 @@ def test_pixel_prompt_training_on_frozen_lite0(tmp_path) -> None:
     x = next(iter(test)).x[:8]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+# --- the pixel-prompt study presets ----------------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TRANSFER_PRESETS = ("pixel_prompt_mnist", "pixel_prompt_fashion")
+THREAT_PRESETS = ("pixel_prompt_backdoor", "pixel_prompt_robust")
+
+
+@pytest.mark.parametrize("preset", TRANSFER_PRESETS + THREAT_PRESETS)
+def test_pixel_prompt_presets_validate(preset: str, tmp_path) -> None:
+    """Every run of the presets (and every defense of their poisoned runs) builds; the transfer
+    studies hold each mode on the ImageNet and on the random-init backbone."""
+    study = StudyConfig.model_validate(load_yaml(CONFIGS / f"{preset}.yaml"))
+    runs = [build_config(deep_merge(study.base, spec)) for spec in study.runs.values()]
+    assert all(cfg.model.name == LITE0 and cfg.data.img_size == 32 for cfg in runs)
+    for cfg in runs:
+        for defense in study.defenses.values() if cfg.data.poison else ():
+            spec = {"name": defense.name, "options": defense.options}
+            defended_config(tmp_path / cfg.name, cfg, spec, train=defense.train)
+    if preset in TRANSFER_PRESETS:
+        modes = {(cfg.adapt.mode, cfg.adapt.pixel_prompt.mapping if cfg.adapt.mode == "pixel"
+                  else None, cfg.model.pretrained) for cfg in runs}  # fmt: skip
+        assert modes == {(mode, mapping, pretrained) for pretrained in (True, False)
+                         for mode, mapping in [("pixel", "frequency"), ("pixel", "linear"),
+                                               ("linear", None), ("full", None)]}  # fmt: skip
+    else:
+        assert all(cfg.adapt.mode == "pixel" and cfg.model.pretrained is True for cfg in runs)

@@ -28,6 +28,7 @@ from vptlab.backdoors.metrics import BackdoorAccuracy, BackdoorThreat, asr_drop,
 from vptlab.backdoors.poison import POISON_FILE, load_poison, stored_channels, stored_size
 from vptlab.config import ExperimentConfig, apply_overrides, build_config, load_yaml, run_key
 from vptlab.data.base import DataSplits, TensorSplit, split_labels
+from vptlab.data.loaders import resize
 from vptlab.engine.build import build_data, build_model, image_size
 from vptlab.engine.checkpoint import atomic_write_text, load_model
 from vptlab.engine.distributed import is_main_process
@@ -82,15 +83,23 @@ def defended_config(
     `train`), then `overrides`.
 
     Default name `<parent name>-<defense>`, beside the parent. Errors (an unknown defense, a clean
-    fraction outside (0, 1], a bad option) name their key, before anything is written.
+    fraction outside (0, 1], a bad option, a defense that cannot repair a pixel-prompted parent)
+    name their key, before anything is written.
     """
+    from vptlab.defenses.repair import pixel_prompt_refusal
+
     raw = parent_cfg.model_dump(mode="json")
     raw["train"] = {**raw["train"], **DEFENSE_TRAIN, **(train or {})}
     raw["defense"] = defense
     raw["parent"] = str(parent)
     raw = apply_overrides(raw, [f"name={parent_cfg.name}-{defense.get('name')}",
                                 f"output.dir={parent.parent}"])  # fmt: skip
-    return build_config(raw, overrides or [])
+    cfg = build_config(raw, overrides or [])
+    assert cfg.defense is not None
+    refusal = pixel_prompt_refusal(cfg.defense.name) if cfg.adapt.mode == "pixel" else None
+    if refusal is not None:
+        raise ConfigError(f"defense.name: {refusal}")
+    return cfg
 
 
 def clean_data(cfg: ExperimentConfig) -> DataSplits:
@@ -205,7 +214,7 @@ def _defend_locked(parent: Path, parent_cfg: ExperimentConfig, cfg: ExperimentCo
     if is_main_process():
         poisoned = load_parent_model(parent, parent_cfg, data)
         write_examples({"before": poisoned, "after": repaired}, data, threat,
-                       run_dir / EXAMPLES_FILE)
+                       run_dir / EXAMPLES_FILE, img_size=cfg.data.img_size)
         atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2))
         write_defense_report(run_dir, metrics)
     return metrics
@@ -213,10 +222,11 @@ def _defend_locked(parent: Path, parent_cfg: ExperimentConfig, cfg: ExperimentCo
 
 def write_examples(
     models: dict[str, nn.Module], data: DataSplits, threat: BackdoorThreat, path: Path,
-    count: int = 8, title: str = "",
+    count: int = 8, title: str = "", img_size: int | None = None,
 ) -> None:
     """Clean and triggered test images of non-target classes, with the predictions of each model
-    (the poisoned one "before", the defended one "after")."""
+    (the poisoned one "before", the defended one "after"), resized to `img_size` (the run's
+    `data.img_size`) as the loaders resize them."""
     from vptlab.backdoors.poison import non_target_index
     from vptlab.report.plots import plot_backdoor_examples
 
@@ -232,6 +242,8 @@ def write_examples(
     x, y = x.to(device), y.to(device)
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
+    if img_size is not None:
+        x = resize(x, img_size)
     triggered = threat.transform(first, x, y)
     names = data.classes or [str(i) for i in range(data.num_classes)]
     with torch.no_grad():

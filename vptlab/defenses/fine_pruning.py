@@ -135,6 +135,7 @@ class FinePruning:
     then fine-tune. See the module docstring for the sites and the mask."""
 
     name = "fp"
+    repairs_pixel_prompts = False  # it prunes the backbone's channels
 
     def __init__(self, max_ratio: float = 0.8, acc_drop: float = 4.0, step: float = 0.05) -> None:
         self.max_ratio, self.acc_drop, self.step = max_ratio, acc_drop, step

@@ -223,6 +223,7 @@ class NeuralAttentionDistillation:
     model (see the module docstring)."""
 
     name = "nad"
+    repairs_pixel_prompts = False  # it distils into the backbone's layers
 
     def __init__(
         self,

@@ -95,7 +95,9 @@ on SimpleNet. (6) A resumed run restarts the warm-started searches (they live in
 in the checkpoint): a run is deterministic from its seed, but an interrupted one is not
 bit-identical to an uninterrupted one.
 
-Models: the prompt is input-side, so every registered model works (CNNs, ViTs, prompted ViTs).
+Models: the prompt is input-side, so every registered model works (CNNs, ViTs, prompted ViTs),
+and a pixel-prompted one (adapt.mode pixel): the defensive prompt goes in front of the attacker's
+pixel prompt, at its input size, and both the attacker's prompt and the backbone stay frozen.
 With `token_prompts=True`, a VPT-adapted model's own prompt tokens are trained as well (the
 attacker's prompts are then repaired too; the backbone and head stay frozen; not measured).
 """
@@ -253,8 +255,11 @@ def clamp_pixels(v: torch.Tensor, ascent: bool = False) -> torch.Tensor:
 
 
 def model_input_size(model: nn.Module, default: int = DEFAULT_SIZE) -> int:
-    """The input size a model declares (a ViT's patch embedding, timm's pretrained_cfg), else
-    `default`: CNNs take any size."""
+    """The input size a model declares (a pixel prompt's, a ViT's patch embedding, timm's
+    pretrained_cfg), else `default`: CNNs take any size."""
+    pixel_size = getattr(getattr(model, "prompt", None), "image_size", None)
+    if isinstance(pixel_size, int):  # a pixel-prompted model takes exactly its prompt's size
+        return pixel_size
     net = getattr(model, "net", model)
     size = getattr(getattr(net, "patch_embed", None), "img_size", None)
     if size is None:
@@ -541,6 +546,7 @@ class PromptDefense:
     """
 
     name = "prompt"
+    repairs_pixel_prompts = True  # its prompt goes in front of the attacker's
 
     def __init__(
         self,

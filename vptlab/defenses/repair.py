@@ -9,6 +9,12 @@ split), `clean.test` the split evaluated after each epoch, `cfg.train` the defen
 Registered: `ft` (fine-tuning), `fp` (fine-pruning, Liu et al. 2018) and `nad` (Neural Attention
 Distillation, Li et al. 2021); `create_repairer(name, **options)` builds one, and a config's
 `defense.options` are checked against the factory's signature like `model.options`.
+
+A pixel-prompted model (adapt.mode pixel, vptlab/prompts/pixel.py) is a frozen, shared backbone
+behind what the attacker trained: its prompt (and label-mapping head). A repairer that says
+`repairs_pixel_prompts` repairs that part alone (`ft` fine-tunes the prompt and head, `prompt`
+puts its own prompt in front); the others work on the backbone's layers and are refused for such
+a run at config time (`pixel_prompt_refusal`).
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class Repairer(Protocol):
     """A backdoor defense that repairs a model with clean data."""
 
     name: str
+    # Whether it repairs a pixel-prompted model without touching its frozen backbone.
+    repairs_pixel_prompts: bool
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Structure only (pruning-mask buffers, prompt modules...), no training, deterministic:
@@ -114,6 +122,26 @@ def clean_splits(data: DataSplits, fraction: float, seed: int) -> DataSplits:
     return replace(data, train=clean_subset(data.train, fraction, seed))
 
 
+def pixel_repairers() -> list[str]:
+    """The registered repairers that repair a pixel-prompted model (`repairs_pixel_prompts`)."""
+    return [n for n in REPAIRERS.names() if REPAIRERS.create(n).repairs_pixel_prompts]
+
+
+def pixel_prompt_refusal(name: str) -> str | None:
+    """Why repairer `name` cannot repair a pixel-prompted run (adapt.mode pixel), or None."""
+    if name not in REPAIRERS or REPAIRERS.create(name).repairs_pixel_prompts:
+        return None
+    return (
+        f"defense {name} works on the backbone's layers, which a pixel-prompted run "
+        f"(adapt.mode pixel) keeps frozen; repair it with {' or '.join(pixel_repairers())}"
+    )
+
+
+def is_pixel_prompted(model: nn.Module) -> bool:
+    """Whether `model` is a pixel-prompted classifier (vptlab.prompts.PixelPrompted)."""
+    return getattr(model, "mode", None) == "pixel" and hasattr(model, "prompt")
+
+
 def backbone(model: nn.Module) -> nn.Module:
     """The net inside an ImageClassifier (adapted or not), where repairers find their layers."""
     if not isinstance(model, ImageClassifier):
@@ -139,6 +167,25 @@ def fit_whole_model(
     return fit(model, clean, cfg, run_dir, task=task, evaluators=evaluators, trainable_only=False)
 
 
+def fit_pixel_prompt(
+    model: nn.Module,
+    clean: DataSplits,
+    cfg: ExperimentConfig,
+    run_dir: str | Path,
+    evaluators: list[Evaluator] | None = None,
+) -> dict[str, Any]:
+    """`fit` of a pixel-prompted model's prompt and label-mapping head alone (what the attacker
+    trained); the backbone stays frozen and in eval mode, bit-identical, so only the trained
+    tensors (and the label mapping) are saved, pinned to the backbone file like the parent's."""
+    if not is_pixel_prompted(model):
+        raise TypeError(f"fit_pixel_prompt expects a PixelPrompted model, got {type(model)}")
+    model.model.requires_grad_(False)
+    model.prompt.requires_grad_(True)
+    model.mapping.requires_grad_(True)
+    task = ClassificationTask(cfg.train.label_smoothing)
+    return fit(model, clean, cfg, run_dir, task=task, evaluators=evaluators, trainable_only=True)
+
+
 def record_metrics(run_dir: str | Path, key: str, values: dict[str, Any]) -> None:
     """Add `values` under `key` to the run's metrics.json (written by `fit`)."""
     if not is_main_process():
@@ -161,8 +208,12 @@ __all__ = [
     "create_repairer",
     "fine_pruning",
     "finetune",
+    "fit_pixel_prompt",
     "fit_whole_model",
+    "is_pixel_prompted",
     "nad",
+    "pixel_prompt_refusal",
+    "pixel_repairers",
     "prompt_defense",
     "record_metrics",
 ]

@@ -108,6 +108,9 @@ def _resolve(cell: Cell, matrix: MatrixConfig, out: Path, overrides: list[str],
     train = cfg.model_dump(mode="json")
     defend = None
     if defense.kind == "repair":
+        refusal = _repair_refusal(cfg, defense)
+        if refusal is not None:
+            return _skipped(cell, refusal)
         spec = {"name": defense.name, "clean_fraction": defense.clean_fraction,
                 "options": defense.options}  # fmt: skip
         recipe = defense.train_for(cell.model)
@@ -138,6 +141,16 @@ def _check_defended(cell: Cell, cfg: ExperimentConfig, spec: dict[str, Any],
         defended_config(parent, cfg, spec, [f"name={name}"], train=recipe)
     except ConfigError as error:
         raise ConfigError(f"defenses.{cell.defense} (cell {cell.id}): {error}") from None
+
+
+def _repair_refusal(cfg: ExperimentConfig, defense: DefenseSpec) -> str | None:
+    """Why the repair cannot work on this training step's model (a repairer of backbone layers
+    on a pixel-prompted run), or None."""
+    from vptlab.defenses.repair import pixel_prompt_refusal
+
+    if cfg.adapt.mode != "pixel" or defense.name is None:
+        return None
+    return pixel_prompt_refusal(defense.name)
 
 
 def _skipped(cell: Cell, reason: str) -> Cell:
@@ -181,7 +194,8 @@ def _builds(raw: dict[str, Any], overrides: list[str]) -> bool:
 
 
 def _nonsense(cfg: ExperimentConfig) -> str | None:
-    """Why this training makes no sense, or None: prompts on a net with no place for them."""
+    """Why this training makes no sense, or None: prompts on a net with no place for them. (Pixel
+    prompts act on the input: every model takes one.)"""
     if cfg.adapt.mode in ("prompt", "prompt+full") and not _promptable(
         cfg.model.name, json.dumps(cfg.model.options, sort_keys=True), cfg.data.img_size or 32
     ):

@@ -252,7 +252,8 @@ def _evaluate(cell: Cell, progress: bool) -> dict[str, Any]:
         grids = []
         if limit["examples"] > 0:
             write_examples({"poisoned": model}, splits, threat, folder / "backdoor_examples.png",
-                           count=limit["examples"], title=f"{threat.name}: clean / triggered")
+                           count=limit["examples"], title=f"{threat.name}: clean / triggered",
+                           img_size=cfg.data.img_size)  # fmt: skip
             grids.append("backdoor_examples.png")
         return {"metrics": metrics, "grids": grids}
     out = evaluate_suite(model, splits.test, [], progress=progress,
