@@ -8,7 +8,8 @@ model's own tokenizer, and looks them up by that index (engine/tasks.py). The te
 labeled one, evaluated zero-shot with the class names and `templates` of its DataSplits.
 
 Registered: `mnist-captions` and `fashion-captions` (offline: mnist-5k / Fashion-MNIST images
-with captions drawn, seeded, from varied templates) and `image-text` (a local table).
+with captions drawn, seeded, from varied templates), `digits-captions` (scikit-learn's 8x8 digits
+captioned the same way, for unit tests) and `image-text` (a local table).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset, Subset
 
 from vptlab.data.base import DATASETS, DataSplits, TensorSplit, seeded_generator
 from vptlab.data.folders import load_image
-from vptlab.data.small import load_fashion_mnist, load_mnist_5k
+from vptlab.data.small import load_digits, load_fashion_mnist, load_mnist_5k
 from vptlab.errors import DataError
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -156,6 +157,18 @@ def load_mnist_captions(
     is mnist-5k's, evaluated zero-shot over the class words."""
     return captioned(
         "mnist-captions", load_mnist_5k(seed=seed), DIGIT_WORDS, templates or DIGIT_CAPTIONS,
+        DIGIT_ZERO_SHOT, seed, symbols=[str(d) for d in range(10)],
+    )  # fmt: skip
+
+
+@DATASETS.register("digits-captions")
+def load_digits_captions(
+    root: str | None = None, seed: int = 0, templates: list[str] | None = None
+) -> DataSplits:
+    """scikit-learn's 8x8 digits with captions as `mnist-captions` draws them: the tiny
+    image-text set of the unit tests (1,437 train pairs)."""
+    return captioned(
+        "digits-captions", load_digits(seed=seed), DIGIT_WORDS, templates or DIGIT_CAPTIONS,
         DIGIT_ZERO_SHOT, seed, symbols=[str(d) for d in range(10)],
     )  # fmt: skip
 
