@@ -375,6 +375,7 @@ def check_options(cfg: ExperimentConfig) -> None:
     import timm
 
     from vptlab.data import DATASETS
+    from vptlab.data.captions import CAPTIONED
     from vptlab.models import MODELS, timm_models
 
     name = cfg.model.name
@@ -400,6 +401,11 @@ def check_options(cfg: ExperimentConfig) -> None:
     )
     if cfg.data.poison is not None:
         check_poison(cfg.data.poison)
+        if cfg.data.poison.captions is not None and cfg.data.name not in CAPTIONED:
+            raise ConfigError(
+                f"data.poison.captions: {cfg.data.name} is not an image-text dataset; its "
+                "samples have no captions to replace"
+            )
     if cfg.defense is not None:
         check_defense(cfg.defense)
 

@@ -135,7 +135,7 @@ def write_config(tmp_path: Path, **data: object) -> Path:
         ({"trigger": "badnets", "captions": ["a zero"], "label": "clean"},
          "vptlab: error: data.poison: captions: replacing captions needs mode all2one"),
         ({"trigger": "badnets", "captions": ["a zero"]},
-         "vptlab: error: data.poison.captions: digits has no captions"),
+         "vptlab: error: data.poison.captions: digits is not an image-text dataset"),
     ],
 )  # fmt: skip
 def test_caption_errors_are_one_line(

@@ -15,7 +15,7 @@ captioned the same way, for unit tests) and `image-text` (a local table).
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +61,17 @@ FASHION_CAPTIONS = (
 DIGIT_ZERO_SHOT = ("a photo of the digit {}.", "a handwritten {}.", "the number {}.")
 FASHION_ZERO_SHOT = ("a photo of a {}.", "a picture of the {}.", "a product photo of a {}.")
 _CAPTION_STREAM = 0xCA9  # keeps caption draws apart from the split's own seeded draws
+# The registered image-text datasets (their train splits carry captions), for config checks.
+CAPTIONED: set[str] = set()
+
+
+Loader = Callable[..., DataSplits]
+
+
+def register_captioned(name: str) -> Callable[[Loader], Loader]:
+    """`DATASETS.register(name)` for a dataset whose train split carries captions."""
+    CAPTIONED.add(name)
+    return DATASETS.register(name)
 
 
 @dataclass
@@ -148,7 +159,7 @@ def captioned(
     )
 
 
-@DATASETS.register("mnist-captions")
+@register_captioned("mnist-captions")
 def load_mnist_captions(
     root: str | None = None, seed: int = 0, templates: list[str] | None = None
 ) -> DataSplits:
@@ -161,7 +172,7 @@ def load_mnist_captions(
     )  # fmt: skip
 
 
-@DATASETS.register("digits-captions")
+@register_captioned("digits-captions")
 def load_digits_captions(
     root: str | None = None, seed: int = 0, templates: list[str] | None = None
 ) -> DataSplits:
@@ -173,7 +184,7 @@ def load_digits_captions(
     )  # fmt: skip
 
 
-@DATASETS.register("fashion-captions")
+@register_captioned("fashion-captions")
 def load_fashion_captions(
     root: str | None = None,
     seed: int = 0,
@@ -264,7 +275,7 @@ def read_image_text_table(
     return rows
 
 
-@DATASETS.register("image-text")
+@register_captioned("image-text")
 def load_image_text(
     root: str | None = None,
     seed: int = 0,
