@@ -11,7 +11,7 @@ beside it (defended runs), and must not change it.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,19 @@ def clip_config(out: Path, name: str, poison: dict[str, Any] | None = None) -> E
     if poison is not None:
         raw["data"]["poison"] = poison
     return build_config(raw)
+
+
+@pytest.fixture
+def clip_recipe() -> Callable[..., ExperimentConfig]:
+    """`clip_config(out, name, poison=None)`: the fixture's recipe (test modules cannot import
+    this conftest; see tests/prompts/conftest.py)."""
+    return clip_config
+
+
+@pytest.fixture
+def clip_poison() -> dict[str, Any]:
+    """The fixture run's `data.poison` section."""
+    return copy.deepcopy(POISON)
 
 
 @pytest.fixture(autouse=True)
