@@ -71,3 +71,18 @@ def test_eval_reports_zero_shot(
     saved = json.loads((poisoned_clip_run / "metrics.json").read_text())["final"]
     assert result["zero_shot"] is True
     assert abs(result["top1"] - saved["test_top1"]) < 1e-6
+
+
+def test_cleanclip_views_stay_in_range_and_captions_keep_their_words() -> None:
+    from vptlab.defenses.cleanclip import augment_caption, augment_images
+
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 16, 16)
+    views = augment_images(x, shift=0.1, scale=0.1, jitter=0.2)
+    assert views.shape == x.shape and 0.0 <= views.min() and views.max() <= 1.0
+    assert not torch.equal(views, x)
+    caption = "the number seven written by hand"
+    for _ in range(20):
+        words = augment_caption(caption, word_drop=0.5).split()
+        assert 1 <= len(words) <= 6 and set(words) <= set(caption.split())
+    assert augment_caption("seven", 0.9) == "seven"
