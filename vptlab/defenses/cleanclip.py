@@ -126,6 +126,7 @@ class CleanCLIP:
     clean pairs, as the recipe (`train`) says."""
 
     name = "cleanclip"
+    image_text = True  # applies to image-text (CLIP) models only
 
     def __init__(
         self,

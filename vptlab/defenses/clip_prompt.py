@@ -90,6 +90,7 @@ class CLIPPromptDefense(PromptDefense):
     clean image-text pairs (see the module docstring); the same options."""
 
     name = "clip-prompt"
+    image_text = True  # applies to image-text (CLIP) models only
 
     def prepare(self, model: nn.Module) -> PromptedInput:
         clip_net(model)  # an image-text model, or one error line now
