@@ -1,11 +1,11 @@
 """A poisoned tiny CLIP, pretrained once per session for the backdoor and defense tests.
 
 `digits-captions` (1,437 captioned 8x8 digits), a 2-block image tower on 2x2 patches and a
-1-block text tower; 5% of the pairs carry a 2x2 white patch at the bottom right and a caption of
-digit 0. Batches of 32: the loss leaves its starting plateau after ~3 epochs, and after 6 the
-model reads digits zero-shot well above chance and the patch sends most of them to "zero"
-(about 20 s on one core). Tests must not write into its folder except through new run folders
-beside it (defended runs), and must not change it.
+1-block text tower of width 32 (half the 49,408-token embedding AdamW steps over: half the
+time); 10% of the pairs carry a 2x2 white patch at the bottom right and a caption of digit 0.
+Batches of 32: after 6 epochs the model reads digits zero-shot well above chance (73%) and the
+patch sends most of them to "zero" (89%), in about 11 s on one core. Tests must not write into
+its folder except through new run folders beside it (defended runs), and must not change it.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ import torch
 from vptlab.config import ExperimentConfig, build_config
 from vptlab.engine.runner import train
 
-POISON: dict[str, Any] = {"trigger": "badnets", "options": {"size": 2}, "rate": 0.05, "target": 0}
+POISON: dict[str, Any] = {"trigger": "badnets", "options": {"size": 2}, "rate": 0.1, "target": 0}
 RECIPE: dict[str, Any] = {
     "seed": 0,
     "device": "cpu",
     "data": {"name": "digits-captions", "batch_size": 32, "num_workers": 0},
-    "model": {"name": "clip-tiny", "options": {"layers": 2, "text_layers": 1, "patch_size": 2}},
+    "model": {"name": "clip-tiny",
+              "options": {"layers": 2, "text_layers": 1, "patch_size": 2, "text_width": 32}},
     "train": {"objective": "clip", "epochs": 6, "lr": 3e-3, "weight_decay": 0.1,
               "schedule": "constant"},
     "output": {"tensorboard": False, "progress": False},

@@ -1,5 +1,5 @@
 """Poisoned contrastive pretraining plants a zero-shot backdoor: the same short recipe on clean
-pairs leaves the patch harmless, on 5% poisoned pairs it sends most patched digits to "zero"."""
+pairs leaves the patch harmless, on 10% poisoned pairs it sends most patched digits to "zero"."""
 
 from __future__ import annotations
 
@@ -31,5 +31,5 @@ def test_poisoned_pretraining_gives_asr_far_above_the_clean_models(
     print(f"clean CA {clean['clean/top1']:.1f} ASR {clean['badnets/asr']:.1f}; "
           f"poisoned CA {poisoned['ca']:.1f} ASR {poisoned['asr']:.1f}")  # fmt: skip
     assert clean["clean/top1"] > 25.0 and poisoned["ca"] > 20.0  # chance: 10%
-    assert poisoned["poisoned"] == round(0.05 * 1437)
+    assert poisoned["poisoned"] == round(clip_poison["rate"] * 1437)
     assert poisoned["asr"] > clean["badnets/asr"] + 40.0
