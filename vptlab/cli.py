@@ -51,19 +51,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from vptlab.data.loaders import make_loader
+    from vptlab.engine.build import zero_shot_prompts
     from vptlab.engine.loop import amp_dtype_for
     from vptlab.engine.runner import load_run
     from vptlab.metrics.accuracy import evaluate
+    from vptlab.models.clip import clip_net, is_clip
 
     device = (_device_overrides(args) or ["device=auto"])[0].split("=", 1)[1]
     cfg, model, splits = load_run(args.run_dir, device=device, data=args.data, root=args.root)
+    zero_shot = is_clip(model)
+    if zero_shot:  # classify the evaluated dataset's classes through the text tower
+        clip_net(model).set_zero_shot_head(*zero_shot_prompts(splits))
     dev = next(model.parameters()).device
     loader = make_loader(
         splits.test, cfg.data.eval_batch_size, train=False, device=dev, seed=cfg.seed,
         num_workers=cfg.data.num_workers, img_size=cfg.data.img_size,
     )
     result = evaluate(model, loader, amp_dtype_for(dev, cfg.train.amp))
-    print(json.dumps({"run": str(args.run_dir), "dataset": splits.name, **result}))
+    extra = {"zero_shot": True} if zero_shot else {}
+    print(json.dumps({"run": str(args.run_dir), "dataset": splits.name, **extra, **result}))
     return 0
 
 
@@ -206,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
         "defend", help="repair a poisoned run with clean data into a new run folder (parent: it)"
     )
     p.add_argument("run_dir", help="a finished run trained with data.poison")
-    p.add_argument("--defense", required=True, help="ft, fp, nad or prompt")
+    p.add_argument("--defense", required=True,
+                   help="ft, fp, nad or prompt; for CLIP runs ft, nad, cleanclip or clip-prompt")
     p.add_argument("--clean-fraction", type=float, default=None,
                    help="share of the clean train split the defender holds (default 0.05)")
     p.add_argument("--fresh", action="store_true", help="redo a finished defended run")

@@ -50,11 +50,28 @@ class PoisonConfig(Section):
     target: int = Field(0, ge=0, description="the attack's class (all2one)")
     mode: Literal["all2one", "all2all"] = "all2one"
     label: Literal["dirty", "clean"] = "dirty"
+    captions: list[str] | None = Field(
+        None, description="image-text data: the captions poisoned pairs get (one drawn per pair); "
+        "None: the train split's own captions of the target class",
+    )
 
     @model_validator(mode="after")
     def _check_clean_label(self) -> PoisonConfig:
         if self.label == "clean" and self.mode != "all2one":
             raise ValueError("clean-label poisoning needs mode all2one (one target class)")
+        return self
+
+    @field_validator("captions")
+    @classmethod
+    def _check_caption_texts(cls, captions: list[str] | None) -> list[str] | None:
+        if captions is not None and (not captions or not all(c.strip() for c in captions)):
+            raise ValueError("give at least one caption, none of them empty")
+        return captions
+
+    @model_validator(mode="after")
+    def _check_captions(self) -> PoisonConfig:
+        if self.captions is not None and (self.mode != "all2one" or self.label != "dirty"):
+            raise ValueError("captions: replacing captions needs mode all2one and label dirty")
         return self
 
 
@@ -358,6 +375,7 @@ def check_options(cfg: ExperimentConfig) -> None:
     import timm
 
     from vptlab.data import DATASETS
+    from vptlab.data.captions import CAPTIONED
     from vptlab.models import MODELS, timm_models
 
     name = cfg.model.name
@@ -383,6 +401,11 @@ def check_options(cfg: ExperimentConfig) -> None:
     )
     if cfg.data.poison is not None:
         check_poison(cfg.data.poison)
+        if cfg.data.poison.captions is not None and cfg.data.name not in CAPTIONED:
+            raise ConfigError(
+                f"data.poison.captions: {cfg.data.name} is not an image-text dataset; its "
+                "samples have no captions to replace"
+            )
     if cfg.defense is not None:
         check_defense(cfg.defense)
 
@@ -452,7 +475,10 @@ def outside_run_key(key: str) -> bool:
 
 # Optional sections left out of the recipe while unset, so that adding one to the config keeps
 # the run keys of every run made before it (and their cached backbones) valid.
-UNSET_NOT_IN_RUN_KEY = (("data", "poison"), ("adapt", "pixel"), ("defense",))
+# Nested ones come after their section (a removed section reads as empty).
+UNSET_NOT_IN_RUN_KEY = (
+    ("data", "poison"), ("data", "poison", "captions"), ("adapt", "pixel"), ("defense",),
+)  # fmt: skip
 
 
 def recipe(cfg: ExperimentConfig) -> dict[str, Any]:

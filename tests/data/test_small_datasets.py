@@ -26,7 +26,7 @@ def same_split(a: DataSplits, b: DataSplits) -> bool:
 def test_registry_lists_every_dataset() -> None:
     labeled = {"digits", "mnist-5k", "fashion-mnist", "cifar10", "cifar100", "imagefolder",
                "miniplaces"}  # fmt: skip
-    captioned = {"mnist-captions", "fashion-captions", "image-text"}  # image-text pretraining
+    captioned = {"mnist-captions", "fashion-captions", "digits-captions", "image-text"}
     assert labeled | captioned == set(DATASETS.names())
 
 

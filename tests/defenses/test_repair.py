@@ -177,13 +177,21 @@ def test_defense_config_is_validated_and_keyed() -> None:
 # --- the registry contract ----------------------------------------------------------------------
 
 
+def _model_for(repairer: Repairer) -> torch.nn.Module:
+    """A small model the repairer applies to: a tiny CLIP for image-text repairers."""
+    if getattr(repairer, "image_text", False):
+        return create_model("clip-tiny", num_classes=10, img_size=28, layers=1, text_layers=1,
+                            width=32, text_width=32, embed_dim=16)  # fmt: skip
+    return create_model("simplenet", num_classes=10, img_size=28)
+
+
 @pytest.mark.parametrize("name", REPAIRERS.names())
 def test_prepare_is_structure_only_and_deterministic(name: str) -> None:
     repairer = create_repairer(name)
     assert isinstance(repairer, Repairer) and repairer.name == name
     x = torch.rand(4, 3, 28, 28, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    model = create_model("simplenet", num_classes=10, img_size=28).eval()
+    model = _model_for(repairer).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = model(x)
     prepared = repairer.prepare(model)
@@ -191,7 +199,7 @@ def test_prepare_is_structure_only_and_deterministic(name: str) -> None:
     inner = model.state_dict()  # the prompt defense wraps the model: its own tensors, unchanged
     assert all(torch.equal(inner[k], v) for k, v in before.items())  # no weight changed
     assert torch.allclose(prepared(x), out)  # same function until repaired
-    if name == "prompt":  # a second defensive prompt is refused rather than stacked
+    if name in ("prompt", "clip-prompt"):  # a second defensive prompt is refused, not stacked
         with pytest.raises(ConfigError, match="already has a defensive prompt"):
             repairer.prepare(prepared)
     else:
@@ -199,7 +207,7 @@ def test_prepare_is_structure_only_and_deterministic(name: str) -> None:
         assert again.state_dict().keys() == state.keys()
         assert torch.allclose(again(x), out)
     torch.manual_seed(0)
-    other = repairer.prepare(create_model("simplenet", num_classes=10, img_size=28))
+    other = repairer.prepare(_model_for(repairer))
     assert other.state_dict().keys() == state.keys()
 
 
@@ -339,7 +347,12 @@ def test_clean_splits_keep_the_test_split(backdoored: Any) -> None:
     assert len(clean.train) == 200 and clean.num_classes == 10
 
 
-@pytest.mark.parametrize("name", REPAIRERS.names())
+# Image-text repairers (cleanclip, clip-prompt) need captions: tests/clip/test_clip_defenses.py
+# repairs a poisoned tiny CLIP with each and reloads its run.
+IMAGE_ONLY = [n for n in REPAIRERS.names() if not getattr(create_repairer(n), "image_text", False)]
+
+
+@pytest.mark.parametrize("name", IMAGE_ONLY)
 def test_every_repairer_repairs_a_tiny_vit_whose_run_reloads(name: str, tmp_path: Path) -> None:
     raw = {
         "name": name,

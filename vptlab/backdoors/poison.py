@@ -223,9 +223,18 @@ def poison_split(
 
 
 def poison_data(data: DataSplits, cfg: PoisonConfig, seed: int = 0) -> DataSplits:
-    """`data` with its train split poisoned (see `poison_split`); the test split stays clean."""
-    train = poison_split(data.train, cfg, data.num_classes, seed)
-    return replace(data, train=train)
+    """`data` with its train split poisoned (see `poison_split`; image-text data also get the
+    target's captions on poisoned pairs, backdoors/clip_poison.py); the test split stays clean."""
+    # Imported here: clip_poison builds on this module.
+    from vptlab.backdoors.clip_poison import has_captions, poison_caption_split
+
+    if has_captions(data.train):
+        return replace(data, train=poison_caption_split(data.train, cfg, data.num_classes, seed))
+    if cfg.captions is not None:
+        raise ConfigError(
+            f"data.poison.captions: {data.name} has no captions to replace (it is not image-text)"
+        )
+    return replace(data, train=poison_split(data.train, cfg, data.num_classes, seed))
 
 
 def non_target_index(labels: torch.Tensor, target: int, mode: str) -> torch.Tensor:

@@ -8,13 +8,14 @@ model's own tokenizer, and looks them up by that index (engine/tasks.py). The te
 labeled one, evaluated zero-shot with the class names and `templates` of its DataSplits.
 
 Registered: `mnist-captions` and `fashion-captions` (offline: mnist-5k / Fashion-MNIST images
-with captions drawn, seeded, from varied templates) and `image-text` (a local table).
+with captions drawn, seeded, from varied templates), `digits-captions` (scikit-learn's 8x8 digits
+captioned the same way, for unit tests) and `image-text` (a local table).
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset, Subset
 
 from vptlab.data.base import DATASETS, DataSplits, TensorSplit, seeded_generator
 from vptlab.data.folders import load_image
-from vptlab.data.small import load_fashion_mnist, load_mnist_5k
+from vptlab.data.small import load_digits, load_fashion_mnist, load_mnist_5k
 from vptlab.errors import DataError
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -60,6 +61,17 @@ FASHION_CAPTIONS = (
 DIGIT_ZERO_SHOT = ("a photo of the digit {}.", "a handwritten {}.", "the number {}.")
 FASHION_ZERO_SHOT = ("a photo of a {}.", "a picture of the {}.", "a product photo of a {}.")
 _CAPTION_STREAM = 0xCA9  # keeps caption draws apart from the split's own seeded draws
+# The registered image-text datasets (their train splits carry captions), for config checks.
+CAPTIONED: set[str] = set()
+
+
+Loader = Callable[..., DataSplits]
+
+
+def register_captioned(name: str) -> Callable[[Loader], Loader]:
+    """`DATASETS.register(name)` for a dataset whose train split carries captions."""
+    CAPTIONED.add(name)
+    return DATASETS.register(name)
 
 
 @dataclass
@@ -147,7 +159,7 @@ def captioned(
     )
 
 
-@DATASETS.register("mnist-captions")
+@register_captioned("mnist-captions")
 def load_mnist_captions(
     root: str | None = None, seed: int = 0, templates: list[str] | None = None
 ) -> DataSplits:
@@ -160,7 +172,19 @@ def load_mnist_captions(
     )  # fmt: skip
 
 
-@DATASETS.register("fashion-captions")
+@register_captioned("digits-captions")
+def load_digits_captions(
+    root: str | None = None, seed: int = 0, templates: list[str] | None = None
+) -> DataSplits:
+    """scikit-learn's 8x8 digits with captions as `mnist-captions` draws them: the tiny
+    image-text set of the unit tests (1,437 train pairs)."""
+    return captioned(
+        "digits-captions", load_digits(seed=seed), DIGIT_WORDS, templates or DIGIT_CAPTIONS,
+        DIGIT_ZERO_SHOT, seed, symbols=[str(d) for d in range(10)],
+    )  # fmt: skip
+
+
+@register_captioned("fashion-captions")
 def load_fashion_captions(
     root: str | None = None,
     seed: int = 0,
@@ -251,7 +275,7 @@ def read_image_text_table(
     return rows
 
 
-@DATASETS.register("image-text")
+@register_captioned("image-text")
 def load_image_text(
     root: str | None = None,
     seed: int = 0,

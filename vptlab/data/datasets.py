@@ -2,7 +2,7 @@
 
 Importing this module registers the readers: small.py (digits, mnist-5k, fashion-mnist), cifar.py
 (cifar10, cifar100), folders.py (imagefolder, miniplaces) and captions.py (mnist-captions,
-fashion-captions, image-text).
+fashion-captions, digits-captions, image-text).
 """
 
 from __future__ import annotations

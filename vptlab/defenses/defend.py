@@ -29,10 +29,10 @@ from vptlab.backdoors.poison import POISON_FILE, load_poison, stored_channels, s
 from vptlab.config import ExperimentConfig, apply_overrides, build_config, load_yaml, run_key
 from vptlab.data.base import DataSplits, TensorSplit, split_labels
 from vptlab.data.loaders import resize
-from vptlab.engine.build import build_data, build_model, image_size
+from vptlab.engine.build import build_data, build_model, image_size, zero_shot_prompts
 from vptlab.engine.checkpoint import atomic_write_text, load_model
 from vptlab.engine.distributed import is_main_process
-from vptlab.engine.evaluators import TestAccuracy
+from vptlab.engine.evaluators import TestAccuracy, ZeroShotAccuracy
 from vptlab.engine.lock import clear_locked_folder, folder_lock
 from vptlab.engine.loop import CONFIG_FILE, METRICS_FILE, MODEL_FILE, amp_dtype_for, resolve_device
 from vptlab.errors import ConfigError
@@ -41,7 +41,8 @@ from vptlab.tables import DEFENSE_COLUMNS, DEFENSE_NOTE, markdown_table
 
 EXAMPLES_FILE = "examples.png"
 # The defense's training recipe unless overridden (`train.epochs=20`): the parent's optimizer,
-# learning rate and batch size, no warm-up, a clean objective, no robustness probe.
+# learning rate and batch size, no warm-up, a clean objective (`clip` for a contrastively
+# pretrained parent), no robustness probe.
 DEFENSE_TRAIN: dict[str, Any] = {
     "epochs": 10,
     "warmup_epochs": 0.0,
@@ -89,7 +90,10 @@ def defended_config(
     from vptlab.defenses.repair import pixel_prompt_refusal
 
     raw = parent_cfg.model_dump(mode="json")
-    raw["train"] = {**raw["train"], **DEFENSE_TRAIN, **(train or {})}
+    # The clean objective: an image-text model pretrained contrastively is repaired with CLIP's
+    # loss on clean pairs (a recipe may still name another).
+    clean_objective = {"objective": "clip"} if parent_cfg.train.objective == "clip" else {}
+    raw["train"] = {**raw["train"], **DEFENSE_TRAIN, **clean_objective, **(train or {})}
     raw["defense"] = defense
     raw["parent"] = str(parent)
     raw = apply_overrides(raw, [f"name={parent_cfg.name}-{defense.get('name')}",
@@ -137,6 +141,14 @@ def summary(before: dict[str, float], after: dict[str, float], name: str) -> dic
         "asr_drop": asr_drop(asr_b, asr_a), "ca_drop": ca_b - ca_a,
         "der": der(ca_b, ca_a, asr_b, asr_a),
     }  # fmt: skip
+
+
+def clean_evaluator(cfg: ExperimentConfig, data: DataSplits) -> TestAccuracy:
+    """Clean top-1 per epoch; zero-shot for an image-text model, whose head is rebuilt from its
+    text tower first (a contrastive repair trains that tower too)."""
+    if cfg.train.objective == "clip":
+        return ZeroShotAccuracy(data.test, *zero_shot_prompts(data))
+    return TestAccuracy(data.test)
 
 
 def load_parent_model(parent: Path, cfg: ExperimentConfig, data: DataSplits) -> nn.Module:
@@ -200,7 +212,7 @@ def _defend_locked(parent: Path, parent_cfg: ExperimentConfig, cfg: ExperimentCo
     if is_main_process() and run_dir.exists():
         clear_locked_folder(run_dir)  # unfinished (or --fresh): nothing finished is lost
     clean = clean_splits(data, cfg.defense.clean_fraction, cfg.seed)
-    evaluators = [TestAccuracy(data.test), BackdoorAccuracy(data.test, threat)]
+    evaluators = [clean_evaluator(cfg, data), BackdoorAccuracy(data.test, threat)]
     torch.manual_seed(cfg.seed)
     repaired = repairer.repair(model, clean, cfg, run_dir, evaluators).eval()
     after = suite(repaired, data, threat, cfg, progress)

@@ -19,8 +19,12 @@ not), the teacher's from hooks on the frozen teacher, run without gradients.
 Default layers (`layers=None`), "the last feature stages": SimpleNet-style `features`, the outputs
 of its last two activations; ResNets, `layer3` and `layer4`; staged CNNs, the last two `stages`;
 ViTs, the last two blocks whose patch tokens reach the logits (with class-token pooling the last
-block's patch tokens do not, so blocks -3 and -2). Otherwise name them: `layers` takes module
-names as in `model.named_modules()` (e.g. `net.features.9`, `net.blocks.2`).
+block's patch tokens do not, so blocks -3 and -2); CLIP, the same in its image tower. Otherwise
+name them: `layers` takes module names as in `model.named_modules()` (e.g. `net.features.9`,
+`net.blocks.2`).
+
+An image-text model trained contrastively (`train.objective: clip`) replaces CE by CLIP's loss on
+the clean pairs, for the teacher's fine-tuning and beside the student's distillation.
 """
 
 from __future__ import annotations
@@ -38,9 +42,11 @@ from torch import nn
 from vptlab.config import ExperimentConfig
 from vptlab.data.base import DataSplits
 from vptlab.data.loaders import Batch
-from vptlab.defenses.repair import REPAIRERS, backbone, fit_whole_model
+from vptlab.defenses.repair import REPAIRERS, backbone, clean_task, fit_whole_model
 from vptlab.engine.evaluators import Evaluator
+from vptlab.engine.tasks import Task
 from vptlab.errors import ConfigError
+from vptlab.models.clip import CLIPNet
 
 TEACHER_DIR = "teacher"
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish)
@@ -97,6 +103,8 @@ def check_layers(model: nn.Module, layers: Sequence[str]) -> None:
 def default_layers(model: nn.Module) -> list[str]:
     """The last feature stages of `model` (see the module docstring)."""
     net = backbone(model)
+    if isinstance(net, CLIPNet):
+        return clip_layers(net)
     blocks = getattr(net, "blocks", None)
     if isinstance(blocks, nn.Sequential | nn.ModuleList) and len(blocks) > 0:
         if hasattr(blocks[-1], "mlp"):
@@ -116,6 +124,27 @@ def default_layers(model: nn.Module) -> list[str]:
     raise ConfigError(
         f"defense 'nad' has no default layers for {type(net).__name__}; name them in "
         "defense.options.layers (module names as in model.named_modules())"
+    )
+
+
+def clip_layers(net: CLIPNet) -> list[str]:
+    """The image tower's last feature stages: a ViT tower's last two residual blocks whose patch
+    tokens reach the embedding (class-token pooling: blocks -3 and -2); a ResNet tower's layer3
+    and layer4. The text tower is left alone: the trigger is in the image."""
+    visual = net.clip.visual
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+        if not getattr(visual.transformer, "batch_first", True):
+            raise ConfigError("defense 'nad' needs an open_clip image tower with batch_first")
+        token_pooled = getattr(visual, "pool_type", "tok") == "tok"
+        last = len(blocks) - 1 - (1 if token_pooled and len(blocks) > 1 else 0)
+        prefix = "net.clip.visual.transformer.resblocks"
+        return [f"{prefix}.{i}" for i in sorted({max(last - 1, 0), last})]
+    if all(isinstance(getattr(visual, name, None), nn.Module) for name in ("layer3", "layer4")):
+        return ["net.clip.visual.layer3", "net.clip.visual.layer4"]
+    raise ConfigError(
+        f"defense 'nad' has no default layers for the image tower {type(visual).__name__}; name "
+        "them in defense.options.layers"
     )
 
 
@@ -156,7 +185,9 @@ class AttentionDistillation:
         p: float = 2.0,
         label_smoothing: float = 0.0,
         num_patches: int | None = None,
+        base: Task | None = None,
     ) -> None:
+        self.base = base
         self.teacher = teacher.eval()
         self.teacher.requires_grad_(False)
         self.layers = list(layers)
@@ -198,11 +229,21 @@ class AttentionDistillation:
         self, model: nn.Module, batch: Batch, raw_model: nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor]:
         capture = self.student_features(raw_model)
-        logits = model(batch.x)
+        if self.base is not None:
+            loss, logits = self.base.loss(model, batch, raw_model)
+        else:
+            logits = model(batch.x)
+            loss = F.cross_entropy(logits.float(), batch.y, label_smoothing=self.label_smoothing)
         student = capture.take()
         teacher = self.teacher_forward(batch.x)
-        ce = F.cross_entropy(logits.float(), batch.y, label_smoothing=self.label_smoothing)
-        return ce + self.distillation(student, teacher), logits
+        return loss + self.distillation(student, teacher), logits
+
+    def correct(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The base task's count of right answers (captions retrieved, for CLIP's loss)."""
+        count = getattr(self.base, "correct", None)
+        if count is not None:
+            return count(logits, batch)
+        return (logits.detach().argmax(1) == batch.y).sum()
 
     def close(self) -> None:
         self.teacher_features.close()
@@ -213,7 +254,11 @@ class AttentionDistillation:
 
 def patch_count(model: nn.Module) -> int | None:
     """How many patch tokens a ViT's blocks carry (None for CNNs)."""
-    patch_embed = getattr(backbone(model), "patch_embed", None)
+    net = backbone(model)
+    if isinstance(net, CLIPNet):
+        grid = getattr(net.clip.visual, "grid_size", None)
+        return int(grid[0] * grid[1]) if grid is not None else None
+    patch_embed = getattr(net, "patch_embed", None)
     count = getattr(patch_embed, "num_patches", None)
     return int(count) if count is not None else None
 
@@ -273,9 +318,12 @@ class NeuralAttentionDistillation:
         model = self.prepare(model)
         layers = self.layers_of(model)
         teacher = self.train_teacher(model, clean, cfg, run_dir, evaluators)
+        # The student's own objective beside the distillation: cross-entropy, or CLIP's loss
+        # for an image-text model (`clean_task`).
+        base = clean_task(model, clean, cfg) if cfg.train.objective == "clip" else None
         task = AttentionDistillation(
             teacher, layers, self.beta, self.p, label_smoothing=cfg.train.label_smoothing,
-            num_patches=patch_count(model),
+            num_patches=patch_count(model), base=base,
         )  # fmt: skip
         try:
             fit_whole_model(model, clean, cfg, run_dir, task=task, evaluators=evaluators)

@@ -192,8 +192,9 @@ class PromptedInput(nn.Module):
         finally:
             self._ascent = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.prompted(x))
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        # Extra arguments reach the model: an image-text model's `text=` tokens (models/clip.py).
+        return self.model(self.prompted(x), *args, **kwargs)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(self.prompted(x))
@@ -262,6 +263,8 @@ def model_input_size(model: nn.Module, default: int = DEFAULT_SIZE) -> int:
         return pixel_size
     net = getattr(model, "net", model)
     size = getattr(getattr(net, "patch_embed", None), "img_size", None)
+    if size is None:  # open_clip's image tower (models/clip.py)
+        size = getattr(getattr(getattr(net, "clip", None), "visual", None), "image_size", None)
     if size is None:
         input_size = (getattr(net, "pretrained_cfg", None) or {}).get("input_size")
         size = input_size[-2:] if input_size else None
@@ -612,13 +615,16 @@ class PromptDefense:
         size = self.size or model_input_size(model)
         return PromptedInput(model, size, self.bound, self.frame)
 
-    def task(self, num_classes: int) -> PromptDefenseTask:
-        """The training step: targeted searches, one per class, or `candidates` untargeted."""
+    def perturbation(self, num_classes: int) -> UniversalPerturbation:
+        """The inner search: targeted, one per class, or `candidates` untargeted."""
         targets = range(num_classes) if self.targeted else None
-        perturbation = UniversalPerturbation(
+        return UniversalPerturbation(
             self.threat, self.area, self.eps, self.alpha, self.candidates, targets, self.starts
         )
-        return PromptDefenseTask(perturbation, self.steps, self.lam)
+
+    def task(self, num_classes: int) -> PromptDefenseTask:
+        """The training step: the search, then the clean and the perturbed cross-entropy."""
+        return PromptDefenseTask(self.perturbation(num_classes), self.steps, self.lam)
 
     def repair(
         self,

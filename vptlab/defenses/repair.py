@@ -6,9 +6,11 @@ deterministic, so that a defended run is rebuilt as `build model -> prepare -> l
 saving the whole model. `clean.train` is the defender's clean data (`clean_subset` of the train
 split), `clean.test` the split evaluated after each epoch, `cfg.train` the defense's recipe.
 
-Registered: `ft` (fine-tuning), `fp` (fine-pruning, Liu et al. 2018) and `nad` (Neural Attention
-Distillation, Li et al. 2021); `create_repairer(name, **options)` builds one, and a config's
-`defense.options` are checked against the factory's signature like `model.options`.
+Registered: `ft` (fine-tuning), `fp` (fine-pruning, Liu et al. 2018), `nad` (Neural Attention
+Distillation, Li et al. 2021), `prompt` (ours, a defensive pixel prompt), and for image-text
+models `cleanclip` (Bansal et al. 2023) and `clip-prompt` (ours for CLIP);
+`create_repairer(name, **options)` builds one, and a config's `defense.options` are checked
+against the factory's signature like `model.options`.
 
 A pixel-prompted model (adapt.mode pixel, vptlab/prompts/pixel.py) is a frozen, shared backbone
 behind what the attacker trained: its prompt (and label-mapping head). A repairer that says
@@ -30,11 +32,12 @@ from torch.utils.data import Dataset, Subset
 
 from vptlab.config import ExperimentConfig
 from vptlab.data.base import DataSplits, TensorSplit, seeded_generator, split_labels
+from vptlab.data.captions import CaptionSplit
 from vptlab.engine.checkpoint import atomic_write_text
 from vptlab.engine.distributed import is_main_process
 from vptlab.engine.evaluators import Evaluator
 from vptlab.engine.loop import METRICS_FILE, fit
-from vptlab.engine.tasks import ClassificationTask, Task
+from vptlab.engine.tasks import ClassificationTask, Task, contrastive_task
 from vptlab.errors import ConfigError, DataError
 from vptlab.models.base import ImageClassifier
 from vptlab.registry import Registry
@@ -87,7 +90,8 @@ def clean_subset(
 
     Each class gives its share (fraction x its count), rounded so that the total is exact (the
     largest remainders get the extra samples); which samples is drawn from `seed` alone. Returns
-    the samples in split order, as a TensorSplit (from a TensorSplit) or a Subset.
+    the samples in split order, as a TensorSplit (from a TensorSplit; a CaptionSplit keeps its
+    captions) or a Subset (whose captions `split_captions` finds through it).
     """
     if not 0 < fraction <= 1:
         raise ConfigError(f"defense.clean_fraction must be in (0, 1], got {fraction!r}")
@@ -111,6 +115,10 @@ def clean_subset(
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(n) - starts[inverse[order]]
     index = order[rank < take[inverse[order]]].sort().values
+    if isinstance(split, CaptionSplit):  # image-text data: the pairs keep their captions
+        captions = [split.captions[i] for i in index.tolist()]
+        index = index.to(split.y.device)
+        return CaptionSplit(split.x[index], split.y[index], captions)
     if isinstance(split, TensorSplit):
         index = index.to(split.y.device)
         return TensorSplit(split.x[index], split.y[index])
@@ -160,10 +168,10 @@ def fit_whole_model(
     evaluators: list[Evaluator] | None = None,
 ) -> dict[str, Any]:
     """`fit` with every parameter trained (a frozen prompt-tuned backbone included) and the whole
-    model saved; the task defaults to cross-entropy with the recipe's label smoothing."""
+    model saved; the task defaults to `clean_task`."""
     for param in model.parameters():
         param.requires_grad_(True)
-    task = task or ClassificationTask(cfg.train.label_smoothing)
+    task = task or clean_task(model, clean, cfg)
     return fit(model, clean, cfg, run_dir, task=task, evaluators=evaluators, trainable_only=False)
 
 
@@ -186,6 +194,15 @@ def fit_pixel_prompt(
     return fit(model, clean, cfg, run_dir, task=task, evaluators=evaluators, trainable_only=True)
 
 
+def clean_task(model: nn.Module, clean: DataSplits, cfg: ExperimentConfig) -> Task:
+    """The plain objective on the defender's clean data: cross-entropy with the recipe's label
+    smoothing, or for an image-text model trained contrastively (`train.objective: clip`) CLIP's
+    loss on the clean pairs' captions."""
+    if cfg.train.objective == "clip":
+        return contrastive_task(model, clean.train)
+    return ClassificationTask(cfg.train.label_smoothing)
+
+
 def record_metrics(run_dir: str | Path, key: str, values: dict[str, Any]) -> None:
     """Add `values` under `key` to the run's metrics.json (written by `fit`)."""
     if not is_main_process():
@@ -197,7 +214,14 @@ def record_metrics(run_dir: str | Path, key: str, values: dict[str, Any]) -> Non
 
 
 # Imported last: each module registers its repairer into REPAIRERS defined above.
-from vptlab.defenses import fine_pruning, finetune, nad, prompt_defense  # noqa: E402
+from vptlab.defenses import (  # noqa: E402
+    cleanclip,
+    clip_prompt,
+    fine_pruning,
+    finetune,
+    nad,
+    prompt_defense,
+)
 
 __all__ = [
     "REPAIRERS",
@@ -205,6 +229,9 @@ __all__ = [
     "backbone",
     "clean_splits",
     "clean_subset",
+    "clean_task",
+    "cleanclip",
+    "clip_prompt",
     "create_repairer",
     "fine_pruning",
     "finetune",

@@ -17,12 +17,11 @@ from vptlab.backdoors.poison import poison_data, poison_trigger
 from vptlab.config import ExperimentConfig
 from vptlab.data import dataset_options, load_dataset
 from vptlab.data.base import DataSplits, TensorSplit
-from vptlab.data.captions import split_captions
 from vptlab.defenses.adversarial import RobustProbe, create_objective
 from vptlab.defenses.repair import create_repairer
 from vptlab.engine.evaluators import Evaluator, TestAccuracy, ZeroShotAccuracy
 from vptlab.engine.hooks import EpochHook, LabelRemap
-from vptlab.engine.tasks import ContrastiveTask, Task
+from vptlab.engine.tasks import Task, contrastive_task
 from vptlab.errors import ConfigError
 from vptlab.models import create_model
 from vptlab.models.clip import DEFAULT_TEMPLATES, clip_net, is_clip
@@ -116,7 +115,7 @@ def build_task(
             f"train.objective clip needs an image-text model (model.name clip or clip-tiny), "
             f"got {cfg.model.name}"
         )
-    return ContrastiveTask(clip_net(model).tokenize(split_captions(data.train)))
+    return contrastive_task(model, data.train)
 
 
 def build_evaluators(

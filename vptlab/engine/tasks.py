@@ -16,8 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
+from vptlab.data.base import TensorSplit
+from vptlab.data.captions import split_captions
 from vptlab.data.loaders import Batch
+from vptlab.models.clip import clip_net
 
 
 class Task(Protocol):
@@ -117,6 +121,16 @@ class ContrastiveTask:
         return clip_loss(image_features, text_features, scale)
 
     def correct(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Images whose own caption scores highest among all captions of the (global) batch."""
-        targets = torch.arange(len(logits), device=logits.device) + _rank() * len(logits)
-        return (logits.detach().argmax(1) == targets).sum()
+        return captions_retrieved(logits)
+
+
+def captions_retrieved(logits: torch.Tensor) -> torch.Tensor:
+    """How many images' own caption scores highest among all captions of the (global) batch,
+    from `clip_loss`'s image-to-text logits: a contrastive task's count of right answers."""
+    targets = torch.arange(len(logits), device=logits.device) + _rank() * len(logits)
+    return (logits.detach().argmax(1) == targets).sum()
+
+
+def contrastive_task(model: nn.Module, split: TensorSplit | Dataset) -> ContrastiveTask:
+    """CLIP's objective on `split`'s captions, tokenized once by `model`'s own tokenizer."""
+    return ContrastiveTask(clip_net(model).tokenize(split_captions(split)))

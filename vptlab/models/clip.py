@@ -32,6 +32,7 @@ from vptlab.models.pretrained import StateDict, load_backbone_state, read_state_
 MAX_LOGIT_SCALE = math.log(100.0)
 # The zero-shot templates used when a dataset names none (a short form of CLIP's ensemble).
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of the {}.")
+_MAX_WRAPPERS = 4  # how deep `find_clip_net` looks through wrappers (prompt, classifier, net)
 
 
 class ZeroShotHead(nn.Module):
@@ -105,6 +106,42 @@ class CLIPNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Any] | tuple[torch.Tensor, list[Any]]:
+        """The image tower's block outputs in timm's signature (see vit_scratch's): patch tokens
+        as (B, D, H, W) or (B, N, D), paired with the class token if `return_prefix_tokens`;
+        `norm` applies the tower's final norm. Returns (image embeddings, intermediates), or the
+        intermediates alone. ViT towers only (open_clip's VisionTransformer)."""
+        from open_clip.transformer import VisionTransformer
+
+        visual = self.clip.visual
+        if not isinstance(visual, VisionTransformer):
+            raise ConfigError(
+                f"forward_intermediates needs a ViT image tower, this CLIP has "
+                f"{type(visual).__name__}"
+            )
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ConfigError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        out = visual.forward_intermediates(
+            x, indices=indices, stop_early=stop_early, normalize_intermediates=norm,
+            intermediates_only=intermediates_only, output_fmt=output_fmt,
+            output_extra_tokens=return_prefix_tokens,
+        )  # fmt: skip
+        taken: list[Any] = list(out["image_intermediates"])
+        if return_prefix_tokens:
+            taken = list(zip(taken, out["image_intermediates_prefix"], strict=True))
+        if intermediates_only:
+            return taken
+        return out["image_features"], taken
+
     def forward(
         self, x: torch.Tensor, text: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -157,19 +194,33 @@ def _has_text_projection(clip: nn.Module) -> bool:
     return isinstance(proj, torch.Tensor)
 
 
+def find_clip_net(model: nn.Module) -> CLIPNet | None:
+    """The CLIPNet inside a CLIP classifier: its `net`, also through wrappers that keep the
+    classifier as `model` or `net` (a defensive input prompt); None if there is none."""
+    net: Any = model
+    for _ in range(_MAX_WRAPPERS):
+        if isinstance(net, CLIPNet):
+            return net
+        inner = getattr(net, "net", None)
+        net = inner if isinstance(inner, nn.Module) else getattr(net, "model", None)
+        if not isinstance(net, nn.Module):
+            return None
+    return None
+
+
 def clip_net(model: nn.Module) -> CLIPNet:
     """The CLIPNet inside a CLIP classifier (adapted or not), or a ConfigError saying it is not."""
-    net = getattr(model, "net", model)
-    if not isinstance(net, CLIPNet):
+    net = find_clip_net(model)
+    if net is None:
         raise ConfigError(
             f"this needs an image-text model (model.name clip or clip-tiny), got "
-            f"{type(net).__name__}"
+            f"{type(getattr(model, 'net', model)).__name__}"
         )
     return net
 
 
 def is_clip(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "net", model), CLIPNet)
+    return find_clip_net(model) is not None
 
 
 def clip_state(state: StateDict) -> StateDict:

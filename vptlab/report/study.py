@@ -224,6 +224,11 @@ def _run_config(study: StudyConfig, label: str, spec: dict[str, Any], out_dir: P
     """Run `label`'s resolved config, and its defenses' configs checked; errors name the run."""
     from vptlab.defenses.defend import defended_config
 
+    # A study names each run by its label: a `name` in the base or a run would be overridden
+    # without a word, so it is refused.
+    for where, section in (("base", study.base), (f"runs.{label}", spec)):
+        if "name" in section:
+            raise ConfigError(f"{where}.name: a study names its runs by their labels; remove it")
     merged = deep_merge(study.base, spec)
     merged = apply_overrides(merged, [f"name={label}", f"output.dir={out_dir}"])
     if pretrained is not None and _takes_backbone(merged, study.backbone or {}):
