@@ -6,8 +6,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
 from vptlab.config import build_config
+from vptlab.engine.build import build_experiment
 from vptlab.engine.runner import load_run, train
+from vptlab.errors import ConfigError
 from vptlab.metrics.suite import evaluate_suite
 
 
@@ -31,3 +36,53 @@ def test_pretrained_tiny_clip_beats_chance_zero_shot(tmp_path: Path) -> None:
     _, model, data = load_run(tmp_path / "clip", device="cpu")
     suite = evaluate_suite(model, data.test, [], progress=False, img_size=16)
     assert abs(suite["clean/top1"] - top1) < 1e-6
+
+
+def test_linear_probe_on_the_frozen_image_tower(tmp_path: Path) -> None:
+    """`adapt.mode linear` on a tiny CLIP: a linear head on frozen image features, trained with
+    labels, beats the same features' zero-shot head; the image tower stays bit-identical."""
+    common = {
+        "seed": 0, "device": "cpu",
+        "data": {"name": "mnist-captions", "img_size": 16, "batch_size": 128, "num_workers": 0},
+        "output": {"dir": str(tmp_path), "tensorboard": False, "progress": False},
+    }  # fmt: skip
+    model = {"name": "clip-tiny", "options": {"layers": 2, "text_layers": 1}}
+    pre = train(build_config({**common, "name": "pre", "model": model,
+                              "train": {"objective": "clip", "epochs": 2, "lr": 3e-3,
+                                        "schedule": "constant"}}))  # fmt: skip
+    weights = tmp_path / "pre" / "model.safetensors"
+    probe = train(build_config({
+        **common, "name": "probe", "model": {**model, "pretrained": str(weights)},
+        "adapt": {"mode": "linear"},
+        "train": {"epochs": 2, "lr": 1e-2, "schedule": "constant"},
+    }))  # fmt: skip
+    print(f"zero-shot {pre['final']['test_top1']:.1f}%, probe {probe['final']['test_top1']:.1f}%")
+    assert probe["final"]["test_top1"] > pre["final"]["test_top1"] + 10.0
+
+    _, pre_model, _ = load_run(tmp_path / "pre", device="cpu")
+    _, probe_model, _ = load_run(tmp_path / "probe", device="cpu")
+    tower = {k: v for k, v in pre_model.state_dict().items() if ".visual." in f".{k}"}
+    assert tower, "no image-tower tensors found"
+    probed = probe_model.state_dict()
+    for key, value in tower.items():
+        assert key in probed and torch.equal(probed[key], value), key
+
+
+def test_a_pixel_prompt_in_front_of_the_zero_shot_head(tmp_path: Path) -> None:
+    """adapt.mode pixel on a tiny CLIP: the prompt maps onto the text-based zero-shot head of the
+    task's classes; only the prompt trains; VPT token prompts are refused in one line."""
+    common = {
+        "seed": 0, "device": "cpu",
+        "data": {"name": "mnist-captions", "img_size": 16, "batch_size": 128, "num_workers": 0},
+        "model": {"name": "clip-tiny", "options": {"layers": 2, "text_layers": 1}},
+        "output": {"dir": str(tmp_path), "tensorboard": False, "progress": False},
+    }  # fmt: skip
+    cfg = build_config({**common, "name": "pixel",
+                        "adapt": {"mode": "pixel", "pixel": {"kind": "padding", "size": 2,
+                                                             "mapping": "fixed"}}})  # fmt: skip
+    _, model = build_experiment(cfg)
+    assert model(torch.rand(4, 3, 16, 16)).shape == (4, 10)  # the task's 10 digit classes
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(k.startswith("prompt.") for k in trainable), trainable
+    with pytest.raises(ConfigError, match="adapt.mode: clip-tiny adapts in mode full, linear or"):
+        build_experiment(build_config({**common, "name": "vpt", "adapt": {"mode": "prompt"}}))

@@ -26,7 +26,7 @@ from vptlab.prompts import (
 
 # Registered models too slow to build in every test run (ViT-B is built once in test_vpt.py).
 HEAVY = {"vit_base_patch16_224", "vit_small_patch16_224", "tiny_vit_11m_224", "tiny_vit_21m_224"}
-# Image-text models train in mode full only (their head is fixed text embeddings; tests/clip).
+# Image-text models adapt in modes full, linear and pixel through build_model (tests/clip).
 IMAGE_TEXT = {"clip", "clip-tiny"}
 
 

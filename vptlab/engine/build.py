@@ -14,7 +14,7 @@ from torch import nn
 
 from vptlab.backdoors.metrics import BackdoorAccuracy, BackdoorThreat
 from vptlab.backdoors.poison import poison_data, poison_trigger
-from vptlab.config import ExperimentConfig
+from vptlab.config import ExperimentConfig, PixelConfig
 from vptlab.data import dataset_options, load_dataset
 from vptlab.data.base import DataSplits, TensorSplit
 from vptlab.defenses.adversarial import RobustProbe, create_objective
@@ -24,7 +24,13 @@ from vptlab.engine.hooks import EpochHook, LabelRemap
 from vptlab.engine.tasks import Task, contrastive_task
 from vptlab.errors import ConfigError
 from vptlab.models import create_model
-from vptlab.models.clip import DEFAULT_TEMPLATES, clip_net, is_clip
+from vptlab.models.clip import (
+    DEFAULT_TEMPLATES,
+    IMAGE_TEXT_MODELS,
+    LinearProbeHead,
+    clip_net,
+    is_clip,
+)
 from vptlab.prompts import adapt
 from vptlab.prompts.label_mapping import DATA_MAPPINGS
 
@@ -59,7 +65,8 @@ def build_model(cfg: ExperimentConfig, num_classes: int, img_size: int) -> nn.Mo
     # the models' loader strips our `net.` prefix and keeps its head only with model.keep_head.
     # A pixel prompt keeps the model's own classifier (its classes are what the label mapping
     # maps); the task's labels reach it through the mapping.
-    pixel = cfg.adapt.mode == "pixel"
+    # An image-text model's classifier is made from the data's class names (_adapt_clip).
+    pixel = cfg.adapt.mode == "pixel" and cfg.model.name not in IMAGE_TEXT_MODELS
     model = create_model(
         cfg.model.name,
         num_classes=cfg.adapt.pixel_prompt.source_classes if pixel else num_classes,
@@ -68,18 +75,38 @@ def build_model(cfg: ExperimentConfig, num_classes: int, img_size: int) -> nn.Mo
         keep_head=cfg.model.keep_head or pixel,
         **cfg.model.options,
     )
-    if is_clip(model) and cfg.adapt.mode != "full":
-        # Its head is fixed text embeddings, not weights: linear and prompt modes would train
-        # nothing of it (a linear probe / visual prompts on CLIP need their own head; not yet).
-        raise ConfigError(f"adapt.mode: {cfg.model.name} trains in mode full, got {cfg.adapt.mode}")
+    pixel_cfg = cfg.adapt.pixel_prompt
+    if is_clip(model):
+        pixel_cfg = _adapt_clip(model, cfg, num_classes)
     model = adapt(
-        model, cfg.adapt.mode, cfg.adapt.prompt, cfg.adapt.pixel_prompt,
+        model, cfg.adapt.mode, cfg.adapt.prompt, pixel_cfg,
         num_classes=num_classes, img_size=img_size,
     )  # fmt: skip
     if cfg.defense is not None:
         # A defended run's structure (a pruning mask...), so that its saved weights load.
         model = create_repairer(cfg.defense.name, **cfg.defense.options).prepare(model)
     return model
+
+
+def _adapt_clip(model: nn.Module, cfg: ExperimentConfig, num_classes: int) -> PixelConfig:
+    """An image-text model's head for its adaptation mode; its pixel prompt's settings.
+
+    Its classifier is the data's class prompts embedded by the text tower (fixed): mode full trains
+    the towers under it, linear swaps it for a linear probe started at it (LinearProbeHead), and
+    pixel puts a prompt in front of it, its outputs already the task's classes (the text-based
+    zero-shot head of Bahng et al.), so the mapping maps num_classes onto num_classes. VPT's token
+    prompts would train nothing of the head, and are refused.
+    """
+    mode, net = cfg.adapt.mode, clip_net(model)
+    if mode == "linear":
+        net.use_head(LinearProbeHead, num_classes)
+    elif mode == "pixel":
+        return cfg.adapt.pixel_prompt.model_copy(update={"source_classes": num_classes})
+    elif mode != "full":
+        raise ConfigError(
+            f"adapt.mode: {cfg.model.name} adapts in mode full, linear or pixel, got {mode}"
+        )
+    return cfg.adapt.pixel_prompt
 
 
 def build_experiment(cfg: ExperimentConfig) -> tuple[DataSplits, nn.Module]:

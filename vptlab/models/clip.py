@@ -32,6 +32,8 @@ from vptlab.models.pretrained import StateDict, load_backbone_state, read_state_
 MAX_LOGIT_SCALE = math.log(100.0)
 # The zero-shot templates used when a dataset names none (a short form of CLIP's ensemble).
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of the {}.")
+# The registered image-text models (their classifier is the text tower's class embeddings).
+IMAGE_TEXT_MODELS = ("clip", "clip-tiny")
 _MAX_WRAPPERS = 4  # how deep `find_clip_net` looks through wrappers (prompt, classifier, net)
 
 
@@ -53,6 +55,21 @@ class ZeroShotHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.weight.shape[0]}, embed_dim={self.weight.shape[1]}"
+
+
+class LinearProbeHead(ZeroShotHead):
+    """A linear probe on the frozen image embeddings: ZeroShotHead's scaled cosine logits with
+    trainable class vectors and biases, started at the zero-shot classifier (`set_zero_shot_head`
+    copies the class prompts' embeddings in), so training starts from zero-shot accuracy."""
+
+    def __init__(self, num_classes: int, embed_dim: int) -> None:
+        super().__init__(num_classes, embed_dim)
+        del self.weight  # the buffer becomes a parameter
+        self.weight = nn.Parameter(torch.zeros(num_classes, embed_dim))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return super().forward(features) + self.bias.to(features.dtype)
 
 
 class CLIPNet(nn.Module):
@@ -150,6 +167,10 @@ class CLIPNet(nn.Module):
         return self.encode_image(x, normalize=True), self.encode_text(text, normalize=True), (
             self.scale()
         )
+
+    def use_head(self, head: type[ZeroShotHead], num_classes: int) -> None:
+        """Replace the head by a fresh `head` of `num_classes` (set_zero_shot_head fills it)."""
+        self.head = head(num_classes, self.embed_dim).to(self.clip.logit_scale.device)
 
     @torch.no_grad()
     def class_embeddings(
