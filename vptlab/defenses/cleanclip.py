@@ -24,6 +24,7 @@ train split); it knows neither the trigger nor the target.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -79,34 +80,37 @@ def augment_caption(caption: str, word_drop: float) -> str:
     return " ".join(words)
 
 
+@dataclass(frozen=True)
+class CleanCLIPOptions:
+    """The loss weights and the views' augmentation strengths (see the module docstring)."""
+
+    lam_mm: float = 1.0
+    lam_ss: float = 1.0
+    shift: float = 0.1
+    scale: float = 0.1
+    jitter: float = 0.2
+    word_drop: float = 0.1
+
+
 class CleanCLIPTask:
     """The CleanCLIP loss on a batch of clean pairs (see the module docstring); the returned
     logits are the image-to-text ones, so train accuracy counts captions retrieved."""
 
     def __init__(
-        self,
-        model: nn.Module,
-        captions: Sequence[str],
-        lam_mm: float = 1.0,
-        lam_ss: float = 1.0,
-        shift: float = 0.1,
-        scale: float = 0.1,
-        jitter: float = 0.2,
-        word_drop: float = 0.1,
+        self, model: nn.Module, captions: Sequence[str], options: CleanCLIPOptions
     ) -> None:
         self.net = clip_net(model)
         self.captions = list(captions)
         self.tokens = self.net.tokenize(self.captions)
-        self.lam_mm, self.lam_ss = lam_mm, lam_ss
-        self.shift, self.scale, self.jitter, self.word_drop = shift, scale, jitter, word_drop
+        self.options = options
 
     def loss(
         self, model: nn.Module, batch: Batch, raw_model: nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        index = batch.index.tolist()
+        o, index = self.options, batch.index.tolist()
         text = self.tokens[index].to(batch.x.device)
-        views = augment_images(batch.x, self.shift, self.scale, self.jitter)
-        augmented = [augment_caption(self.captions[i], self.word_drop) for i in index]
+        views = augment_images(batch.x, o.shift, o.scale, o.jitter)
+        augmented = [augment_caption(self.captions[i], o.word_drop) for i in index]
         text_views = self.net.tokenize(augmented).to(batch.x.device)
         pixels, tokens = torch.cat([batch.x, views]), torch.cat([text, text_views])
         images, texts, scale = model(pixels, text=tokens)
@@ -115,7 +119,7 @@ class CleanCLIPTask:
         multimodal, logits = clip_loss(image, caption, scale)
         image_ss, _ = clip_loss(image, image_view, scale)
         text_ss, _ = clip_loss(caption, caption_view, scale)
-        return self.lam_mm * multimodal + self.lam_ss * (image_ss + text_ss) / 2, logits
+        return o.lam_mm * multimodal + o.lam_ss * (image_ss + text_ss) / 2, logits
 
     def correct(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return captions_retrieved(logits)
@@ -129,19 +133,10 @@ class CleanCLIP:
     repairs_pixel_prompts = False  # it trains the image tower's weights
     image_text = True  # applies to image-text (CLIP) models only
 
-    def __init__(
-        self,
-        lam_mm: float = 1.0,
-        lam_ss: float = 1.0,
-        shift: float = 0.1,
-        scale: float = 0.1,
-        jitter: float = 0.2,
-        word_drop: float = 0.1,
-    ) -> None:
-        if lam_mm + lam_ss <= 0:
+    def __init__(self, options: CleanCLIPOptions) -> None:
+        if options.lam_mm + options.lam_ss <= 0:
             raise ConfigError("defense.options: lam_mm and lam_ss are both 0; nothing would train")
-        self.lam_mm, self.lam_ss = lam_mm, lam_ss
-        self.shift, self.scale, self.jitter, self.word_drop = shift, scale, jitter, word_drop
+        self.options = options
 
     def prepare(self, model: nn.Module) -> nn.Module:
         clip_net(model)  # an image-text model, or one error line now
@@ -156,10 +151,7 @@ class CleanCLIP:
         evaluators: list[Evaluator] | None = None,
     ) -> nn.Module:
         model = self.prepare(model)
-        task = CleanCLIPTask(
-            model, split_captions(clean.train), self.lam_mm, self.lam_ss, self.shift,
-            self.scale, self.jitter, self.word_drop,
-        )  # fmt: skip
+        task = CleanCLIPTask(model, split_captions(clean.train), self.options)
         fit_whole_model(model, clean, cfg, run_dir, task=task, evaluators=evaluators)
         return model
 
@@ -175,4 +167,4 @@ def cleanclip(
 ) -> CleanCLIP:
     """lam_mm / lam_ss: weights of the multimodal and the in-modality losses; shift, scale,
     jitter: the image views' augmentation; word_drop: the captions' word dropout."""
-    return CleanCLIP(lam_mm, lam_ss, shift, scale, jitter, word_drop)
+    return CleanCLIP(CleanCLIPOptions(lam_mm, lam_ss, shift, scale, jitter, word_drop))

@@ -39,13 +39,12 @@ from torch import nn
 
 from vptlab.config import ExperimentConfig
 from vptlab.data.base import DataSplits
-from vptlab.data.captions import split_captions
 from vptlab.data.loaders import Batch
 from vptlab.defenses.prompt_defense import PromptDefense, PromptedInput, UniversalPerturbation
 from vptlab.defenses.repair import REPAIRERS
 from vptlab.engine.evaluators import Evaluator
 from vptlab.engine.loop import fit
-from vptlab.engine.tasks import captions_retrieved, clip_loss
+from vptlab.engine.tasks import caption_tokens, captions_retrieved, clip_loss
 from vptlab.models.clip import clip_net
 
 
@@ -108,7 +107,7 @@ class CLIPPromptDefense(PromptDefense):
         prompted = self.prepare(model)
         if self.lr is not None:
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": self.lr})})
-        tokens = clip_net(model).tokenize(split_captions(clean.train))
+        tokens = caption_tokens(model, clean.train)
         task = CLIPPromptDefenseTask(
             self.perturbation(clean.num_classes), self.steps, self.lam, tokens
         )

@@ -131,6 +131,11 @@ def captions_retrieved(logits: torch.Tensor) -> torch.Tensor:
     return (logits.detach().argmax(1) == targets).sum()
 
 
+def caption_tokens(model: nn.Module, split: TensorSplit | Dataset) -> torch.Tensor:
+    """`split`'s captions tokenized once by image-text `model`'s own tokenizer."""
+    return clip_net(model).tokenize(split_captions(split))
+
+
 def contrastive_task(model: nn.Module, split: TensorSplit | Dataset) -> ContrastiveTask:
-    """CLIP's objective on `split`'s captions, tokenized once by `model`'s own tokenizer."""
-    return ContrastiveTask(clip_net(model).tokenize(split_captions(split)))
+    """CLIP's objective on `split`'s captions."""
+    return ContrastiveTask(caption_tokens(model, split))
