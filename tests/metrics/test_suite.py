@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from vptlab.attacks import create_attack
+from vptlab.attacks import Attack, create_attack
 from vptlab.config import ExperimentConfig, build_config
 from vptlab.data.base import DataSplits
 from vptlab.data.loaders import make_loader
@@ -150,3 +150,43 @@ def test_fit_reports_robust_accuracy_per_epoch(tmp_path: Path) -> None:
     evaluators = [TestAccuracy(data.test), RobustAccuracy(data.test, [fgsm], limit=32)]
     metrics = fit(model, data, cfg, tmp_path / "r", evaluators=evaluators)
     assert "fgsm-linf-0.1/acc" in metrics["history"][-1]
+
+
+class _FirstPixelClassifier(nn.Module):
+    """Class 1 when the first pixel is above 0.5, else class 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(10.0))  # the suite finds the device by it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        on = (x[:, 0, 0, 0] > 0.5).float()
+        return torch.stack([1 - on, on], dim=1) * self.scale
+
+
+class _LightFirstPixel(Attack):
+    """An 'attack' that lights the first pixel: it turns a class-0 error into a hit on class 1."""
+
+    eps = 1.0
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[:, :, 0, 0] = 1.0
+        return x
+
+
+def test_robust_needs_correct_clean_and_under_attack() -> None:
+    """RobustBench's definition: a sample misclassified clean is never robust, even when the
+    perturbation lands it on its true class. Half the samples are label 1 with a dark first pixel
+    (wrong clean, right after the 'attack'), half label 1 with a lit one (right both times)."""
+    x = torch.zeros(8, 3, 4, 4)
+    x[4:, :, 0, 0] = 1.0
+    y = torch.ones(8, dtype=torch.long)
+    from vptlab.data.base import TensorSplit
+
+    suite = evaluate_suite(_FirstPixelClassifier(), TensorSplit(x, y), [_LightFirstPixel()],
+                           progress=False)  # fmt: skip
+    assert suite["clean/top1"] == 50.0
+    # not 100: the four clean errors stay errors
+    assert suite["_lightfirstpixel-linf-1/acc"] == 50.0
+    assert suite["_lightfirstpixel-linf-1/acc"] <= suite["clean/top1"]

@@ -42,6 +42,11 @@ class AttackThreat:
     """An evasion attack as a threat: robust top-1 (`acc`), top-5 and loss on its adversarial
     inputs, scored against the true labels.
 
+    Robust accuracy is RobustBench's and AutoAttack's: a sample counts only if it is classified
+    correctly both clean and under attack (an attack that lands a misclassified sample on its true
+    class does not make it robust), so `acc` never exceeds clean top-1; `top5` likewise needs the
+    clean top-5 hit. `loss` is the adversarial loss of every sample.
+
     A targeted attack aims every sample at the next class, (y + 1) mod classes, and also reports
     how often it hit it (`target_hit`); its name gets a `-targeted` suffix.
     """
@@ -64,8 +69,13 @@ class AttackThreat:
         return self.attack(model, x, self.target(y))
 
     def metrics(self, preds: Predictions, clean: Predictions) -> dict[str, float]:
-        summary = preds.summary()
-        out = {"acc": summary["top1"], "top5": summary["top5"], "loss": summary["loss"]}
+        if not torch.equal(preds.index, clean.index):
+            raise ValueError(f"{self.name}: clean and adversarial passes saw different samples")
+        n = len(preds)
+        robust = (preds.correct & clean.correct).sum()
+        robust5 = (preds.top5 & clean.top5).sum()
+        out = {"acc": 100.0 * int(robust) / n, "top5": 100.0 * int(robust5) / n,
+               "loss": float(preds.loss.sum()) / n}  # fmt: skip
         if self.attack.targeted and self.num_classes is not None:
             out["target_hit"] = 100.0 * float((preds.pred == self.target(preds.y)).double().mean())
         return out
