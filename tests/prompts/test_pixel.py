@@ -135,14 +135,17 @@ def test_patch_prompt_covers_only_its_square_and_full_prompt_is_bounded() -> Non
     assert float((out - x).detach().abs().max()) <= 0.1 + 1e-6
 
 
-def test_full_prompt_can_come_back_from_past_a_face() -> None:
-    full = extreme(FullPrompt(4, eps=0.5), 1.0)  # +0.38 on a white image: clamped at 1
-    x = torch.ones(1, 3, 4, 4)
+def test_full_prompt_learns_on_the_faces_and_keeps_what_it_pushed_past_them() -> None:
+    x = torch.ones(1, 3, 4, 4)  # white: every pixel on a face of [0,1]
+    full = FullPrompt(4, eps=0.5)  # zero: the identity
     full(x).sum().backward()  # the loss wants darker pixels: the step goes inward, so it passes
     assert full.delta.grad is not None and bool((full.delta.grad > 0).all())
     full.zero_grad()
     (-full(x).sum()).backward()  # wants brighter: outward past the face, blocked
     assert not full.delta.grad.any()
+    past = extreme(FullPrompt(4, eps=0.5), 1.0)  # +0.38 on a white image: clamped at 1
+    past(x).sum().backward()  # beyond the face: torch.clamp's zero, either way
+    assert not past.delta.grad.any()
 
 
 def test_prompt_checks_the_input_size() -> None:

@@ -21,7 +21,7 @@ names its zero-shot classifier serves. A trigger pulls every image towards the t
 asking f_P(T_u*(x)) to stay with its own caption teaches the prompt to cancel that pull.
 
 Options are `prompt`'s (threat, targeted, starts, steps, area, eps, alpha, lam, bound, size,
-frame, lr); see prompt_defense.py for the search, the one-sided clamp and the recipe (SGD with
+frame, lr); see prompt_defense.py for the search, the clamp and the recipe (SGD with
 gradient clipping suits a pixel prompt).
 
 Threat model: as `prompt`'s, with clean image-text pairs instead of labelled images: the defender
@@ -70,8 +70,7 @@ class CLIPPromptDefenseTask:
             return clip_loss(images, texts, scale)
         with torch.no_grad():  # what each clean image already is to the (prompted) model
             seen = raw_model(batch.x).argmax(1)
-        with raw_model.ascending():
-            self.perturbation.ascend(raw_model, batch.x, seen, self.steps)
+        self.perturbation.ascend(raw_model, batch.x, seen, self.steps)
         x_adv = self.perturbation.apply(batch.x).detach()
         images, texts, scale = model(torch.cat([batch.x, x_adv]), text=text)
         clean, perturbed = images.chunk(2)

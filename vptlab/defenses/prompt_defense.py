@@ -46,9 +46,10 @@ Why the prompt can cancel a trigger without touching the weights: the clamp make
 prompt more than a shift. Where P = -1, every pixel value is mapped to 0: the prompt can blank a
 region (and a white patch in it) at the cost of whatever clean images have there; values in
 between dim, brighten or saturate pixels. Images stay in [0, 1], so the frozen model sees inputs
-of its own domain. The clamp's gradient is one-sided on the faces of [0, 1] (`clamp_pixels`):
-with torch.clamp's zero gradient there, P (starting at 0) would never learn to dim a saturated
-trigger pixel.
+of its own domain. The clamp is `clamp_prompted` (prompts/pixel.py): P's gradient is one-sided
+on the faces of [0, 1] (with torch.clamp's zero gradient there, P, starting at 0, would never
+learn to dim a saturated trigger pixel), while the input's is the true one, so attacks on the
+defended model and the inner search see the function as it is.
 
 Recipe. cfg.train trains the prompt (the `lr` option overrides its lr). Use SGD with gradient
 clipping (`optimizer: sgd, grad_clip: 1, weight_decay: 0`), as pixel prompts usually are
@@ -105,8 +106,7 @@ attacker's prompts are then repaired too; the backbone and head stay frozen; not
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -122,6 +122,7 @@ from vptlab.defenses.repair import REPAIRERS
 from vptlab.engine.evaluators import Evaluator
 from vptlab.engine.loop import fit
 from vptlab.errors import ConfigError
+from vptlab.prompts.pixel import clamp_prompted
 
 Threat = Literal["patch", "linf"]
 Starts = Literal["both", "scan", "uniform"]
@@ -155,7 +156,6 @@ class PromptedInput(nn.Module):
         self.prompt = nn.Parameter(torch.zeros(1, channels, size, size, device=device))
         self.bound = bound
         self.frame = frame
-        self._ascent = False
         self.train(model.training)
 
     @property
@@ -181,16 +181,7 @@ class PromptedInput(nn.Module):
 
     def prompted(self, x: torch.Tensor) -> torch.Tensor:
         """The input the wrapped model sees: clamp(x + P, 0, 1)."""
-        return clamp_pixels(x + self.pixel_prompt(x), self._ascent)
-
-    @contextmanager
-    def ascending(self) -> Iterator[None]:
-        """Gradients for an ascent on the input (the inner search), see `clamp_pixels`."""
-        self._ascent = True
-        try:
-            yield
-        finally:
-            self._ascent = False
+        return clamp_prompted(x, self.pixel_prompt(x))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         # Extra arguments reach the model: an image-text model's `text=` tokens (models/clip.py).
@@ -222,37 +213,6 @@ class PromptedInput(nn.Module):
     def extra_repr(self) -> str:
         size = tuple(self.prompt.shape[1:])
         return f"prompt={size}, bound={self.bound:g}, frame={self.frame}"
-
-
-class _PixelClamp(torch.autograd.Function):
-    """clamp(v, 0, 1) whose gradient on the box's faces is one-sided (see `clamp_pixels`)."""
-
-    @staticmethod
-    def forward(ctx: Any, v: torch.Tensor, ascent: bool) -> torch.Tensor:
-        ctx.save_for_backward(v)
-        ctx.ascent = ascent
-        return v.clamp(0.0, 1.0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (v,) = ctx.saved_tensors
-        step = grad if ctx.ascent else -grad  # where the optimizer will move v
-        inside = (v > 0) & (v < 1)
-        inward = ((v == 0) & (step > 0)) | ((v == 1) & (step < 0))
-        return grad * (inside | inward), None
-
-
-def clamp_pixels(v: torch.Tensor, ascent: bool = False) -> torch.Tensor:
-    """clamp(v, 0, 1) whose gradient on the faces (v exactly 0 or 1) passes only when the
-    optimizer's step (descent, or ascent with `ascent=True`) moves v back inside.
-
-    torch.clamp gives the faces a zero gradient. Here that would freeze the prompt where it
-    matters: P starts at 0 and a saturated trigger is exactly 1, so P would never learn to dim
-    it, nor the inner search to light a black pixel. A gradient passing both ways would be as
-    wrong: P at a black background pixel would be pushed below 0, where it changes nothing and,
-    with no gradient there, stays, blanking the pixel by accident.
-    """
-    return _PixelClamp.apply(v, ascent)
 
 
 def model_input_size(model: nn.Module, default: int = DEFAULT_SIZE) -> int:
@@ -517,8 +477,7 @@ class PromptDefenseTask:
         if self.lam == 0:
             logits = model(batch.x)
             return F.cross_entropy(logits.float(), batch.y), logits
-        with raw_model.ascending():
-            self.perturbation.ascend(raw_model, batch.x, batch.y, self.steps)
+        self.perturbation.ascend(raw_model, batch.x, batch.y, self.steps)
         x_adv = self.perturbation.apply(batch.x).detach()
         # One forward for both halves: the frozen model runs in eval mode, so batching them
         # together changes nothing (no batch statistics).

@@ -213,16 +213,6 @@ def record_metrics(run_dir: str | Path, key: str, values: dict[str, Any]) -> Non
     atomic_write_text(path, json.dumps(metrics, indent=2))
 
 
-# Imported last: each module registers its repairer into REPAIRERS defined above.
-from vptlab.defenses import (  # noqa: E402
-    cleanclip,
-    clip_prompt,
-    fine_pruning,
-    finetune,
-    nad,
-    prompt_defense,
-)
-
 __all__ = [
     "REPAIRERS",
     "Repairer",
@@ -230,17 +220,11 @@ __all__ = [
     "clean_splits",
     "clean_subset",
     "clean_task",
-    "cleanclip",
-    "clip_prompt",
     "create_repairer",
-    "fine_pruning",
-    "finetune",
     "fit_pixel_prompt",
     "fit_whole_model",
     "is_pixel_prompted",
-    "nad",
     "pixel_prompt_refusal",
     "pixel_repairers",
-    "prompt_defense",
     "record_metrics",
 ]

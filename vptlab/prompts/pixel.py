@@ -20,9 +20,10 @@ prompt alone, so a squashing function maps any parameter to a valid pixel and ke
 everywhere (a clamp would zero it once a pixel left [0,1], freezing it there). The full
 perturbation is added to an image: x + P must stay additive (P = 0 is the identity, as in the
 paper), and no squashing of x + P gives that without distorting the image itself (a sigmoid of
-logit(x) + theta is infinite on the exact 0 and 1 pixels MNIST is made of). The clamp's gradient
-is one-sided on the faces of [0,1] (`clamp_pixels`), so a perturbation pushed past a face can
-still come back.
+logit(x) + theta is infinite on the exact 0 and 1 pixels MNIST is made of). `clamp_prompted`
+gives the input its true gradient (attacks see the prompted model as it is) and the prompt a
+one-sided one on the faces of [0,1], so a zero-initialized prompt can still learn to change a
+black or white pixel.
 """
 
 from __future__ import annotations
@@ -41,36 +42,49 @@ from vptlab.prompts.label_mapping import LabelMapping, prediction_counts
 PIXEL_PROMPTS = ("padding", "patch", "full")
 
 
-class _PixelClamp(torch.autograd.Function):
-    """clamp(v, 0, 1) whose gradient on the box's faces is one-sided (see `clamp_pixels`)."""
+class _PromptClamp(torch.autograd.Function):
+    """clamp(x + prompt, 0, 1) with one gradient rule per argument (see `clamp_prompted`)."""
 
     @staticmethod
-    def forward(ctx: Any, v: torch.Tensor, ascent: bool) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        v = x + prompt
         ctx.save_for_backward(v)
-        ctx.ascent = ascent
+        ctx.shapes = (x.shape, prompt.shape)
         return v.clamp(0.0, 1.0)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         (v,) = ctx.saved_tensors
-        step = grad if ctx.ascent else -grad  # where the optimizer will move v
-        inside = (v > 0) & (v < 1)
-        inward = ((v <= 0) & (step > 0)) | ((v >= 1) & (step < 0))
-        return grad * (inside | inward), None
+        x_shape, prompt_shape = ctx.shapes
+        grad_x = grad_prompt = None
+        if ctx.needs_input_grad[0]:
+            # The input's true derivative on the closed box: 1 wherever clamp is the identity,
+            # faces included (there torch.clamp returns 0, which would blind an attacker on every
+            # black or white pixel), 0 where the prompt pushed the pixel past a face.
+            grad_x = (grad * ((v >= 0) & (v <= 1))).sum_to_size(x_shape)
+        if ctx.needs_input_grad[1]:
+            # The prompt's own training signal. On a face (a pixel exactly 0 or 1, as MNIST's
+            # are) it passes only when a descent step (-grad) moves the pixel inside: torch's
+            # zero there would keep a zero-initialized prompt from ever dimming a saturated pixel,
+            # and a two-way gradient would push it out where it changes nothing. Beyond a face
+            # it is 0, as torch's: a pixel the prompt has blanked stays blanked (passing the
+            # inward gradient there let clean batches pull the prompt defense's blanking of a
+            # trigger back: ASR 6% -> 42% on the test fixture's backdoored CNN).
+            inside = (v > 0) & (v < 1)
+            inward = ((v == 0) & (grad < 0)) | ((v == 1) & (grad > 0))
+            grad_prompt = (grad * (inside | inward)).sum_to_size(prompt_shape)
+        return grad_x, grad_prompt
 
 
-def clamp_pixels(v: torch.Tensor, ascent: bool = False) -> torch.Tensor:
-    """clamp(v, 0, 1) whose gradient on and beyond the faces passes only when the optimizer's
-    step (descent, or ascent with `ascent=True`) moves v back inside.
+def clamp_prompted(x: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """clamp(x + prompt, 0, 1): the one pixel clamp of every additive prompt in vptlab.
 
-    torch.clamp gives the faces a zero gradient: a prompt starting at 0 on a pixel that is exactly
-    0 or 1 could never learn to change it, and one pushed past a face would stay there. A
-    gradient passing both ways would be as wrong: a prompt at a black pixel would be pushed
-    further below 0, where it changes nothing. (The prompt defense's own clamp,
-    vptlab/defenses/prompt_defense.py, passes nothing beyond the faces; its numbers were measured
-    with it.)
+    Its value is torch's clamp. Its gradients differ by argument: the input `x` gets the true
+    derivative of the prompted model (so a zero prompt leaves an attack exactly the bare model's
+    gradient), while `prompt` gets a one-sided surrogate that only its own optimizer reads.
+    `prompt` broadcasts against `x` (one prompt for the batch).
     """
-    return _PixelClamp.apply(v, ascent)
+    return _PromptClamp.apply(x, prompt)
 
 
 class PixelPrompt(nn.Module):
@@ -154,7 +168,7 @@ class PatchPrompt(PixelPrompt):
 
 
 class FullPrompt(PixelPrompt):
-    """clamp(x + eps * tanh(theta), 0, 1) over the whole image (one-sided clamp gradient)."""
+    """clamp(x + eps * tanh(theta), 0, 1) over the whole image (`clamp_prompted`)."""
 
     def __init__(self, image_size: int, eps: float, channels: int = 3) -> None:
         super().__init__(image_size, channels)
@@ -168,7 +182,7 @@ class FullPrompt(PixelPrompt):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        return clamp_pixels(x + self.perturbation().to(x.dtype))
+        return clamp_prompted(x, self.perturbation().to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"image_size={self.image_size}, eps={self.eps}"
