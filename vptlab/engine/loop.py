@@ -167,6 +167,8 @@ def fit(
         "params": {"trainable": trainable, "total": total},
     }
 
+    set_progress = getattr(task, "set_progress", None)
+
     def checkpoint(position: Position) -> None:
         _checkpoint(model, optimizer, scheduler, position, run_dir, trainable_only, dist_info)
 
@@ -184,6 +186,10 @@ def fit(
                 dist_info, checkpoint, show_progress=cfg.output.progress and is_main,
             )  # fmt: skip
             average_batchnorm_statistics(model, dist_info)
+            if set_progress is not None:
+                # Evaluators that read the task (the robust probe reads its eps ramp) see where
+                # the epoch ended; the next step sets its own progress again, resumes included.
+                set_progress(float(pos.epoch))
             if pos.epoch % tcfg.eval_every == 0 or pos.epoch == tcfg.epochs:
                 for evaluator in evaluators:
                     row.update(evaluator(model, ctx))
