@@ -213,11 +213,13 @@ class TrainConfig(Section):
         0.0, ge=0, description="grow the training eps linearly from 0 over these epochs (0: off)"
     )
     robust_probe: int | None = Field(
-        None, ge=0, description="PGD-10 probe on the first N test samples each evaluated epoch "
-        "(None: 256 for adversarial objectives, off for standard and clip; 0: off)",
+        None, ge=0, description="PGD-10 probe, at the training eps, on N samples held out of the "
+        "train split before training (seeded; the model trains on N fewer samples), each "
+        "evaluated epoch (None: 256 for adversarial objectives, off for standard and clip; 0: off)",
     )
     keep_best_robust: bool = Field(
-        False, description="keep best_robust.safetensors: the weights with the best probe"
+        False, description="keep best_robust.safetensors: the weights with the best probe at the "
+        "full eps (best on the held-out train slice)",
     )
 
     @model_validator(mode="after")
@@ -253,7 +255,8 @@ class TrainConfig(Section):
 
     @property
     def probe_size(self) -> int:
-        """How many test samples the robust-accuracy probe attacks each evaluated epoch."""
+        """How many train samples are held out for the robust-accuracy probe (never trained on,
+        attacked each evaluated epoch); 0: no probe, the whole train split trains."""
         if self.robust_probe is not None:
             return self.robust_probe
         return 256 if self.adversarial else 0

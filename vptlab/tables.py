@@ -48,7 +48,25 @@ class Column:
         return MISSING if value is None else self.fmt(value)
 
 
-# What was trained, how much of it, how well, how fast. A row is a run's metrics.json.
+def overfitting(metrics: Row | None) -> str | None:
+    """A run's catastrophic-overfitting mark: `epoch E (B -> P)` (its best probe B fell to P at
+    epoch E), `no` when the robust probe ran without a fall, None (n/a) without a probe."""
+    if not isinstance(metrics, Mapping) or "robust_probe" not in metrics:
+        return None
+    co = metrics.get("catastrophic_overfitting")
+    if not co:
+        return "no"
+    return f"epoch {co['epoch']} ({co['best']:.1f} -> {co['probe']:.1f})"
+
+
+def overfitting_column(*path: str) -> Column:
+    """The catastrophic-overfitting mark of the run metrics at `path` in a row (the row itself
+    when no path is given)."""
+    return Column("catastrophic overfitting", lambda row: overfitting(at(*path)(row)))
+
+
+# What was trained, how much of it, how well, how fast. A row is a run's metrics.json. Top-1 is
+# the last epoch's: the best test epoch would be an oracle pick.
 RUN_COLUMNS: tuple[Column, ...] = (
     Column("run", at("name")),
     Column("status", at("status")),
@@ -59,7 +77,7 @@ RUN_COLUMNS: tuple[Column, ...] = (
     Column("total params", at("params", "total"), thousands, "right"),
     Column("top-1", at("final", "test_top1"), decimals(2), "right"),
     Column("top-5", at("final", "test_top5"), decimals(2), "right"),
-    Column("best top-1", at("best_top1"), decimals(2), "right"),
+    overfitting_column(),
     Column("s / epoch", at("seconds_per_epoch"), decimals(2), "right"),
     Column("wall s", at("wall_seconds"), decimals(1), "right"),
 )

@@ -1,7 +1,9 @@
-"""Adversarial training tasks: their update rules, their effect, the probe, and exact resume."""
+"""Adversarial training tasks: their update rules, the mode and precision of their inner attacks,
+their effect, the probe on its held-out train slice, overfitting flags, and exact resume."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,19 +12,27 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from vptlab.attacks import PGD
+from vptlab.attacks import FGSM, PGD
 from vptlab.config import AttackConfig, ExperimentConfig, build_config
+from vptlab.data.base import TensorSplit, hold_out
 from vptlab.data.loaders import Batch, to_rgb
+from vptlab.defenses import adversarial
 from vptlab.defenses.adversarial import (
     BEST_ROBUST_FILE,
+    PROBE_EPS_KEY,
+    PROBE_KEY,
+    SELECTED_ON,
     FGSMRSTraining,
     PGDTraining,
+    RobustProbe,
     TradesTraining,
     create_objective,
     robust_summary,
 )
 from vptlab.engine import runner
-from vptlab.engine.build import build_experiment
+from vptlab.engine.build import build_data, build_evaluators, build_experiment
+from vptlab.engine.distributed import DistInfo
+from vptlab.engine.evaluators import EvalContext
 from vptlab.errors import ConfigError
 from vptlab.models import create_model
 from vptlab.prompts import adapt
@@ -93,7 +103,7 @@ def test_prompt_mode_trains_prompts_and_head_only(name: str) -> None:
 
 
 class ConstantGradient(nn.Module):
-    """Logits (s, -s) with s = sum(x): with label 0... 1, the loss grows with every pixel."""
+    """Logits (s, -s) with s = sum(x): with label 1, the loss grows with every pixel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.flatten(1).sum(1, keepdim=True)
@@ -121,6 +131,62 @@ def test_fgsm_rs_steps_1_25_eps_from_a_start_in_the_ball() -> None:
     assert torch.allclose(delta, (start + 1.25 * eps).clamp(-eps, eps))
     assert start.abs().max() <= eps and delta.abs().max() <= eps + 1e-7
     assert delta.min() >= 0.25 * eps - 1e-7 and (delta < eps - 1e-6).any()
+
+
+def test_fgsm_rs_clips_its_start_to_the_image_before_the_step() -> None:
+    # Black images and a loss that grows with brightness: every pixel's step goes up by 1.25 eps
+    # from a start clipped to [0, eps], so every pixel ends at eps exactly. Unclipped starts below
+    # -0.25 eps (about 37% of pixels) would end short of it.
+    eps = 0.1
+    x, y = torch.zeros(16, 3, 8, 8), torch.ones(16, dtype=torch.long)
+    x_adv = FGSM(eps=eps, alpha=1.25 * eps, random_start=True, seed=0)(ConstantGradient(), x, y)
+    assert torch.equal(x_adv, torch.full_like(x, eps))
+    seen: list[torch.Tensor] = []
+
+    def spy(xs: torch.Tensor) -> torch.Tensor:
+        seen.append(xs)
+        return ConstantGradient()(xs)
+
+    torch.manual_seed(0)
+    FGSMRSTraining(AttackConfig(name="fgsm", eps=eps)).loss(spy, Batch(x, y, torch.arange(16)),
+                                                           ConstantGradient())  # fmt: skip
+    assert torch.equal(seen[0], torch.full_like(x, eps))
+
+
+class ModeRecorder(nn.Module):
+    """A BatchNorm net that records, per forward, whether it ran in train mode and in which
+    dtype its linear layer computed (bf16 under an active autocast)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(3)
+        self.head = nn.Linear(3 * 8 * 8, 10)
+        self.calls: list[tuple[bool, torch.dtype]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.norm(x).flatten(1))
+        self.calls.append((self.training, logits.dtype))
+        return logits
+
+
+def test_trades_maximizes_the_kl_in_eval_mode_and_fp32() -> None:
+    torch.manual_seed(0)
+    model = ModeRecorder().train()
+    model.head.eval()  # a mixed-mode model (a frozen part in eval): kept as it is, per module
+    stats = {k: v.clone() for k, v in model.named_buffers()}
+    task, batch = TradesTraining(BUDGET, beta=6.0), _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the loop's bf16 autocast
+        x_adv = task.maximize_kl(model, batch.x, 0.1, 0.05)
+        inner = list(model.calls)
+        assert len(inner) == BUDGET.steps + 1  # the clean target, then one forward per step
+        assert all(not training and dtype == torch.float32 for training, dtype in inner)
+        assert not torch.equal(x_adv, batch.x)
+        assert model.training and model.norm.training and not model.head.training
+        assert all(torch.equal(v, stats[k]) for k, v in model.named_buffers())
+        model.calls.clear()
+        task.loss(model, batch, model)  # the step's own forwards: train mode, under autocast
+    assert model.calls[-2:] == [(True, torch.bfloat16)] * 2
+    assert int(model.norm.num_batches_tracked) == 2
 
 
 def test_trades_with_beta_zero_is_clean_cross_entropy() -> None:
@@ -197,13 +263,84 @@ def test_probe_is_in_the_history_and_best_robust_is_kept(tmp_path: Path) -> None
     metrics = runner.train(cfg)
     probes = [row["probe_robust_acc"] for row in metrics["history"]]
     assert len(probes) == 3 and all(0.0 <= p <= 100.0 for p in probes)
+    assert [row[PROBE_EPS_KEY] for row in metrics["history"]] == [0.1] * 3
     run = tmp_path / "digits"
     assert (run / BEST_ROBUST_FILE).is_file()
     best = metrics["best_robust"]
     assert best["probe"] == max(probes) and probes[best["epoch"] - 1] == max(probes)
+    assert best["selected"] == SELECTED_ON == "best on the held-out train slice"
     assert load_file(str(run / BEST_ROBUST_FILE)).keys() == load_file(
         str(run / "model.safetensors")).keys()  # fmt: skip
-    assert "best probe" in (run / "report.md").read_text()
+    assert "best on the held-out train slice" in (run / "report.md").read_text()
+    assert "best_top1" not in metrics
+    # Reloading the run rebuilds the same split: the probe's samples are still out of training.
+    _, _, reloaded = runner.load_run(run, device="cpu")
+    built = build_data(cfg)
+    assert torch.equal(reloaded.probe.x, built.probe.x) and len(reloaded.probe) == 128
+    assert len(reloaded.train) == len(built.train)
+
+
+def test_probe_slice_is_held_out_of_the_train_split(tmp_path: Path) -> None:
+    split = TensorSplit(torch.arange(50.0).view(50, 1, 1, 1), torch.arange(50) % 10)
+    rest, held = hold_out(split, 8, seed=3)
+    ids = torch.cat([rest.x.flatten(), held.x.flatten()]).long()
+    assert len(held) == 8 and len(rest) == 42 and sorted(ids.tolist()) == list(range(50))
+    assert torch.equal(rest.x.flatten(), rest.x.flatten().sort().values)  # the split's order
+    assert torch.equal(hold_out(split, 8, seed=3)[1].x, held.x)
+    assert not torch.equal(hold_out(split, 8, seed=4)[1].x, held.x)
+
+    plain = build_data(digits_config(tmp_path, "train.robust_probe=0"))
+    cfg = digits_config(tmp_path, "train.objective=pgd", "train.robust_probe=64")
+    data = build_data(cfg)
+    assert len(data.probe) == 64 and len(data.train) == len(plain.train) - 64
+    assert torch.equal(data.test.x, plain.test.x)
+    rest, held = hold_out(plain.train, 64, cfg.seed)  # the same cut, from the same seed
+    assert torch.equal(data.train.x, rest.x) and torch.equal(data.probe.x, held.x)
+    evaluators = build_evaluators(cfg, data, tmp_path, create_objective(cfg.train))
+    probe = next(e for e in evaluators if isinstance(e, RobustProbe))
+    assert probe.split is data.probe
+
+
+def test_probe_slice_is_cut_before_poisoning(tmp_path: Path) -> None:
+    opts = ("train.objective=pgd", "train.robust_probe=64", "data.poison.trigger=badnets",
+            "data.poison.rate=0.1", "data.poison.target=0")  # fmt: skip
+    data = build_data(digits_config(tmp_path, *opts))
+    clean = build_data(digits_config(tmp_path, "train.objective=pgd", "train.robust_probe=64"))
+    record = data.train.poison
+    assert record.num_samples == len(data.train) == len(clean.train)
+    assert torch.equal(data.train.clean.x, clean.train.x)  # poisoned after the cut
+    assert torch.equal(data.probe.x, clean.probe.x) and torch.equal(data.probe.y, clean.probe.y)
+
+
+def test_a_probe_larger_than_the_train_split_names_its_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^train\.robust_probe: 5000 held-out samples"):
+        build_data(digits_config(tmp_path, "train.objective=pgd", "train.robust_probe=5000"))
+
+
+def test_probe_runs_pgd10_at_the_eps_it_is_given_and_keeps_module_modes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attacks: list[tuple[float, int, bool, int | None, bool]] = []
+
+    class SpyPGD(PGD):
+        def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            attacks.append((self.eps, self.steps, self.amp, self.seed, model.training))
+            return super().perturb(model, x, y)
+
+    monkeypatch.setattr(adversarial, "PGD", SpyPGD)
+    torch.manual_seed(0)
+    model = adapt(create_model("simplenet", num_classes=10, img_size=8), "full").train()
+    frozen = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    frozen.eval()
+    split = TensorSplit(torch.rand(32, 3, 8, 8), torch.randint(0, 10, (32,)))
+    ctx = EvalContext(digits_config(tmp_path), torch.device("cpu"), None, DistInfo())
+    eps = [0.0]
+    probe = RobustProbe(split, AttackConfig(eps=0.3), eps=lambda: eps[0])
+    assert probe(model, ctx)[PROBE_EPS_KEY] == 0.0 and not attacks  # nothing to attack yet
+    eps[0] = 0.15
+    assert probe(model, ctx)[PROBE_EPS_KEY] == 0.15
+    assert attacks == [(0.15, 10, False, 0, False)]  # PGD-10, fp32, seeded, eval mode
+    assert model.training and not frozen.training  # each module's own mode, restored
 
 
 def test_standard_runs_have_no_probe_unless_asked(tmp_path: Path) -> None:
@@ -211,12 +348,52 @@ def test_standard_runs_have_no_probe_unless_asked(tmp_path: Path) -> None:
     assert digits_config(tmp_path, "train.objective=trades").train.probe_size == 256
 
 
-def test_catastrophic_overfitting_is_flagged() -> None:
-    history = [{"epoch": e, "probe_robust_acc": p} for e, p in enumerate([10, 35, 40, 30, 12], 1)]
-    summary = robust_summary(history, kept_best=True)
-    assert summary["catastrophic_overfitting"] == {"epoch": 5, "probe": 12.0, "best": 40.0}
+def _probes(values: list[float], eps: list[float] | None = None) -> list[dict]:
+    eps = eps or [0.1] * len(values)
+    return [{"epoch": e, PROBE_KEY: p, PROBE_EPS_KEY: r}
+            for e, (p, r) in enumerate(zip(values, eps, strict=True), 1)]  # fmt: skip
+
+
+def test_catastrophic_overfitting_is_a_fall_of_more_than_20_points_from_the_best() -> None:
+    summary = robust_summary(_probes([10, 35, 40, 30, 15]), eps=0.1, kept_best=True)
+    assert summary["catastrophic_overfitting"] == {"epoch": 5, "probe": 15.0, "best": 40.0}
     assert summary["best_robust"]["epoch"] == 3
-    assert "catastrophic_overfitting" not in robust_summary(history[:4])
+    assert summary["best_robust"]["selected"] == "best on the held-out train slice"
+    assert summary["robust_probe"]["on"] == "held-out train slice"
+    assert "catastrophic_overfitting" not in robust_summary(_probes([10, 35, 40, 30, 25]), eps=0.1)
+    # A fall of exactly 20 points is not more than 20; a low best can still collapse.
+    assert "catastrophic_overfitting" not in robust_summary(_probes([40, 20]), eps=0.1)
+    assert robust_summary(_probes([22, 1]), eps=0.1)["catastrophic_overfitting"]["epoch"] == 2
+
+
+def test_overfitting_and_best_compare_probes_at_the_full_eps_only() -> None:
+    # An eps ramp: probes at small eps score high; the fall at the ramp's end is not a collapse,
+    # and the kept best is a full-eps epoch.
+    history = _probes([90, 70, 30, 35, 28], eps=[0.025, 0.05, 0.1, 0.1, 0.1])
+    summary = robust_summary(history, eps=0.1, kept_best=True)
+    assert "catastrophic_overfitting" not in summary
+    assert summary["robust_probe"]["best"] == 35.0 and summary["best_robust"]["epoch"] == 4
+    assert summary["robust_probe"]["final"] == 28.0
+    ramp_only = robust_summary(history[:2], eps=0.1, kept_best=True)
+    assert ramp_only["robust_probe"]["best"] is None and "best_robust" not in ramp_only
+
+
+def test_a_flagged_run_warns_and_records_the_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flag = {"epoch": 1, "probe": 5.0, "best": 40.0}
+    summary = {"robust_probe": {"on": "held-out train slice", "eps": 0.1, "final": 5.0,
+                                "final_eps": 0.1, "best": 40.0, "best_epoch": 1},
+               "catastrophic_overfitting": flag}  # fmt: skip
+    monkeypatch.setattr(runner, "robust_summary", lambda *a, **k: dict(summary))
+    runner.train(digits_config(tmp_path, "train.epochs=1"))
+    err = capsys.readouterr().err
+    assert "vptlab: warning: run 'digits': catastrophic overfitting at epoch 1" in err
+    run = tmp_path / "digits"
+    assert json.loads((run / "metrics.json").read_text())["catastrophic_overfitting"] == flag
+    report = (run / "report.md").read_text()
+    assert "**Catastrophic overfitting** at epoch 1" in report
+    assert "| epoch 1 (40.0 -> 5.0) |" in report
 
 
 def _strip(history: list[dict]) -> list[dict]:
@@ -229,6 +406,9 @@ def test_resume_of_an_adversarial_run_is_exact(tmp_path: Path, objective: str) -
             "train.eps_ramp_epochs=1.5", "train.robust_probe=64", "train.keep_best_robust=true",
             "model.options.drop_rate=0.3")  # fmt: skip
     full = runner.train(digits_config(tmp_path / "a", *opts))
+    # The probe follows the ramp (eps reached at each epoch's end); the best is a full-eps epoch.
+    assert [row[PROBE_EPS_KEY] for row in full["history"]] == pytest.approx([0.1 / 1.5, 0.1, 0.1])
+    assert full["best_robust"]["epoch"] in (2, 3)
     runner.train(digits_config(tmp_path / "b", *opts), stop_after_epochs=1)
     resumed = runner.resume(tmp_path / "b" / "digits")
     assert _strip(resumed["history"]) == _strip(full["history"])

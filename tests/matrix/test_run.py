@@ -124,6 +124,14 @@ def test_reports_hold_every_cell(finished: Path) -> None:
     for heading in ("Threat: clean", "Threat: pgd", "Threat: badnets", "Skipped cells", "Cells"):
         assert heading in md and heading in html
     assert "small &lt;matrix&gt; &amp; co" in html and "<matrix>" not in html
+    # a threat with an adversarially trained (probed) run marks catastrophic overfitting; the
+    # backdoor threat has none (its pgd-at cell is skipped)
+    sections = md.split("## Threat: ")
+    pgd = next(s for s in sections if s.startswith("pgd"))
+    badnets = next(s for s in sections if s.startswith("badnets"))
+    assert "| catastrophic overfitting |" in pgd and "| pgd-at | complete | no |" in pgd
+    assert "catastrophic overfitting" not in badnets
+    assert "best top-1" not in md
     assert "https://" not in html and "http://" not in html
     images = re.findall(r'src="data:image/png;base64,', html)
     # scatter, ASR chart, curves and at least the PGD and backdoor grids

@@ -1,6 +1,8 @@
 """FGSM (Goodfellow et al. 2015) and PGD (Madry et al. 2018) in the Linf and L2 norms.
 
 FGSM:  x' = clip(x + eps * sign(grad_x L(f(x), y)))
+       with a random start (FGSM-RS): d_0 = clip(x + U(-eps, eps)) - x,
+       x' = clip(x + proj_eps(d_0 + alpha * sign(grad_x L(f(x + d_0), y))))
 PGD:   x_0 = x + uniform noise in the eps ball;  x_{t+1} = clip(proj_eps(x_t + alpha * s(g_t)))
        with s = sign for Linf and g / ||g||_2 for L2; restarts keep each sample's worst case.
 """
@@ -41,7 +43,10 @@ def check_budget(norm: str, eps: float, alpha: float | None = None, steps: int =
 @ATTACKS.register("fgsm")
 class FGSM(Attack):
     """One signed-gradient step of size eps (Linf). With `random_start`, the step starts from
-    uniform noise in the ball and is then projected: FGSM-RS (Wong et al. 2020)."""
+    uniform noise in the ball, clipped so that x + delta is an image, and is then projected:
+    FGSM-RS as in Wong et al.'s code (`delta = clamp(delta, lower_limit - X, upper_limit - X)`
+    before the step). Without that clip, a pixel at 0 with a positive gradient starts below 0 and
+    ends short of eps whenever its draw was below -0.25 eps (alpha = 1.25 eps)."""
 
     def __init__(
         self,
@@ -64,7 +69,8 @@ class FGSM(Attack):
         delta = torch.zeros_like(x)
         if self.random_start:
             delta = random_start(x, "linf", self.eps, self.generator(x.device))
-        grad, _ = self.input_gradient(model, (x + delta).clamp(0, 1), y)
+            delta = (x + delta).clamp(0, 1) - x
+        grad, _ = self.input_gradient(model, x + delta, y)
         delta = project(delta + self.alpha * grad.sign(), "linf", self.eps)
         return (x + delta).clamp(0, 1)
 

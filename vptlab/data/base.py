@@ -37,6 +37,10 @@ class TensorSplit:
     def to(self, device: str | torch.device) -> TensorSplit:
         return TensorSplit(self.x.to(device), self.y.to(device))
 
+    def take(self, index: torch.Tensor) -> TensorSplit:
+        """The samples at `index`, in that order (subclasses carry their per-sample fields)."""
+        return TensorSplit(self.x[index], self.y[index])
+
 
 @dataclass
 class DataSplits:
@@ -50,6 +54,9 @@ class DataSplits:
     # Zero-shot prompt templates with one `{}` for a class name ("a photo of the digit {}."):
     # how an image-text model classifies the test split; empty: models/clip.py's defaults.
     templates: list[str] = field(default_factory=list)
+    # Samples held out of the train split before training (`hold_out`), never trained on: what
+    # the robust probe of adversarial training measures and selects on (never the test split).
+    probe: TensorSplit | Dataset | None = None
 
 
 DATASETS = Registry[DataSplits]("dataset")
@@ -102,6 +109,29 @@ def subset(split: TensorSplit | Dataset, n: int | None, seed: int) -> TensorSpli
     if isinstance(split, TensorSplit):
         return TensorSplit(split.x[index], split.y[index])
     return Subset(split, index.tolist())
+
+
+_HOLD_OUT_STREAM = 2  # keeps the held-out draw independent of the readers' split draws
+
+
+def hold_out(
+    split: TensorSplit | Dataset, n: int, seed: int
+) -> tuple[TensorSplit | Dataset, TensorSplit | Dataset]:
+    """(rest, held): `n` samples of `split` drawn by the seed, and the split without them.
+
+    The rest keeps the split's order, so only the held samples leave it; the same split and seed
+    give the same two parts on every call (a resumed or reloaded run, every DDP rank).
+    """
+    size = len(split)  # type: ignore[arg-type]
+    if not 1 <= n < size:
+        raise ValueError(f"can hold out 1 to {size - 1} of {size} samples, got {n}")
+    held = torch.randperm(size, generator=seeded_generator(seed, _HOLD_OUT_STREAM))[:n]
+    keep = torch.ones(size, dtype=torch.bool)
+    keep[held] = False
+    rest = torch.nonzero(keep).flatten()
+    if isinstance(split, TensorSplit):
+        return split.take(rest), split.take(held)
+    return Subset(split, rest.tolist()), Subset(split, held.tolist())
 
 
 def uint8_images(pixels: np.ndarray) -> torch.Tensor:

@@ -88,6 +88,10 @@ class CaptionSplit(TensorSplit):
     def to(self, device: str | torch.device) -> CaptionSplit:
         return CaptionSplit(self.x.to(device), self.y.to(device), self.captions)
 
+    def take(self, index: torch.Tensor) -> CaptionSplit:
+        captions = [self.captions[i] for i in index.tolist()]
+        return CaptionSplit(self.x[index], self.y[index], captions)
+
 
 def split_captions(split: TensorSplit | Dataset) -> list[str]:
     """A split's captions in sample order (through Subsets), or a DataError saying it has none."""

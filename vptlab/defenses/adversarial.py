@@ -3,25 +3,34 @@
 `train.objective` picks the task, `train.attack` its budget (norm, eps, alpha, steps):
 
 - pgd (Madry et al. 2018):       min_theta E[ L(f(x'), y) ],  x' = PGD_eps(x, y)
-- fgsm_rs (Wong et al. 2020):    delta_0 ~ U(-eps, eps);  delta = proj_eps(delta_0 + a sign(grad))
-                                 with a = 1.25 eps;  min_theta E[ L(f(x + delta), y) ]
+- fgsm_rs (Wong et al. 2020):    delta_0 = clip(x + U(-eps, eps)) - x;
+                                 delta = proj_eps(delta_0 + a sign(grad)) with a = 1.25 eps;
+                                 min_theta E[ L(f(clip(x + delta)), y) ]
 - trades (Zhang et al. 2019):    min_theta E[ CE(f(x), y) + beta KL(f(x) || f(x')) ],
                                  x' = argmax_{||x'-x|| <= eps} KL(f(x) || f(x')) by PGD from
                                  x + 0.001 N(0, 1)
 
-Where the inner attack runs: in the mode the step runs in (train mode: BatchNorm normalizes with
-the batch's statistics), as in Madry's and Wong's code, so the attack sees the function the step
-then trains. Its forwards must not count as training forwards, though: the BatchNorm running
-statistics (and their counters) are saved before the attack and restored after it, so only the
-step's own forward updates them. In `prompt` / `linear` mode the frozen backbone stays in eval
-mode throughout (see prompts/adapt.py). Random starts use `seed=None`: they draw from the global
-RNG, which the loop checkpoints, so a resumed run is bit-exact.
+Where the inner attack runs, as in each paper's code:
+- pgd and fgsm_rs: in the mode the step runs in (train mode: BatchNorm normalizes with the
+  batch's statistics, dropout drops), as in Madry's and Wong's code, so the attack sees the
+  function the step then trains. Its forwards must not count as training forwards, though: the
+  BatchNorm running statistics (and their counters) are saved before the attack and restored
+  after it, so only the step's own forward updates them.
+- trades: in eval mode, the KL's clean target included (the authors' `model.eval()` before the
+  maximization, `model.train()` after it); each module's own mode is restored afterwards, module
+  by module, so in `prompt` / `linear` mode the frozen backbone stays in eval (prompts/adapt.py).
+Every training-time attack runs in fp32, outside the loop's bf16 autocast. Random starts use
+`seed=None`: they draw from the global RNG, which the loop checkpoints, so a resumed run is
+bit-exact.
 
-The probe (`RobustProbe`) attacks a fixed held-out batch (the first N test samples) with PGD-10 and
-a fixed seed after every evaluated epoch; `robust_summary` flags catastrophic overfitting in the
-history. With `train.keep_best_robust` the probe keeps the weights of its best epoch in
-`best_robust.safetensors` (Wong et al.'s early stopping). To evaluate them, rebuild the run and
-load that file over its weights:
+The probe (`RobustProbe`) attacks `train.robust_probe` samples held out of the *train* split
+before training (`data.probe`, see engine/build.py `build_data`; never the test split, never
+trained on) with PGD-10 at the eps training has reached (the eps ramp's), a fixed seed and fp32,
+after every evaluated epoch. `robust_summary` flags catastrophic overfitting as Wong et al.: the
+probe more than 20 points below its best so far, compared among the epochs probed at the full
+eps only. With `train.keep_best_robust` the probe keeps the weights of its best full-eps epoch in
+`best_robust.safetensors` (Wong et al.'s early stopping), selected on that held-out train slice.
+To evaluate them, rebuild the run and load that file over its weights:
 
     cfg, model, splits = vptlab.engine.runner.load_run(run_dir)
     vptlab.engine.checkpoint.load_model(model, run_dir / "best_robust.safetensors")
@@ -29,7 +38,8 @@ load that file over its weights:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,11 +58,16 @@ from vptlab.engine.tasks import ClassificationTask
 
 BEST_ROBUST_FILE = "best_robust.safetensors"
 PROBE_KEY = "probe_robust_acc"
+PROBE_EPS_KEY = "probe_eps"
 PROBE_STEPS = 10
 PROBE_SEED = 0
-# Catastrophic overfitting (Wong et al. 2020): the probe collapses after having been meaningful.
-OVERFIT_FLOOR = 20.0  # % probe accuracy the best must have reached
-OVERFIT_DROP = 0.5  # flagged when the probe falls below this fraction of its best
+PROBE_ON = "held-out train slice"
+SELECTED_ON = "best on the held-out train slice"
+# Catastrophic overfitting (Wong et al. 2020): flagged when the probe falls more than this many
+# points below its best so far. Their early stopping stops on a fall of more than 0.2 in the PGD
+# accuracy of a fixed training batch since the previous check; the best so far also catches a
+# collapse spread over several epochs.
+OVERFIT_POINTS = 20.0
 
 
 @contextmanager
@@ -72,6 +87,20 @@ def batchnorm_statistics_kept(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buf, value in saved:
                 buf.copy_(value)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside; every module's own train/eval flag back on exit, even on an
+    error. Module by module, not `model.train(mode)`: an adapted model holds mixed modes (its
+    frozen backbone stays in eval while its prompts train), which one flag would flatten."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class AdversarialTask(ClassificationTask):
@@ -120,14 +149,15 @@ class PGDTraining(AdversarialTask):
         alpha = self.alpha if self.alpha is not None else 2.5 * self.eps / self.steps
         eps, alpha = self.scaled(alpha)
         attack = PGD(eps=eps, norm=self.norm, alpha=alpha if eps > 0 else None,
-                     steps=self.steps, random_start=True, seed=None)  # fmt: skip
+                     steps=self.steps, random_start=True, amp=False, seed=None)  # fmt: skip
         x_adv = self.perturb(attack, raw_model, batch)
         return super().loss(model, batch._replace(x=x_adv), raw_model)
 
 
 class FGSMRSTraining(AdversarialTask):
     """Wong et al. 2020 ("Fast is better than free"): one FGSM step of 1.25 eps from a uniform
-    random start in the eps ball, projected back; cross-entropy on the result."""
+    random start in the eps ball (clipped to the image range first, as their code does),
+    projected back; cross-entropy on the result."""
 
     STEP = 1.25  # the paper's alpha / eps: larger steps overfit catastrophically, smaller are weak
 
@@ -136,7 +166,8 @@ class FGSMRSTraining(AdversarialTask):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         alpha = self.alpha if self.alpha is not None else self.STEP * self.eps
         eps, alpha = self.scaled(alpha)
-        attack = FGSM(eps=eps, alpha=alpha if eps > 0 else None, random_start=True, seed=None)
+        attack = FGSM(eps=eps, alpha=alpha if eps > 0 else None, random_start=True, amp=False,
+                      seed=None)  # fmt: skip
         x_adv = self.perturb(attack, raw_model, batch)
         return super().loss(model, batch._replace(x=x_adv), raw_model)
 
@@ -145,7 +176,8 @@ class TradesTraining(AdversarialTask):
     """Zhang et al. 2019: CE(f(x), y) + beta * KL(f(x) || f(x')), where x' maximizes the KL by
     PGD from x + 0.001 N(0, 1) (their code: step 0.01 on MNIST, 0.007 on CIFAR; here alpha,
     default 2.5 eps / steps). The KL is summed over classes and averaged over the batch, as in
-    their `criterion_kl(...) / batch_size`. Returns the clean logits."""
+    their `criterion_kl(...) / batch_size`. The maximization runs in eval mode and fp32
+    (`maximize_kl`); the loss's two forwards run in the step's mode. Returns the clean logits."""
 
     def __init__(self, attack: AttackConfig, beta: float, eps_ramp_epochs: float = 0.0) -> None:
         super().__init__(attack, eps_ramp_epochs)
@@ -170,9 +202,16 @@ class TradesTraining(AdversarialTask):
     def maximize_kl(
         self, model: nn.Module, x: torch.Tensor, eps: float, alpha: float
     ) -> torch.Tensor:
-        """PGD on KL(f(x) || f(x')) w.r.t. x', in the eps ball of `norm` and in [0,1]."""
+        """PGD on KL(f(x) || f(x')) w.r.t. x', in the eps ball of `norm` and in [0,1].
+
+        As the authors' code: the model in eval mode (`model.eval()` ... `model.train()`), for the
+        clean target too, so BatchNorm uses its running statistics (and leaves them alone) and
+        dropout is off; each module's mode is restored afterwards. In fp32 whatever the loop's
+        autocast: an attack in bf16 follows a coarser gradient than the model's.
+        """
         x = x.detach().float()
-        with frozen_parameters(model), batchnorm_statistics_kept(model), torch.enable_grad():
+        no_autocast = torch.autocast(x.device.type, enabled=False)
+        with frozen_parameters(model), eval_mode(model), no_autocast, torch.enable_grad():
             with torch.no_grad():
                 target = F.softmax(model(x).float(), dim=1)
             x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
@@ -191,7 +230,6 @@ class TradesTraining(AdversarialTask):
         return x_adv.detach()
 
 
-
 def create_objective(train: TrainConfig) -> ClassificationTask:
     """The task of `train.objective`: standard cross-entropy or one of the adversarial ones."""
     if train.objective == "standard":
@@ -206,76 +244,100 @@ def create_objective(train: TrainConfig) -> ClassificationTask:
 
 
 class RobustProbe:
-    """PGD-10 accuracy (%) on the first `size` test samples with a fixed seed, as
-    `probe_robust_acc`; with `keep_best`, the best probe's weights go to `best_robust.safetensors`
-    in `run_dir` (atomic; the previous best is read back from its metadata on resume)."""
+    """PGD-10 robust accuracy (%) on a held-out slice of the train split, as `probe_robust_acc`
+    (correct clean and under attack, as RobustBench counts), with the eps it ran at as
+    `probe_eps`.
+
+    `split` is that slice (`data.probe`: held out of the train split before training, so the
+    model never trained on it; never the test split). `eps` gives the eps training has reached
+    (the task's `current_eps`, which follows the ramp); without it the probe runs at
+    `attack.eps`. The attack is seeded (the same start every epoch) and runs in fp32 on the model
+    in eval mode. With `keep_best`, the best probe at the full eps (after the ramp) has its
+    weights written to `best_robust.safetensors` in `run_dir` (atomic; the previous best is read
+    back from its metadata on resume).
+    """
 
     def __init__(
         self,
         split: Any,
-        size: int,
         attack: AttackConfig,
+        eps: Callable[[], float] | None = None,
         run_dir: str | Path | None = None,
         keep_best: bool = False,
         trainable_only: bool = False,
     ) -> None:
-        self.split, self.size = split, size
-        self.attack = PGD(eps=attack.eps, norm=attack.norm, steps=PROBE_STEPS,
-                          random_start=True, seed=PROBE_SEED)  # fmt: skip
+        self.split = split
+        self.norm, self.full_eps = attack.norm, attack.eps
+        self.eps = eps or (lambda: attack.eps)
         self.best_path = Path(run_dir) / BEST_ROBUST_FILE if keep_best and run_dir else None
         self.trainable_only = trainable_only
         self._batch: Batch | None = None
 
     def _probe_batch(self, ctx: Any) -> Batch:
-        if self._batch is None:  # the same samples every epoch: test order, no augmentation
-            loader = make_loader(self.split, min(self.size, len(self.split)), train=False,
-                                 device=ctx.device, seed=ctx.cfg.seed,
-                                 img_size=ctx.cfg.data.img_size)  # fmt: skip
+        if self._batch is None:  # the same samples every epoch, in one batch, no augmentation
+            loader = make_loader(self.split, len(self.split), train=False, device=ctx.device,
+                                 seed=ctx.cfg.seed, img_size=ctx.cfg.data.img_size)  # fmt: skip
             self._batch = next(iter(loader))
         return self._batch
 
     def __call__(self, model: nn.Module, ctx: Any) -> dict[str, float]:
         batch = self._probe_batch(ctx)
-        training = model.training
-        model.eval()
-        try:
-            x_adv = self.attack(model, batch.x, batch.y)
+        eps = self.eps()
+        with eval_mode(model), torch.autocast(batch.x.device.type, enabled=False):
+            x_adv = batch.x
+            if eps > 0:
+                attack = PGD(eps=eps, norm=self.norm, steps=PROBE_STEPS, random_start=True,
+                             amp=False, seed=PROBE_SEED)  # fmt: skip
+                x_adv = attack(model, batch.x, batch.y)
             with torch.no_grad():
-                pred = self.attack.logits(model, x_adv).argmax(1)
-        finally:
-            model.train(training)
-        acc = 100.0 * float((pred == batch.y).float().mean())
-        if self.best_path is not None and ctx.dist.is_main and acc > self._best():
+                clean = model(batch.x).argmax(1) == batch.y
+                robust = clean & (model(x_adv).argmax(1) == batch.y)
+        acc = 100.0 * float(robust.float().mean())
+        at_full_eps = math.isclose(eps, self.full_eps)
+        if self.best_path is not None and ctx.dist.is_main and at_full_eps and acc > self._best():
             save_model(model, self.best_path, trainable_only=self.trainable_only,
-                       metadata={"probe_robust_acc": repr(acc)})  # fmt: skip
-        return {PROBE_KEY: acc}
+                       metadata={PROBE_KEY: repr(acc), PROBE_EPS_KEY: repr(eps)})  # fmt: skip
+        return {PROBE_KEY: acc, PROBE_EPS_KEY: eps}
 
     def _best(self) -> float:
         assert self.best_path is not None
         if not self.best_path.is_file():
             return float("-inf")
-        return float(read_metadata(self.best_path).get("probe_robust_acc", "-inf"))
+        return float(read_metadata(self.best_path).get(PROBE_KEY, "-inf"))
 
 
-def robust_summary(history: list[dict[str, Any]], kept_best: bool = False) -> dict[str, Any]:
-    """The probe's story for metrics.json: its last and best values (and, with `kept_best`, the
-    epoch whose weights are in best_robust.safetensors), and the first epoch of catastrophic
-    overfitting: the probe below OVERFIT_DROP x its best after the best passed OVERFIT_FLOOR %."""
-    probes = [(int(row["epoch"]), float(row[PROBE_KEY])) for row in history if PROBE_KEY in row]
+def robust_summary(
+    history: list[dict[str, Any]], eps: float | None = None, kept_best: bool = False
+) -> dict[str, Any]:
+    """The probe's story for metrics.json: its last value, its best at the full `eps` (the
+    training eps; None: every probe counts), with `kept_best` the epoch whose weights are in
+    best_robust.safetensors, and the first epoch of catastrophic overfitting.
+
+    Catastrophic overfitting (Wong et al. 2020): a probe more than OVERFIT_POINTS (20) points
+    below the best probe so far. Only probes at the full eps are compared, and only they can be
+    the best: during an eps ramp the probe runs at a smaller eps each epoch, where accuracy is
+    higher, so a fall at the ramp's end would be the budget growing, not the model breaking.
+    """
+    probes = [(int(row["epoch"]), float(row[PROBE_KEY]), row.get(PROBE_EPS_KEY))
+              for row in history if PROBE_KEY in row]  # fmt: skip
     if not probes:
         return {}
-    best_epoch, best = probes[0]
-    overfit = None
-    for epoch, probe in probes:
-        if probe > best:
+    best_epoch, best, overfit = None, None, None
+    for epoch, probe, probe_eps in probes:
+        if eps is not None and probe_eps is not None and not math.isclose(probe_eps, eps):
+            continue
+        if best is None or probe > best:
             best_epoch, best = epoch, probe
-        elif overfit is None and best >= OVERFIT_FLOOR and probe < OVERFIT_DROP * best:
+        elif overfit is None and best - probe > OVERFIT_POINTS:
             overfit = {"epoch": epoch, "probe": probe, "best": best}
+    _, final, final_eps = probes[-1]
     summary: dict[str, Any] = {
-        "robust_probe": {"final": probes[-1][1], "best": best, "best_epoch": best_epoch}
+        "robust_probe": {"on": PROBE_ON, "eps": eps, "final": final, "final_eps": final_eps,
+                         "best": best, "best_epoch": best_epoch}  # fmt: skip
     }
-    if kept_best:
-        summary["best_robust"] = {"file": BEST_ROBUST_FILE, "epoch": best_epoch, "probe": best}
+    if kept_best and best is not None:
+        summary["best_robust"] = {"file": BEST_ROBUST_FILE, "epoch": best_epoch, "probe": best,
+                                  "selected": SELECTED_ON}  # fmt: skip
     if overfit is not None:
         summary["catastrophic_overfitting"] = overfit
     return summary

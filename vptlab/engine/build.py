@@ -7,6 +7,7 @@ repairers also the loop they train with), never this one or the runner.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from vptlab.backdoors.metrics import BackdoorAccuracy, BackdoorThreat
 from vptlab.backdoors.poison import poison_data, poison_trigger
 from vptlab.config import ExperimentConfig, PixelConfig
 from vptlab.data import dataset_options, load_dataset
-from vptlab.data.base import DataSplits, TensorSplit
+from vptlab.data.base import DataSplits, TensorSplit, hold_out
 from vptlab.defenses.adversarial import RobustProbe, create_objective
 from vptlab.defenses.repair import create_repairer
 from vptlab.engine.evaluators import Evaluator, TestAccuracy, ZeroShotAccuracy
@@ -38,17 +39,38 @@ from vptlab.prompts.label_mapping import DATA_MAPPINGS
 def build_data(cfg: ExperimentConfig) -> DataSplits:
     """Load the dataset; `data.img_size` reaches folder readers here and the loaders per batch.
 
-    With `data.poison`, the train split is poisoned (backdoors/poison.py: a new split beside the
-    clean one, carrying its record as `.poison`); the test split stays clean.
+    With the robust probe on (`train.robust_probe`), `probe_size` samples drawn by the seed leave
+    the train split for `data.probe` (the probe's held-out slice; data/base.py `hold_out`), so
+    the model never trains on them. With `data.poison`, the train split is poisoned
+    (backdoors/poison.py: a new split beside the clean one, carrying its record as `.poison`);
+    the test split stays clean.
     """
     dcfg = cfg.data
     options = dict(dcfg.options)
     if dcfg.img_size is not None and "img_size" in dataset_options(dcfg.name):
         options.setdefault("img_size", dcfg.img_size)
     data = load_dataset(dcfg.name, root=dcfg.root, seed=cfg.seed, **options)
+    if cfg.train.probe_size > 0:
+        # Held out of the clean split, before poisoning: the probe's samples keep their true
+        # labels and no trigger, and the poison record's indices are those of the split the model
+        # trains on (poisoning after the cut needs no index remapping).
+        data = hold_out_probe(data, cfg.train.probe_size, cfg.seed)
     if dcfg.poison is not None:
         data = poison_data(data, dcfg.poison, seed=cfg.seed)
     return data
+
+
+def hold_out_probe(data: DataSplits, size: int, seed: int) -> DataSplits:
+    """`data` with `size` train samples moved to `data.probe` (seeded: the same on resume,
+    `load_run` and every DDP rank)."""
+    available = len(data.train)  # type: ignore[arg-type]
+    if size >= available:
+        raise ConfigError(
+            f"train.robust_probe: {size} held-out samples would leave none of the {available} "
+            f"of {data.name}'s train split to train on; lower it (0 turns the probe off)"
+        )
+    train, probe = hold_out(data.train, size, seed)
+    return replace(data, train=train, probe=probe)
 
 
 def image_size(splits: DataSplits, cfg: ExperimentConfig) -> int:
@@ -146,11 +168,15 @@ def build_task(
 
 
 def build_evaluators(
-    cfg: ExperimentConfig, data: DataSplits, run_dir: str | Path
+    cfg: ExperimentConfig, data: DataSplits, run_dir: str | Path, task: Task | None = None
 ) -> list[Evaluator]:
     """Clean test accuracy (zero-shot for objective clip), plus the robust-accuracy probe when
     `train.robust_probe` asks for it (by default: adversarial objectives), plus ASR and RA of
-    the trigger on the test split when the train split is poisoned (`data.poison`)."""
+    the trigger on the test split when the train split is poisoned (`data.poison`).
+
+    The probe attacks `data.probe` (held out of the train split by `build_data`) at the eps the
+    training `task` has reached (its eps ramp), or at `train.attack.eps` for a task without one.
+    """
     evaluators: list[Evaluator] = [TestAccuracy(data.test)]
     if cfg.train.objective == "clip":  # the text tower trains: rebuild the head, then score
         evaluators = [ZeroShotAccuracy(data.test, *zero_shot_prompts(data))]
@@ -161,9 +187,12 @@ def build_evaluators(
         evaluators.append(BackdoorAccuracy(data.test, threat))
     tcfg = cfg.train
     if tcfg.probe_size > 0:
+        if data.probe is None:
+            raise ValueError("train.robust_probe is on but the data hold no probe slice: "
+                             "build them with build_data (or build_experiment)")  # fmt: skip
         evaluators.append(
-            RobustProbe(data.test, tcfg.probe_size, tcfg.attack, run_dir=run_dir,
-                        keep_best=tcfg.keep_best_robust,
+            RobustProbe(data.probe, tcfg.attack, eps=getattr(task, "current_eps", None),
+                        run_dir=run_dir, keep_best=tcfg.keep_best_robust,
                         trainable_only=cfg.adapt.frozen_backbone)  # fmt: skip
         )
     return evaluators

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from vptlab.config import (
     parse_override,
 )
 from vptlab.data.base import DataSplits
-from vptlab.defenses.adversarial import robust_summary
+from vptlab.defenses.adversarial import OVERFIT_POINTS, robust_summary
 from vptlab.engine.build import (
     build_epoch_hooks,
     build_evaluators,
@@ -74,11 +75,13 @@ def train(
 def _fit_run(
     cfg: ExperimentConfig, data: DataSplits, model: nn.Module, run_dir: Path, **kwargs: Any
 ) -> dict[str, Any]:
-    """`fit` with the config's objective and evaluators; the probe's summary (best epoch,
-    catastrophic overfitting) is added to metrics.json and the run report. A poisoned train
-    split's record (indices, trigger) is saved in the run folder first, and its final CA, ASR
-    and RA go into metrics.json (`backdoor`) and the report."""
-    task, evaluators = build_task(cfg, data, model), build_evaluators(cfg, data, run_dir)
+    """`fit` with the config's objective and evaluators; the probe's summary (its best epoch on
+    the held-out train slice, catastrophic overfitting) is added to metrics.json and the run
+    report, and a run that overfit catastrophically says so on stderr. A poisoned train split's
+    record (indices, trigger) is saved in the run folder first, and its final CA, ASR and RA go
+    into metrics.json (`backdoor`) and the report."""
+    task = build_task(cfg, data, model)
+    evaluators = build_evaluators(cfg, data, run_dir, task)
     poison: PoisonRecord | None = getattr(data.train, "poison", None)
     if poison is not None and is_main_process():
         save_poison(run_dir, poison)
@@ -86,7 +89,8 @@ def _fit_run(
         model, data, cfg, run_dir, task=task, evaluators=evaluators,
         epoch_hooks=build_epoch_hooks(cfg, data), **kwargs,
     )  # fmt: skip
-    extra = robust_summary(metrics.get("history", []), kept_best=cfg.train.keep_best_robust)
+    extra = robust_summary(metrics.get("history", []), eps=cfg.train.attack.eps,
+                           kept_best=cfg.train.keep_best_robust)  # fmt: skip
     if poison is not None:
         extra["backdoor"] = backdoor_summary(poison, metrics.get("final", {}))
     metrics.update(extra)
@@ -94,7 +98,19 @@ def _fit_run(
         if extra:
             atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2))
         write_run_report(run_dir, metrics)
+        if "catastrophic_overfitting" in metrics:
+            print(f"vptlab: warning: run '{cfg.name}': {overfitting_line(metrics)}",
+                  file=sys.stderr)  # fmt: skip
     return metrics
+
+
+def overfitting_line(metrics: dict[str, Any]) -> str:
+    """One sentence on a run's catastrophic overfitting (its metrics.json must record one)."""
+    co = metrics["catastrophic_overfitting"]
+    return (
+        f"catastrophic overfitting at epoch {co['epoch']}: the robust probe (held-out train "
+        f"slice) fell to {co['probe']:.1f}% from its best {co['best']:.1f}%"
+    )
 
 
 def backdoor_summary(poison: PoisonRecord, final: dict[str, Any]) -> dict[str, Any]:
@@ -164,6 +180,21 @@ def load_run(
     return cfg, model.to(resolve_device(cfg.device)).eval(), splits
 
 
+def probe_sentence(probe: dict[str, Any]) -> str:
+    """The run report's line on the robust probe (metrics.json's `robust_probe`)."""
+    eps, final_eps = probe.get("eps"), probe.get("final_eps")
+    at_eps = f" at eps {eps:g}" if eps is not None else ""
+    text = (
+        f"Robust probe (PGD-10{at_eps} on samples held out of the train split, never trained "
+        f"on): final {probe['final']:.1f}%"
+    )
+    if final_eps is not None and eps is not None and final_eps != eps:
+        text += f" (at the eps ramp's {final_eps:g})"
+    if probe.get("best") is None:
+        return text + "; no epoch was probed at the full eps yet."
+    return text + f", best {probe['best']:.1f}% at epoch {probe['best_epoch']}."
+
+
 def write_run_report(run_dir: Path, metrics: dict[str, Any]) -> None:
     status = f"Status: {metrics.get('status')}, {metrics.get('epochs_done', 0)} epochs done."
     table = markdown_table(RUN_COLUMNS, [metrics])
@@ -172,21 +203,18 @@ def write_run_report(run_dir: Path, metrics: dict[str, Any]) -> None:
         text += f"\n## Backdoor\n\n{markdown_table(BACKDOOR_COLUMNS, [metrics])}\n\n"
         text += f"{BACKDOOR_NOTE}\n"
     if "robust_probe" in metrics:
-        probe = metrics["robust_probe"]
-        text += (
-            f"\nRobust probe (PGD-10 on held-out test samples): final {probe['final']:.1f}%, "
-            f"best {probe['best']:.1f}% at epoch {probe['best_epoch']}.\n"
-        )
+        text += f"\n{probe_sentence(metrics['robust_probe'])}\n"
     if "best_robust" in metrics:
         text += (
-            f"\nThe weights of epoch {metrics['best_robust']['epoch']} (best probe) are kept in "
-            f"`{metrics['best_robust']['file']}`; load them over the run's model with "
-            "`load_model(model, path)` after `load_run` to evaluate them.\n"
+            f"\nThe weights of epoch {metrics['best_robust']['epoch']} (best on the held-out "
+            f"train slice) are kept in `{metrics['best_robust']['file']}`; load them over the "
+            "run's model with `load_model(model, path)` after `load_run` to evaluate them.\n"
         )
     if "catastrophic_overfitting" in metrics:
         co = metrics["catastrophic_overfitting"]
         text += (
             f"\n**Catastrophic overfitting** at epoch {co['epoch']}: the robust probe fell to "
-            f"{co['probe']:.1f}% from its best {co['best']:.1f}%.\n"
+            f"{co['probe']:.1f}% from its best {co['best']:.1f}% (more than "
+            f"{OVERFIT_POINTS:g} points, at the full eps, on the held-out train slice).\n"
         )
     atomic_write_text(run_dir / "report.md", text)

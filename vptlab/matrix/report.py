@@ -3,7 +3,8 @@ says which cells belong to the matrix, each cell's cell.json what it measured.
 
 One document, two renderings (vptlab/report/document.py): report.md and a self-contained
 report.html with sortable tables and embedded plots. Per threat a table (clean top-1/top-5 and
-robust accuracy per budget; or CA, ASR, RA, ASR before, ASR drop and DER), a clean-vs-robust
+robust accuracy per budget; or CA, ASR, RA, ASR before, ASR drop and DER; a catastrophic-
+overfitting mark where a training run had the robust probe), a clean-vs-robust
 scatter per evasion threat, an ASR before / after chart per repair defense, training curves,
 example grids, each cell's config and wall time, and the failed and skipped cells with reasons.
 The per-threat tables hold no timings, so a resumed matrix gives the same tables as one
@@ -33,7 +34,7 @@ from vptlab.report.document import (
     write_report,
 )
 from vptlab.report.plots import plot_asr_before_after, plot_clean_vs_robust, plot_curves
-from vptlab.tables import Column, at, decimals
+from vptlab.tables import Column, at, decimals, overfitting_column
 
 Row = dict[str, Any]
 PCT = decimals(2)
@@ -127,6 +128,10 @@ def threat_tables(config: dict[str, Any], rows: Sequence[Row]) -> list[Block]:
             columns = backdoor_columns(trigger)
         else:
             columns = evasion_columns(cells)
+        if any("robust_probe" in (r.get("train") or {}) for r in cells):
+            # After the labels: a training run that overfit catastrophically is marked beside
+            # the numbers measured on it.
+            columns.insert(len(label_columns()), overfitting_column("train"))
         blocks.append(Table(columns, cells, id=f"threat-{threat}"))
     return blocks
 

@@ -26,8 +26,8 @@ from vptlab.matrix.config import MatrixConfig, parse_matrix
 from vptlab.matrix.executors import Executor, Outcome, Resources, create_executor
 
 # What a cell keeps of its training run's metrics.json (the report's curves and times).
-TRAIN_KEYS = ("name", "status", "model", "mode", "dataset", "params", "final", "best_top1",
-              "seconds_per_epoch", "wall_seconds", "history", "robust_probe",
+TRAIN_KEYS = ("name", "status", "model", "mode", "dataset", "params", "final",
+              "seconds_per_epoch", "wall_seconds", "history", "robust_probe", "best_robust",
               "catastrophic_overfitting", "backdoor")  # fmt: skip
 
 
