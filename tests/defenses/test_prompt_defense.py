@@ -88,6 +88,22 @@ def test_the_backdoored_model_stays_frozen(defended, poisoned_simplenet) -> None
     assert prompted.pixel_prompt(torch.zeros(1, 3, 28, 28)).abs().max() > 0.1  # it did learn
 
 
+def test_the_defended_model_is_broken_at_a_budget_that_grays_out_any_image(
+    defended, poisoned_simplenet
+) -> None:
+    """No gradient masking through the defense's clamp: PGD-20 at Linf 0.5 (enough to gray out
+    any digit) leaves under 5% robust accuracy on the trained, prompt-defended model."""
+    from vptlab.attacks import create_attack
+    from vptlab.metrics import evaluate_suite
+
+    test = poisoned_simplenet.data.test
+    split = TensorSplit(test.x[:200], test.y[:200])
+    attack = create_attack("pgd", eps=0.5, alpha=0.05, steps=20)
+    suite = evaluate_suite(defended["model"], split, [attack], progress=False)
+    assert suite["clean/top1"] > 80.0
+    assert suite[f"{attack.name}/acc"] < 5.0
+
+
 def test_save_prepare_load_gives_identical_outputs(defended, poisoned_simplenet) -> None:
     x = poisoned_simplenet.triggered_test()[:32]
     reloaded = PromptDefense(size=28).prepare(copy.deepcopy(poisoned_simplenet.model))
