@@ -158,7 +158,7 @@ class AdaptConfig(Section):
 class AttackConfig(Section):
     """An evasion attack and its budget (pixels in [0,1]): what `vptlab.attacks` builds."""
 
-    name: Literal["fgsm", "pgd", "autoattack"] = "pgd"
+    name: Literal["fgsm", "pgd", "autoattack", "square"] = "pgd"
     norm: Literal["linf", "l2"] = "linf"
     eps: float = Field(0.3, ge=0)
     alpha: float | None = Field(None, gt=0, description="step size; None: 2.5 eps / steps")
@@ -232,8 +232,10 @@ class TrainConfig(Section):
         if self.objective == "fgsm_rs" and attack.norm != "linf":
             raise ValueError(f"attack.norm must be linf for objective fgsm_rs, got {attack.norm!r}")
         if self.adversarial:
-            if attack.name == "autoattack":
-                raise ValueError("attack.name autoattack cannot train; objective sets the attack")
+            if attack.name in ("autoattack", "square"):
+                raise ValueError(
+                    f"attack.name {attack.name} cannot train; objective sets the attack"
+                )
             if attack.targeted or attack.restarts != 1:
                 raise ValueError("attack: training attacks are untargeted, restarts 1")
             if attack.eps == 0:
