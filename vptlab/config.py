@@ -183,6 +183,19 @@ class AttackSuiteConfig(Section):
     attacks: list[AttackConfig] = Field(min_length=1)
 
 
+class ChecksConfig(Section):
+    """The sanity checks run after every robustness evaluation (`vptlab.metrics.sanity`): what a
+    failed one says is in robustness.json and beside the number it marks unreliable."""
+
+    enabled: bool = True
+    samples: int = Field(100, gt=0, description="the first N evaluated samples are attacked again")
+    square_queries: int = Field(
+        250, gt=0, description="Square's queries at the largest budget of each attack family"
+    )
+    steps_factor: int = Field(2, ge=2, description="the stronger re-run takes this many x steps")
+    extra_restarts: int = Field(1, ge=0, description="... and this many more restarts")
+
+
 class TrainConfig(Section):
     epochs: int = Field(10, gt=0)
     optimizer: Literal["sgd", "adamw"] = "adamw"
