@@ -80,6 +80,7 @@ ATTACK_FLAG_DEFAULTS = {
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
+    from vptlab.config import ChecksConfig
     from vptlab.report.robustness import attack_run, configs_from_flags, load_attack_file
 
     if args.config:
@@ -97,11 +98,23 @@ def cmd_attack(args: argparse.Namespace) -> int:
         )  # fmt: skip
     if args.limit is not None and args.limit < 1:
         raise VptlabError(f"--limit must be >= 1, got {args.limit}")
+    if args.check_samples is not None and args.check_samples < 1:
+        raise VptlabError(f"--check-samples must be >= 1, got {args.check_samples}")
+    checks = ChecksConfig(enabled=not args.no_checks)
+    if args.check_samples is not None:
+        checks.samples = args.check_samples
     device = (_device_overrides(args) or ["device=auto"])[0].split("=", 1)[1]
     result = attack_run(
         args.run_dir, configs, device=device, limit=args.limit, examples=args.examples,
         export=args.export, progress=not args.no_progress, batch_size=args.batch_size,
+        checks=checks,
     )  # fmt: skip
+    # Unreliable numbers go to stderr, so stdout stays one JSON line for scripts.
+    for metric, reasons in result["unreliable"].items():
+        if reasons:
+            acc = result["metrics"][f"{metric}/acc"]
+            print(f"vptlab: {metric} = {acc:.2f}% is unreliable: {'; '.join(reasons)}",
+                  file=sys.stderr)  # fmt: skip
     print(json.dumps({"run": str(args.run_dir), "samples": result["samples"],
                       **result["metrics"]}))  # fmt: skip
     return 0
@@ -204,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the strongest budget's adversarial images (float32 in [0,1])")
     p.add_argument("--batch-size", type=int, help="default: the run's data.eval_batch_size")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-checks", action="store_true",
+                   help="skip the sanity checks (monotone in eps, gray budget, more steps, Square)")
+    p.add_argument("--check-samples", type=int, metavar="N",
+                   help="the checks attack the first N evaluated samples again (default 100)")
     p.set_defaults(**ATTACK_FLAG_DEFAULTS)
     _add_device(p)
     p.set_defaults(func=cmd_attack)

@@ -158,7 +158,7 @@ class AdaptConfig(Section):
 class AttackConfig(Section):
     """An evasion attack and its budget (pixels in [0,1]): what `vptlab.attacks` builds."""
 
-    name: Literal["fgsm", "pgd", "autoattack"] = "pgd"
+    name: Literal["fgsm", "pgd", "autoattack", "square"] = "pgd"
     norm: Literal["linf", "l2"] = "linf"
     eps: float = Field(0.3, ge=0)
     alpha: float | None = Field(None, gt=0, description="step size; None: 2.5 eps / steps")
@@ -181,6 +181,19 @@ class AttackSuiteConfig(Section):
     """An attack file (`vptlab attack --config`): the attacks and budgets to evaluate a run on."""
 
     attacks: list[AttackConfig] = Field(min_length=1)
+
+
+class ChecksConfig(Section):
+    """The sanity checks run after every robustness evaluation (`vptlab.metrics.sanity`): what a
+    failed one says is in robustness.json and beside the number it marks unreliable."""
+
+    enabled: bool = True
+    samples: int = Field(100, gt=0, description="the first N evaluated samples are attacked again")
+    square_queries: int = Field(
+        250, gt=0, description="Square's queries at the largest budget of each attack family"
+    )
+    steps_factor: int = Field(2, ge=2, description="the stronger re-run takes this many x steps")
+    extra_restarts: int = Field(1, ge=0, description="... and this many more restarts")
 
 
 class TrainConfig(Section):
@@ -234,8 +247,10 @@ class TrainConfig(Section):
         if self.objective == "fgsm_rs" and attack.norm != "linf":
             raise ValueError(f"attack.norm must be linf for objective fgsm_rs, got {attack.norm!r}")
         if self.adversarial:
-            if attack.name == "autoattack":
-                raise ValueError("attack.name autoattack cannot train; objective sets the attack")
+            if attack.name in ("autoattack", "square"):
+                raise ValueError(
+                    f"attack.name {attack.name} cannot train; objective sets the attack"
+                )
             if attack.targeted or attack.restarts != 1:
                 raise ValueError("attack: training attacks are untargeted, restarts 1")
             if attack.eps == 0:

@@ -36,16 +36,20 @@ def thousands(value: Any) -> str:
 @dataclass(frozen=True)
 class Column:
     """One column: its `title`, how to read its `value` from a row, how to `fmt` it as text, and
-    its alignment. A missing value (None) is written as n/a."""
+    its alignment. A missing value (None) is written as n/a. `mark` appends a row's mark to the
+    text (a number's footnote sign); the value, which HTML tables sort by, stays the number."""
 
     title: str
     value: Callable[[Row], Any]
     fmt: Callable[[Any], str] = str
     align: Literal["left", "right"] = "left"
+    mark: Callable[[Row], str] | None = None
 
     def text(self, row: Row) -> str:
         value = self.value(row)
-        return MISSING if value is None else self.fmt(value)
+        if value is None:
+            return MISSING
+        return self.fmt(value) + (self.mark(row) if self.mark is not None else "")
 
 
 def overfitting(metrics: Row | None) -> str | None:
@@ -153,7 +157,30 @@ def number(value: Any) -> str:
     return f"{value:g}"
 
 
-# One attack per row: its budget and the robust accuracy it leaves (robustness.json's rows).
+# The sign after a robust accuracy that failed a sanity check (vptlab/metrics/sanity.py); the
+# footnote under the table gives the reasons.
+UNRELIABLE = "†"
+
+
+def unreliable_mark(*path: str) -> Callable[[Row], str]:
+    """` †` where the row's reasons at `path` (a list of strings) are not empty."""
+    reasons = at(*path)
+    return lambda row: f" {UNRELIABLE}" if reasons(row) else ""
+
+
+def unreliable_notes(flagged: Iterable[tuple[str, str, Sequence[str]]]) -> list[str]:
+    """Footnote lines under a table: `† where metric: reason; reason` per unreliable number
+    (`where` names the row: a run or a cell, or empty)."""
+    lines = []
+    for where, metric, reasons in flagged:
+        if reasons:
+            label = f"{where}, {metric}" if where else metric
+            lines.append(f"{UNRELIABLE} {label}: unreliable, " + "; ".join(reasons) + ".")
+    return lines
+
+
+# One attack per row: its budget and the robust accuracy it leaves (robustness.json's rows);
+# a row's `unreliable` holds the reasons its number failed a sanity check.
 ATTACK_COLUMNS: tuple[Column, ...] = (
     Column("attack", at("metric")),
     Column("norm", at("norm")),
@@ -161,16 +188,18 @@ ATTACK_COLUMNS: tuple[Column, ...] = (
     Column("steps", at("steps"), str, "right"),
     Column("restarts", at("restarts"), str, "right"),
     Column("targeted", at("targeted"), lambda v: {True: "yes", False: "no"}.get(v, str(v))),
-    Column("top-1 %", at("acc"), decimals(2), "right"),
+    Column("top-1 %", at("acc"), decimals(2), "right", unreliable_mark("unreliable")),
     Column("top-5 %", at("top5"), decimals(2), "right"),
 )
 
 
 def robust_columns(metrics: Sequence[str]) -> tuple[Column, ...]:
-    """One row per run (its metrics.json with `robustness`: the suite's flat metrics), clean top-1
-    and then one column per attack's robust top-1, titled by the attack's metric name."""
+    """One row per run (its metrics.json with `robustness`: the suite's flat metrics, and
+    `unreliable`: robustness.json's reasons per metric), clean top-1 and then one column per
+    attack's robust top-1, titled by the attack's metric name and marked where unreliable."""
     return (
         Column("run", at("name")),
         Column("clean top-1", at("robustness", "clean/top1"), decimals(2), "right"),
-        *(Column(m, at("robustness", f"{m}/acc"), decimals(2), "right") for m in metrics),
+        *(Column(m, at("robustness", f"{m}/acc"), decimals(2), "right",
+                 unreliable_mark("unreliable", m)) for m in metrics),
     )

@@ -17,13 +17,13 @@ from vptlab.attacks import ATTACKS, create_attack
 
 EPS = 0.3  # large enough that AutoAttack's first stage (APGD) settles every digit: seconds on CPU
 # Options an attack needs to run quickly here; an attack not listed runs with eps alone.
-FAST: dict[str, dict[str, Any]] = {"pgd": {"steps": 5}}
+FAST: dict[str, dict[str, Any]] = {"pgd": {"steps": 5}, "square": {"n_queries": 200}}
 N = 48
 
 
 def build(name: str, **extra: Any):
-    if name == "autoattack":
-        pytest.importorskip("torchattacks")
+    if name in ("autoattack", "square"):
+        pytest.importorskip("pyautoattack")
     return create_attack(name, eps=EPS, **(FAST.get(name, {}) | extra))
 
 

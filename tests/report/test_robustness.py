@@ -14,9 +14,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vptlab.cli import main
-from vptlab.config import build_config
+from vptlab.config import AttackConfig, ChecksConfig, build_config
 from vptlab.engine import runner
-from vptlab.report.robustness import replace_section
+from vptlab.matrix.report import evasion_columns, unreliable_list
+from vptlab.report.document import BulletList
+from vptlab.report.robustness import evaluate_attacks, is_current, replace_section, section_text
+from vptlab.report.study import robustness_section
+from vptlab.tables import markdown_table
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +110,7 @@ def test_attack_writes_results_into_the_run_folder(run: Path, tmp_path: Path, ca
         ([], "vptlab: error: --eps is needed"),
         (["--config", "a.yaml", "--steps", "5"], "vptlab: error: --steps and --config exclude"),
         (["--eps", "0.1", "--batch-size", "0"], "vptlab: error: --batch-size must be >= 1"),
+        (["--eps", "0.1", "--check-samples", "0"], "vptlab: error: --check-samples must be >= 1"),
     ],
 )
 def test_bad_options_are_one_line(
@@ -134,3 +139,102 @@ def test_replace_section_keeps_the_rest() -> None:
     assert replace_section("# Run\n", "Robustness", "## Robustness\n\nx\n") == (
         "# Run\n\n## Robustness\n\nx\n"
     )
+
+
+def test_a_number_that_fails_a_check_is_marked_everywhere(run: Path, capsys) -> None:
+    """One PGD step of a tiny alpha has not converged: robustness.json says why, the report's
+    table marks the number and footnotes the reason, the CLI prints it."""
+    argv = ["attack", str(run), "--eps", "0.15", "--steps", "1", "--alpha", "0.001",
+            "--limit", "64", "--check-samples", "48", "--device", "cpu", "--examples", "0"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    printed = json.loads(out.strip().splitlines()[-1])  # stdout stays one JSON line
+    acc = printed["pgd-linf-0.15/acc"]
+    assert f"vptlab: pgd-linf-0.15 = {acc:.2f}% is unreliable: " in err
+    assert "not converged: PGD with 2 steps and 2 restarts leaves" in err
+
+    result = json.loads((run / "robustness.json").read_text())
+    checks = result["checks"]
+    assert checks["samples"] == 48 and checks["settings"] == {**ChecksConfig().model_dump(),
+                                                              "samples": 48}  # fmt: skip
+    assert {c["check"] for c in checks["results"]} == {"monotone", "gray_budget", "more_steps",
+                                                       "square"}  # fmt: skip
+    steps = next(c for c in checks["results"] if c["check"] == "more_steps")
+    assert steps["passed"] is False and steps["metrics"] == ["pgd-linf-0.15"]
+    assert set(steps["numbers"]) == {"pgd-linf-0.15", "stronger:pgd-linf-0.15"}
+    assert any(r.startswith("not converged") for r in result["unreliable"]["pgd-linf-0.15"])
+
+    report = (run / "report.md").read_text()
+    assert f"| {acc:.2f} † |" in report
+    assert "- † pgd-linf-0.15: unreliable, not converged: PGD with 2 steps" in report
+    assert "Sanity checks (monotone in eps" in report
+
+    # The same attack with other check settings is not current: it is evaluated again.
+    configs = [AttackConfig(eps=0.15, steps=1, alpha=0.001)]
+    assert is_current(run, configs, 64, ChecksConfig(samples=48))
+    assert not is_current(run, configs, 64, ChecksConfig(samples=32))
+    assert not is_current(run, configs, 64)  # the default checks: 100 samples
+
+    assert main([*argv, "--no-checks"]) == 0
+    assert "unreliable" not in capsys.readouterr().err
+    off = json.loads((run / "robustness.json").read_text())
+    assert off["checks"]["results"] == [] and off["unreliable"] == {"pgd-linf-0.15": []}
+    assert off["checks"]["settings"]["enabled"] is False
+    report = (run / "report.md").read_text()
+    assert "†" not in report and "Sanity checks: off" in report
+
+
+class _ZeroGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return torch.zeros_like(grad)
+
+
+class Masked(torch.nn.Module):
+    """A trained model behind a zero input gradient (gradient masking by construction)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(_ZeroGradient.apply(x))
+
+
+def test_masked_model_is_unreliable_in_json_and_tables(trained_run: Path, tmp_path: Path) -> None:
+    cfg, model, splits = runner.load_run(trained_run, device="cpu")
+    configs = [AttackConfig(eps=eps, steps=5) for eps in (0.1, 0.2)]
+    result = evaluate_attacks(
+        cfg, Masked(model), splits, configs, tmp_path, model_sha256="-", limit=64, examples=0,
+        progress=False, checks=ChecksConfig(samples=64, square_queries=100),
+    )  # fmt: skip
+    saved = json.loads((tmp_path / "robustness.json").read_text())
+    assert saved["unreliable"] == result["unreliable"]
+    for metric in ("pgd-linf-0.1", "pgd-linf-0.2"):  # Square at 0.2 speaks for the family
+        reasons = saved["unreliable"][metric]
+        assert any(r.startswith("gradient masking: at eps 0.2 Square leaves") for r in reasons)
+        assert any("gray out any image" in r for r in reasons)
+    failed = {c["check"] for c in saved["checks"]["results"] if c["passed"] is False}
+    assert failed == {"gray_budget", "square"}
+
+    # the run's report
+    text = section_text(result, [], grid=False)
+    acc = result["metrics"]["pgd-linf-0.2/acc"]
+    assert f"| {acc:.2f} † |" in text and "- † pgd-linf-0.2: unreliable, " in text
+    # a study's table: one row per run
+    study = "\n".join(robustness_section(tmp_path, {"masked": {"robustness": result}}))
+    assert f"| masked | {result['metrics']['clean/top1']:.2f} | " in study
+    assert f"{acc:.2f} † |" in study and "- † masked, pgd-linf-0.2: unreliable, " in study
+    # a matrix's evasion table: one row per cell
+    cell = {"id": "m/full/pgd/none", "model": "m", "adaptation": "full", "defense": "none",
+            "status": "complete", "metrics": result["metrics"], "attacks": result["attacks"],
+            "unreliable": result["unreliable"]}  # fmt: skip
+    table = markdown_table(evasion_columns([cell]), [cell])
+    assert f"| {acc:.2f} † |" in table
+    (notes,) = unreliable_list([cell])
+    assert isinstance(notes, BulletList)
+    assert notes.items[0].startswith("† m/full/pgd/none, pgd-linf-0.1: unreliable, ")

@@ -1,6 +1,7 @@
 """Evasion attacks by name: `create_attack("pgd", eps=0.3, steps=20)(model, x, y) -> x_adv`.
 
-`autoattack` wraps torchattacks' AutoAttack and needs the optional extra `vptlab[attacks]`.
+`autoattack` wraps torchattacks' AutoAttack and `square` the authors' Square Attack (pyautoattack);
+both need the optional extra `vptlab[attacks]`.
 Each attack is one small class with its paper's update rule in view; all take and return pixels in
 [0,1] and leave the model as they found it (see `base.Attack`).
 """
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from vptlab.attacks import autoattack, pgd  # noqa: F401  (registers fgsm, pgd, autoattack)
+# Imported for their registrations: fgsm, pgd, autoattack, square.
+from vptlab.attacks import autoattack, pgd, square  # noqa: F401
 from vptlab.attacks.autoattack import AutoAttack
 from vptlab.attacks.base import ATTACKS, Attack, frozen_parameters
 from vptlab.attacks.pgd import FGSM, PGD, check_budget
+from vptlab.attacks.square import Square
 
 
 def create_attack(name: str, **options: Any) -> Attack:
@@ -29,6 +32,7 @@ __all__ = [
     "ATTACKS",
     "FGSM",
     "PGD",
+    "Square",
     "Attack",
     "AutoAttack",
     "check_budget",

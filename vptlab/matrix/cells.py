@@ -117,17 +117,21 @@ def _resolve(cell: Cell, matrix: MatrixConfig, out: Path, overrides: list[str],
         name = f"{cfg.name}-{cell.defense}-{digest([spec, recipe], 8)}"
         _check_defended(cell, cfg, spec, recipe, name, out)
         defend = {"defense": spec, "train": recipe, "name": name}
+    evaluation = matrix.evaluation.model_dump(mode="json")
+    if threat.kind != "evasion":
+        # Only attacks are checked: other cells keep their key (and their finished results).
+        evaluation.pop("checks")
     chain = {
         "train": run_key(cfg),
         "defend": defend and {k: defend[k] for k in ("defense", "train")},
         "threat": threat.model_dump(mode="json"),
-        "evaluation": matrix.evaluation.model_dump(mode="json"),
+        "evaluation": evaluation,
     }
     key = digest(chain)
     folder = str(out / CELLS / f"{cell.model}-{cell.adaptation}-{cell.threat}-{cell.defense}-{key}")
     return Cell(cell.model, cell.adaptation, cell.threat, cell.defense, threat, defense,
                 train=train, defend=defend, key=key, folder=folder,
-                evaluation=matrix.evaluation.model_dump(mode="json"))  # fmt: skip
+                evaluation=evaluation)  # fmt: skip
 
 
 def _check_defended(cell: Cell, cfg: ExperimentConfig, spec: dict[str, Any],

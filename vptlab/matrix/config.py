@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from vptlab.config import AttackConfig, PoisonConfig
+from vptlab.config import AttackConfig, ChecksConfig, PoisonConfig
 from vptlab.errors import ConfigError, format_validation_error
 
 ThreatKind = Literal["clean", "evasion", "backdoor"]
@@ -97,6 +97,9 @@ class DefenseSpec(Strict):
 class EvaluationSpec(Strict):
     limit: int | None = Field(None, gt=0, description="evasion: attack the first N test samples")
     examples: int = Field(8, ge=0, description="samples in each cell's example grid")
+    checks: ChecksConfig = Field(
+        default_factory=ChecksConfig, description="evasion: sanity checks on the robust accuracies"
+    )
 
 
 class ResourceSpec(Strict):

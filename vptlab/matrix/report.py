@@ -34,7 +34,14 @@ from vptlab.report.document import (
     write_report,
 )
 from vptlab.report.plots import plot_asr_before_after, plot_clean_vs_robust, plot_curves
-from vptlab.tables import Column, at, decimals, overfitting_column
+from vptlab.tables import (
+    Column,
+    at,
+    decimals,
+    overfitting_column,
+    unreliable_mark,
+    unreliable_notes,
+)
 
 Row = dict[str, Any]
 PCT = decimals(2)
@@ -82,7 +89,15 @@ def evasion_columns(rows: Sequence[Row]) -> list[Column]:
                   if a["metric"] + "/acc" not in names]  # fmt: skip
     cols = [*label_columns(), Column("clean top-1", at("metrics", "clean/top1"), PCT, "right"),
             Column("clean top-5", at("metrics", "clean/top5"), PCT, "right")]  # fmt: skip
-    return cols + [Column(n.removesuffix("/acc"), at("metrics", n), PCT, "right") for n in names]
+    return cols + [Column(n.removesuffix("/acc"), at("metrics", n), PCT, "right",
+                          unreliable_mark("unreliable", n.removesuffix("/acc"))) for n in names]
+
+
+def unreliable_list(rows: Sequence[Row]) -> list[Block]:
+    """The reasons behind each marked robust accuracy of an evasion table (sanity checks)."""
+    notes = unreliable_notes((row["id"], metric, reasons) for row in rows
+                             for metric, reasons in row.get("unreliable", {}).items())  # fmt: skip
+    return [BulletList(notes)] if notes else []
 
 
 def trigger_of(row: Row) -> str | None:
@@ -118,7 +133,7 @@ def threat_tables(config: dict[str, Any], rows: Sequence[Row]) -> list[Block]:
     blocks: list[Block] = []
     for threat, spec in config["threats"].items():
         cells = [r for r in rows if r["threat"] == threat and r["status"] != "skipped"]
-        text = describe(spec, config["evaluation"].get("limit"))
+        text = describe(spec, config["evaluation"].get("limit"), config["evaluation"].get("checks"))
         blocks += [Heading(f"Threat: {threat} ({spec['kind']})"), Paragraph(text)]
         if not cells:
             blocks.append(Paragraph("No cell of this threat runs (all skipped)."))
@@ -126,6 +141,7 @@ def threat_tables(config: dict[str, Any], rows: Sequence[Row]) -> list[Block]:
         if spec["kind"] == "backdoor":
             trigger = next((t for r in cells if (t := trigger_of(r))), spec["poison"]["trigger"])
             columns = backdoor_columns(trigger)
+            blocks.append(Table(columns, cells, id=f"threat-{threat}"))
         else:
             columns = evasion_columns(cells)
         if any("robust_probe" in (r.get("train") or {}) for r in cells):
@@ -133,15 +149,22 @@ def threat_tables(config: dict[str, Any], rows: Sequence[Row]) -> list[Block]:
             # the numbers measured on it.
             columns.insert(len(label_columns()), overfitting_column("train"))
         blocks.append(Table(columns, cells, id=f"threat-{threat}"))
+        if spec["kind"] != "backdoor":
+            blocks += unreliable_list(cells)
     return blocks
 
 
-def describe(spec: dict[str, Any], limit: int | None) -> str:
+def describe(spec: dict[str, Any], limit: int | None, checks: dict[str, Any] | None = None) -> str:
     if spec["kind"] == "evasion":
         budgets = ", ".join(f"{a['name']} {a['norm']} eps {a['eps']:g} ({a['steps']} steps)"
                             for a in spec["attacks"])  # fmt: skip
         samples = f"the first {limit} test samples" if limit else "the test split"
-        return f"Evasion attacks on {samples}, robust top-1 % per budget: {budgets}."
+        text = f"Evasion attacks on {samples}, robust top-1 % per budget: {budgets}."
+        if checks and checks.get("enabled"):
+            checked = min(checks["samples"], limit) if limit else checks["samples"]
+            text += (f" Sanity checks on the first {checked} samples; † marks a number that "
+                     "failed one (reasons below the table).")
+        return text
     if spec["kind"] == "backdoor":
         p = spec["poison"]
         return (f"Backdoor `{p['trigger']}`: {p['rate']:g} of the train split poisoned, target "

@@ -228,6 +228,7 @@ def _defend(cell: Cell, payload: dict[str, Any]) -> dict[str, Any]:
 
 def _evaluate(cell: Cell, progress: bool) -> dict[str, Any]:
     """The evaluation step on the trained model: clean, under the attacks, or with the trigger."""
+    from vptlab.config import ChecksConfig
     from vptlab.defenses.defend import suite, threat_of, write_examples
     from vptlab.engine.runner import load_run
     from vptlab.metrics.suite import evaluate_suite
@@ -242,10 +243,12 @@ def _evaluate(cell: Cell, progress: bool) -> dict[str, Any]:
             cfg, model, splits, spec.attacks, folder, limit=limit["limit"],
             examples=limit["examples"], progress=progress,
             model_sha256=file_sha256(cell.train_dir / MODEL_FILE),
+            checks=ChecksConfig.model_validate(limit.get("checks", {})),
         )  # fmt: skip
         grids = [result["grid"]] if result.get("grid") else []
         return {"metrics": result["metrics"], "attacks": result["attacks"],
-                "samples": result["samples"], "grids": grids}  # fmt: skip
+                "samples": result["samples"], "grids": grids, "checks": result["checks"],
+                "unreliable": result["unreliable"]}  # fmt: skip
     if spec.kind == "backdoor":
         threat = threat_of(cell.train_dir, cfg, splits)
         metrics = suite(model, splits, threat, cfg, progress)

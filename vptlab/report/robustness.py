@@ -19,7 +19,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vptlab.attacks import ATTACKS, Attack, create_attack
-from vptlab.config import AttackConfig, AttackSuiteConfig, ExperimentConfig, load_yaml
+from vptlab.config import (
+    AttackConfig,
+    AttackSuiteConfig,
+    ChecksConfig,
+    ExperimentConfig,
+    load_yaml,
+)
 from vptlab.data.base import DataSplits
 from vptlab.engine.checkpoint import atomic_write, atomic_write_text
 from vptlab.engine.lock import folder_lock
@@ -27,9 +33,10 @@ from vptlab.engine.loop import MODEL_FILE, amp_dtype_for
 from vptlab.engine.runner import load_run
 from vptlab.errors import ConfigError, format_validation_error
 from vptlab.metrics.accuracy import Predictions
+from vptlab.metrics.sanity import run_checks
 from vptlab.metrics.suite import CLEAN, Threat, as_threats, suite_metrics, suite_predictions
 from vptlab.report.plots import plot_adversarial_grid, plot_robust_accuracy
-from vptlab.tables import ATTACK_COLUMNS, markdown_table
+from vptlab.tables import ATTACK_COLUMNS, markdown_table, unreliable_notes
 
 ROBUSTNESS_FILE = "robustness.json"
 GRID_FILE = "adversarial_examples.png"
@@ -136,8 +143,14 @@ def strongest(configs: Sequence[AttackConfig]) -> int:
     return max(family, key=lambda i: (configs[i].eps, i))
 
 
-def is_current(run_dir: Path, configs: Sequence[AttackConfig], limit: int | None) -> bool:
-    """Whether the run's robustness.json was made with these attacks, limit and weights."""
+def is_current(
+    run_dir: Path,
+    configs: Sequence[AttackConfig],
+    limit: int | None,
+    checks: ChecksConfig | None = None,
+) -> bool:
+    """Whether the run's robustness.json was made with these attacks, limit, check settings
+    (default: the default checks) and weights."""
     path = run_dir / ROBUSTNESS_FILE
     if not path.is_file():
         return False
@@ -150,6 +163,7 @@ def is_current(run_dir: Path, configs: Sequence[AttackConfig], limit: int | None
     return (
         had == wanted
         and saved.get("limit") == limit
+        and saved.get("checks", {}).get("settings") == (checks or ChecksConfig()).model_dump()
         and saved.get("model_sha256") == file_sha256(run_dir / MODEL_FILE)
     )
 
@@ -164,12 +178,14 @@ def attack_run(
     export: str | Path | None = None,
     progress: bool = True,
     batch_size: int | None = None,
+    checks: ChecksConfig | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run folder under `configs` and write the results into that folder only.
 
     `export` writes the adversarial images of the strongest budget (first attack family) as float32
     in [0,1], with labels, predictions and the attack's config in the metadata. `batch_size`
-    defaults to the run's `data.eval_batch_size`."""
+    defaults to the run's `data.eval_batch_size`. `checks` are the sanity checks' settings
+    (default: on, `ChecksConfig()`)."""
     run_dir = Path(run_dir)
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")
@@ -182,7 +198,7 @@ def attack_run(
         result = evaluate_attacks(
             cfg, model, splits, configs, run_dir, model_sha256=file_sha256(run_dir / MODEL_FILE),
             limit=limit, examples=examples, export=export, progress=progress,
-            batch_size=batch_size,
+            batch_size=batch_size, checks=checks,
         )  # fmt: skip
         write_report_section(run_dir, result, result["plots"])
     return result
@@ -201,23 +217,41 @@ def evaluate_attacks(
     export: str | Path | None = None,
     progress: bool = True,
     batch_size: int | None = None,
+    checks: ChecksConfig | None = None,
 ) -> dict[str, Any]:
-    """The suite under `configs` on a loaded run's model; writes `robustness.json`, the robust
+    """The suite under `configs` on a loaded run's model, then the sanity checks
+    (`vptlab.metrics.sanity`, settings `checks`, default on); writes `robustness.json`, the robust
     accuracy vs eps plots and the example grid into `out_dir` (the run's folder, or a matrix
-    cell's), and returns the result."""
+    cell's), and returns the result.
+
+    robustness.json holds `checks` (settings, check sample size, seconds, and per check what was
+    compared, the numbers and whether it passed) and `unreliable`: per attack metric the reasons
+    its number is unreliable (an empty list when none)."""
     attacks = [build_attack(c) for c in configs]
     threats = as_threats(attacks)
     top = strongest(configs)
     recorder = _Recording(threats[top], keep=None if export else examples)
     passes: list[Threat] = [recorder if i == top else t for i, t in enumerate(threats)]
     dev = next(model.parameters()).device
+    amp_dtype = amp_dtype_for(dev, cfg.train.amp)
+    batch_size = batch_size or cfg.data.eval_batch_size
     start = time.perf_counter()
     preds = suite_predictions(
-        model, splits.test, passes, amp_dtype=amp_dtype_for(dev, cfg.train.amp), limit=limit,
-        progress=progress, batch_size=batch_size or cfg.data.eval_batch_size,
-        img_size=cfg.data.img_size,
+        model, splits.test, passes, amp_dtype=amp_dtype, limit=limit, progress=progress,
+        batch_size=batch_size, img_size=cfg.data.img_size,
     )  # fmt: skip
     seconds = time.perf_counter() - start
+    metrics = suite_metrics(preds, threats)
+    # The check sample is the first N of the evaluated samples (never more than were evaluated).
+    settings = checks or ChecksConfig()
+    if limit is not None and settings.samples > limit:
+        settings = settings.model_copy(update={"samples": limit})
+    checked = run_checks(
+        model, splits.test, attacks, metrics, settings=settings, predictions=preds,
+        amp_dtype=amp_dtype, batch_size=batch_size, img_size=cfg.data.img_size, progress=progress,
+    )  # fmt: skip
+    unreliable = checked.pop("unreliable")
+    checked["settings"] = (checks or ChecksConfig()).model_dump(mode="json")
     result: dict[str, Any] = {
         "run": cfg.name,
         "dataset": splits.name,
@@ -228,7 +262,9 @@ def evaluate_attacks(
         "limit": limit,
         "samples": len(preds[CLEAN]),
         "seconds": seconds,
-        "metrics": suite_metrics(preds, threats),
+        "metrics": metrics,
+        "checks": checked,
+        "unreliable": unreliable,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     result["plots"] = plot_families(result, out_dir)
@@ -243,8 +279,9 @@ def evaluate_attacks(
 
 
 def attack_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Table rows of a robustness.json: the clean row, then one per attack with its numbers."""
-    metrics = result["metrics"]
+    """Table rows of a robustness.json: the clean row, then one per attack with its numbers and
+    the reasons it is unreliable (`unreliable`, empty when its checks passed)."""
+    metrics, reasons = result["metrics"], result.get("unreliable", {})
     # The clean row has no attack settings: blank cells rather than n/a.
     blank = {"norm": "", "steps": "", "restarts": "", "targeted": ""}
     rows: list[dict[str, Any]] = [
@@ -256,7 +293,8 @@ def attack_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         if accepted is not None:  # settings the attack ignores (FGSM's steps) are left blank
             a = {k: (v if k in accepted or k in ("name", "metric") else "") for k, v in a.items()}
         rows.append({**a, "acc": metrics.get(f"{a['metric']}/acc"),
-                     "top5": metrics.get(f"{a['metric']}/top5")})  # fmt: skip
+                     "top5": metrics.get(f"{a['metric']}/top5"),
+                     "unreliable": reasons.get(a["metric"], [])})  # fmt: skip
     return rows
 
 
@@ -318,10 +356,30 @@ def section_text(result: dict[str, Any], plots: Sequence[str], grid: bool) -> st
         markdown_table(ATTACK_COLUMNS, attack_rows(result)),
         "",
     ]
+    notes = unreliable_notes(("", m, r) for m, r in result.get("unreliable", {}).items())
+    if notes:
+        lines += ["\n".join(f"- {note}" for note in notes), ""]
+    lines += [checks_line(result.get("checks")), ""]
     lines += [f"![robust accuracy vs eps]({name})\n" for name in plots]
     if grid:
         lines += [f"![adversarial examples]({GRID_FILE})", ""]
     return "\n".join(lines)
+
+
+def checks_line(checks: dict[str, Any] | None) -> str:
+    """One sentence on the sanity checks behind the table: how many ran and passed, on what."""
+    if not checks or not checks["settings"]["enabled"]:
+        return "Sanity checks: off (`--no-checks`); these numbers were not checked."
+    ran = [c for c in checks["results"] if c["passed"] is not None]
+    passed = sum(bool(c["passed"]) for c in ran)
+    skipped = sorted({c["check"] for c in checks["results"] if c["passed"] is None})
+    text = (f"Sanity checks (monotone in eps; PGD-20 at a budget that grays any image; more steps "
+            f"and restarts; gradient-free Square; the last three on the first "
+            f"{checks['samples']} samples): {passed} of {len(ran)} passed, "
+            f"{checks['seconds']:.1f} s")
+    if skipped:
+        text += f"; not run: {', '.join(skipped)}"
+    return text + "."
 
 
 def replace_section(text: str, title: str, body: str) -> str:

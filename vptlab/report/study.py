@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vptlab.config import (
     AttackConfig,
+    ChecksConfig,
     ExperimentConfig,
     apply_overrides,
     build_config,
@@ -40,6 +41,7 @@ from vptlab.tables import (
     RUN_COLUMNS,
     markdown_table,
     robust_columns,
+    unreliable_notes,
 )
 
 
@@ -76,6 +78,9 @@ class StudyConfig(BaseModel):
         default_factory=list, description="evaluated on every finished run (robustness.json)"
     )
     attack_limit: int | None = Field(None, gt=0, description="attack the first N test samples")
+    checks: ChecksConfig = Field(
+        default_factory=ChecksConfig, description="sanity checks on every run's robustness numbers"
+    )
     defenses: dict[str, StudyDefense] = Field(
         default_factory=dict, description="applied to every poisoned run: <run>-<label> folders"
     )
@@ -258,11 +263,11 @@ def _defense_train(spec: StudyDefense, cfg: ExperimentConfig) -> dict[str, Any]:
 def _robustness(cfg: ExperimentConfig, study: StudyConfig) -> dict[str, Any]:
     """The run's robustness.json, evaluated unless it holds these attacks on these weights."""
     run_dir = run_dir_of(cfg)
-    if is_current(run_dir, study.attacks, study.attack_limit):
+    if is_current(run_dir, study.attacks, study.attack_limit, study.checks):
         return json.loads((run_dir / ROBUSTNESS_FILE).read_text())
     return attack_run(
         run_dir, study.attacks, device=cfg.device, limit=study.attack_limit,
-        progress=cfg.output.progress,
+        progress=cfg.output.progress, checks=study.checks,
     )  # fmt: skip
 
 
@@ -385,15 +390,21 @@ def detection_section(results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def robustness_section(out_dir: Path, results: dict[str, dict[str, Any]]) -> list[str]:
-    """Robust top-1 per run (rows) and attack (columns), and per attack family a plot of robust
-    accuracy vs eps with one line per run; runs without results show n/a."""
+    """Robust top-1 per run (rows) and attack (columns), a number that failed a sanity check
+    marked and its reasons below, and per attack family a plot of robust accuracy vs eps with one
+    line per run; runs without results show n/a."""
     attacked = {label: m["robustness"] for label, m in results.items() if "robustness" in m}
     names: list[str] = []
     for result in attacked.values():
         names += [a["metric"] for a in result["attacks"] if a["metric"] not in names]
-    rows = [{"name": label, "robustness": m.get("robustness", {}).get("metrics", {})}
+    rows = [{"name": label, "robustness": m.get("robustness", {}).get("metrics", {}),
+             "unreliable": m.get("robustness", {}).get("unreliable", {})}
             for label, m in results.items()]  # fmt: skip
     lines = ["## Robustness", "", markdown_table(robust_columns(names), rows), ""]
+    notes = unreliable_notes((row["name"], metric, reasons) for row in rows
+                             for metric, reasons in row["unreliable"].items())  # fmt: skip
+    if notes:
+        lines += ["\n".join(f"- {note}" for note in notes), ""]
     plots: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for label, result in attacked.items():
         for family, points in families(result).items():
