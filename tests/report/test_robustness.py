@@ -14,9 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vptlab.cli import main
-from vptlab.config import build_config
+from vptlab.config import AttackConfig, build_config
 from vptlab.engine import runner
-from vptlab.report.robustness import replace_section
+from vptlab.errors import ConfigError
+from vptlab.report.robustness import build_attack, replace_section
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,8 @@ def test_attack_writes_results_into_the_run_folder(run: Path, tmp_path: Path, ca
         ([], "vptlab: error: --eps is needed"),
         (["--config", "a.yaml", "--steps", "5"], "vptlab: error: --steps and --config exclude"),
         (["--eps", "0.1", "--batch-size", "0"], "vptlab: error: --batch-size must be >= 1"),
+        (["--eps", "0.1", "--version", "plus"], "vptlab: error: --version: attack 'pgd' takes no"),
+        (["--config", "a.yaml", "--queries", "5"], "vptlab: error: --queries and --config"),
     ],
 )
 def test_bad_options_are_one_line(
@@ -134,3 +137,92 @@ def test_replace_section_keeps_the_rest() -> None:
     assert replace_section("# Run\n", "Robustness", "## Robustness\n\nx\n") == (
         "# Run\n\n## Robustness\n\nx\n"
     )
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "square", "autoattack"])
+def test_attacks_from_configs_run_in_fp32_unless_amp(name: str) -> None:
+    if name in ("square", "autoattack"):
+        pytest.importorskip("pyautoattack")
+    assert build_attack(AttackConfig(name=name, eps=0.1)).amp is False
+    assert build_attack(AttackConfig(name=name, eps=0.1, amp=True)).amp is True
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "square"])
+def test_default_attacks_switch_autocast_off(name: str) -> None:
+    """Inside someone else's autocast region (the training loop's), the model's forwards in an
+    attack still run without autocast."""
+    if name == "square":
+        pytest.importorskip("pyautoattack")
+    seen: list[bool] = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(3 * 4 * 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return self.linear(x.flatten(1))
+
+    options = {"n_queries": 5} if name == "square" else {}
+    attack = build_attack(AttackConfig(name=name, eps=0.1, steps=2, options=options))
+    x, y = torch.rand(4, 3, 4, 4), torch.arange(4) % 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = attack(Recorder().eval(), x, y)
+    assert seen and not any(seen)
+    assert x_adv.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "expected"),
+    [
+        ("square", {"foo": 1},
+         r"^attack\.options\.foo: unknown option; attack 'square' takes: n_queries, p_init, seed$"),
+        ("pgd", {"n_queries": 10}, r"^attack\.options\.n_queries: unknown option; attack 'pgd'"),
+        ("square", {"eps": 0.2},
+         r"^attack\.options\.eps: not an option here; set it as attack\.eps$"),
+        ("square", {"steps": 3}, r"^attack\.options\.steps: .*attack 'square' takes no steps$"),
+        ("square", {"n_queries": "many"}, r"^attack\.options\.n_queries: .*valid integer"),
+    ],
+)  # fmt: skip
+def test_attack_options_are_checked_never_dropped(name: str, options: dict, expected: str) -> None:
+    pytest.importorskip("pyautoattack")
+    with pytest.raises(ConfigError, match=expected) as err:
+        build_attack(AttackConfig(name=name, eps=0.1, options=options))
+    assert "\n" not in str(err.value)
+
+
+def test_attack_options_reach_the_attack() -> None:
+    pytest.importorskip("pyautoattack")
+    attack = build_attack(AttackConfig(name="square", eps=0.1, restarts=2,
+                                       options={"n_queries": 123, "p_init": 0.5}))  # fmt: skip
+    assert (attack.n_queries, attack.p_init, attack.restarts) == (123, 0.5, 2)
+    assert attack.name == "square-linf-0.1"
+
+
+def test_square_from_the_command_line(run: Path, capsys) -> None:
+    pytest.importorskip("pyautoattack")
+    argv = ["attack", str(run), "--attack", "square", "--eps", "0.1,0.3", "--queries", "50",
+            "--limit", "20", "--device", "cpu", "--examples", "0", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((run / "robustness.json").read_text())
+    assert [a["metric"] for a in result["attacks"]] == ["square-linf-0.1", "square-linf-0.3"]
+    assert result["attacks"][0]["options"] == {"n_queries": 50}
+    assert result["attacks"][0]["amp"] is False
+    accs = [result["metrics"][f"{a['metric']}/acc"] for a in result["attacks"]]
+    assert accs[1] <= accs[0] <= result["metrics"]["clean/top1"]
+
+
+def test_attack_file_options_are_checked_before_the_run_is_loaded(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("pyautoattack")
+    config = tmp_path / "attack.yaml"
+    config.write_text(yaml.safe_dump(
+        {"attacks": [{"name": "pgd", "eps": 0.1},
+                     {"name": "square", "eps": 0.1, "options": {"n_querys": 10}}]}
+    ))  # fmt: skip
+    assert main(["attack", str(tmp_path / "nowhere"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"vptlab: error: {config}: attacks.1.options.n_querys: unknown option; attack 'square'"
+    ), err
+    assert err.count("\n") == 1

@@ -4,7 +4,8 @@ correct. torchattacks is an optional extra (`pip install vptlab[attacks]`), impo
 this attack is built, so importing vptlab never needs it.
 
 Our models take [0,1] pixels and normalize inside, which is torchattacks' convention too, so the
-model is handed over as it is (wrapped only to run bf16 autocast on CUDA and return fp32 logits).
+model is handed over as it is (wrapped only to return fp32 logits, and with `amp=True` to run
+its forward in bf16 autocast on CUDA).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class AutoAttack(Attack):
         norm: str = "linf",
         version: str = "standard",
         n_classes: int | None = None,
-        amp: bool = True,
+        amp: bool = False,
         seed: int | None = 0,
     ) -> None:
         check_budget(norm, eps)

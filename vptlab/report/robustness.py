@@ -39,6 +39,8 @@ FLAGS = {
     "name": "--attack", "norm": "--norm", "eps": "--eps", "alpha": "--alpha", "steps": "--steps",
     "restarts": "--restarts", "targeted": "--targeted", "random_start": "--attack",
 }  # fmt: skip
+# The CLI flags that set an entry of `options`, by the option they set.
+OPTION_FLAGS = {"version": "--version", "n_queries": "--queries"}
 
 
 def configs_from_flags(
@@ -49,11 +51,18 @@ def configs_from_flags(
     alpha: float | None = None,
     restarts: int = 1,
     targeted: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> list[AttackConfig]:
-    """One AttackConfig per eps of a comma-separated list; errors name the flag."""
+    """One AttackConfig per eps of a comma-separated list; errors name the flag. `options` are
+    the attack's other keyword options (from `--version`, `--queries`)."""
     if attack not in ATTACKS:
         raise ConfigError(f"--attack: unknown attack {attack!r}; choose from: "
                           f"{', '.join(ATTACKS.names())}")  # fmt: skip
+    options = options or {}
+    takes = accepted_options(attack) or set()
+    for key in options:
+        if key not in takes:
+            raise ConfigError(f"{OPTION_FLAGS.get(key, key)}: attack {attack!r} takes no {key}")
     if not eps:
         raise ConfigError("--eps is needed (e.g. --eps 0.1,0.2,0.3), or give --config FILE")
     try:
@@ -63,7 +72,7 @@ def configs_from_flags(
     configs = []
     for value in budgets:
         raw = dict(name=attack, norm=norm, eps=value, steps=steps, alpha=alpha,
-                   restarts=restarts, targeted=targeted)  # fmt: skip
+                   restarts=restarts, targeted=targeted, options=options)  # fmt: skip
         try:
             configs.append(AttackConfig.model_validate(raw))
         except ValidationError as err:
@@ -74,11 +83,18 @@ def configs_from_flags(
 
 
 def load_attack_file(path: str | Path) -> list[AttackConfig]:
-    """The `attacks:` list of an attack YAML, validated; errors name the key's path."""
+    """The `attacks:` list of an attack YAML, validated (each attack's options against its
+    class too, before any run is loaded); errors name the key's path."""
     try:
-        return AttackSuiteConfig.model_validate(load_yaml(path)).attacks
+        configs = AttackSuiteConfig.model_validate(load_yaml(path)).attacks
     except ValidationError as err:
         raise ConfigError(f"{path}: {format_validation_error(err)}") from None
+    for i, cfg in enumerate(configs):
+        try:
+            build_attack(cfg, where=f"attacks.{i}")
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    return configs
 
 
 def accepted_options(name: str) -> set[str] | None:
@@ -86,11 +102,31 @@ def accepted_options(name: str) -> set[str] | None:
     return set(inspect.signature(ATTACKS.get(name)).parameters) if name in ATTACKS else None
 
 
-def build_attack(cfg: AttackConfig) -> Attack:
-    """The attack a config names, given the options its class takes (FGSM has no steps)."""
-    accepted = accepted_options(cfg.name) or set()
-    options = {k: v for k, v in cfg.model_dump().items() if k != "name" and k in accepted}
-    return create_attack(cfg.name, **options)
+def attack_options(cfg: AttackConfig, where: str = "attack") -> dict[str, Any]:
+    """The keyword options for the class of attack `cfg.name`: the fixed fields it takes (FGSM
+    has no steps) plus `cfg.options`, checked against its signature. An unknown option, or one
+    that repeats a fixed field, is one ConfigError naming `<where>.options.<key>`."""
+    accepted = accepted_options(cfg.name)
+    if accepted is None:
+        raise ConfigError(f"{where}.name: unknown attack {cfg.name!r}; choose from: "
+                          f"{', '.join(ATTACKS.names())}")  # fmt: skip
+    fixed = {
+        k: v for k, v in cfg.model_dump().items() if k not in ("name", "options") and k in accepted
+    }
+    repeated = {
+        k: f"set it as {where}.{k}" if k in accepted else f"attack {cfg.name!r} takes no {k}"
+        for k in AttackConfig.model_fields
+        if k != "options"
+    }
+    extra = ATTACKS.check_options(
+        cfg.name, cfg.options, where=f"{where}.options", supplied=repeated
+    )
+    return fixed | extra
+
+
+def build_attack(cfg: AttackConfig, where: str = "attack") -> Attack:
+    """The attack a config names, built from `attack_options` (nothing in it is dropped)."""
+    return create_attack(cfg.name, **attack_options(cfg, where))
 
 
 def attack_records(configs: Sequence[AttackConfig], threats: Sequence[Threat]) -> list[dict]:
