@@ -28,11 +28,13 @@ benchmarks/adversarial_training_vs_plain.py.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import statistics
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vptlab.attacks import create_attack
-from vptlab.attacks.autoattack import FloatLogits, import_torchattacks
+from vptlab.attacks.authors import FloatLogits
 from vptlab.data import load_dataset
 from vptlab.engine.loop import resolve_device
 from vptlab.models import create_model
@@ -51,6 +53,15 @@ CASES = {  # name: (model, img_size, model options, trained on the CPU first)
     "vit-b16-224": ("vit_base_patch16_224", 224, {}, False),
     "vit-b4-32": ("vit_base_patch16_224", 32, {"patch_size": 4}, False),
 }
+
+
+def import_torchattacks() -> ModuleType:
+    """torchattacks (the peer), or an exit saying how to install it."""
+    try:
+        return importlib.import_module("torchattacks")
+    except ImportError:
+        raise SystemExit("this benchmark needs torchattacks: "
+                         "pip install --no-deps 'torchattacks>=3.5'") from None  # fmt: skip
 
 
 def sync(device: torch.device) -> None:
@@ -90,7 +101,8 @@ def build_case(case: str, device: torch.device, train_epochs: int, batch: int) -
 def make_attack(side: str, model: nn.Module, args: Any, device: torch.device) -> Any:
     """`attack(model, x, y) -> x_adv` of one side."""
     if side == "vptlab":
-        return create_attack("pgd", eps=args.eps, alpha=args.alpha, steps=args.steps, seed=None)
+        return create_attack("pgd", eps=args.eps, alpha=args.alpha, steps=args.steps,
+                             amp=device.type == "cuda", seed=None)  # fmt: skip
     torchattacks = import_torchattacks()
     peer = FloatLogits(model, amp=True) if device.type == "cuda" else model
     pgd = torchattacks.PGD(peer, args.eps, args.alpha, args.steps, random_start=True)

@@ -226,3 +226,39 @@ def test_attack_file_options_are_checked_before_the_run_is_loaded(tmp_path: Path
         f"vptlab: error: {config}: attacks.1.options.n_querys: unknown option; attack 'square'"
     ), err
     assert err.count("\n") == 1
+
+
+def test_autoattack_flags_reach_robustness_json_and_the_report(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """The authors' checks warn through their logger; what they say is kept per attack."""
+    pytest.importorskip("pyautoattack")
+    from pyautoattack import autoattack as authors
+
+    said = "it seems to be a dynamic defense! The evaluation with AutoAttack might be insufficient."
+
+    def dynamic(model, x, is_tf_model=False, logger=None):
+        logger.warning(said)
+
+    monkeypatch.setattr(authors.checks, "check_dynamic", dynamic)
+    threads = torch.get_num_threads()  # one thread: two spin on a loaded two-core machine
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    config = tmp_path / "attack.yaml"
+    apgd_ce = {"version": "custom", "attacks": ["apgd-ce"]}
+    config.write_text(yaml.safe_dump({"attacks": [
+        # eps 1: APGD-CE breaks every digit in its first restart, so this takes seconds
+        {"name": "autoattack", "eps": 1.0, "options": apgd_ce},
+        {"name": "pgd", "eps": 0.1, "steps": 3},
+    ]}))  # fmt: skip
+    argv = ["attack", str(run), "--config", str(config), "--limit", "24", "--batch-size", "8",
+            "--device", "cpu", "--examples", "0", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((run / "robustness.json").read_text())
+    aa, pgd = result["attacks"]
+    assert aa["metric"] == "autoattack-linf-1" and aa["flags"] == [said]  # 3 batches, kept once
+    assert aa["options"] == apgd_ce
+    assert pgd["flags"] == []
+    assert result["metrics"]["autoattack-linf-1/acc"] == 0
+    report = (run / "report.md").read_text()
+    assert f"- `autoattack-linf-1`: {said}" in report

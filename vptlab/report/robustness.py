@@ -129,10 +129,13 @@ def build_attack(cfg: AttackConfig, where: str = "attack") -> Attack:
     return create_attack(cfg.name, **attack_options(cfg, where))
 
 
-def attack_records(configs: Sequence[AttackConfig], threats: Sequence[Threat]) -> list[dict]:
-    """What robustness.json says of each attack: its metric name and its resolved config."""
-    return [{"metric": t.name, **c.model_dump(mode="json")}
-            for c, t in zip(configs, threats, strict=True)]  # fmt: skip
+def attack_records(
+    configs: Sequence[AttackConfig], threats: Sequence[Threat], attacks: Sequence[Attack]
+) -> list[dict]:
+    """What robustness.json says of each attack: its metric name, its resolved config and the
+    flags it raised (AutoAttack's checks: evaluation that may not be reliable; else empty)."""
+    return [{"metric": t.name, **c.model_dump(mode="json"), "flags": list(getattr(a, "flags", []))}
+            for c, t, a in zip(configs, threats, attacks, strict=True)]  # fmt: skip
 
 
 def file_sha256(path: Path) -> str:
@@ -182,7 +185,8 @@ def is_current(run_dir: Path, configs: Sequence[AttackConfig], limit: int | None
     except json.JSONDecodeError:
         return False
     wanted = [c.model_dump(mode="json") for c in configs]
-    had = [{k: v for k, v in a.items() if k != "metric"} for a in saved.get("attacks", [])]
+    had = [{k: v for k, v in a.items() if k not in ("metric", "flags")}
+           for a in saved.get("attacks", [])]  # fmt: skip
     return (
         had == wanted
         and saved.get("limit") == limit
@@ -260,7 +264,7 @@ def evaluate_attacks(
         "split": "test",
         "device": str(dev),
         "model_sha256": model_sha256,
-        "attacks": attack_records(configs, threats),
+        "attacks": attack_records(configs, threats, attacks),
         "limit": limit,
         "samples": len(preds[CLEAN]),
         "seconds": seconds,
@@ -354,6 +358,11 @@ def section_text(result: dict[str, Any], plots: Sequence[str], grid: bool) -> st
         markdown_table(ATTACK_COLUMNS, attack_rows(result)),
         "",
     ]
+    flagged = [a for a in result["attacks"] if a.get("flags")]
+    if flagged:
+        lines += ["Flagged as possibly unreliable (AutoAttack's own checks):", ""]
+        lines += [f"- `{a['metric']}`: {flag}" for a in flagged for flag in a["flags"]]
+        lines += [""]
     lines += [f"![robust accuracy vs eps]({name})\n" for name in plots]
     if grid:
         lines += [f"![adversarial examples]({GRID_FILE})", ""]
