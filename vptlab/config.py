@@ -214,7 +214,7 @@ class TrainConfig(Section):
     # The loss: `standard` cross-entropy, `clip` (contrastive image-text pretraining of a clip
     # model on a captioned dataset; evaluated zero-shot), or adversarial training
     # (vptlab/defenses/adversarial.py): pgd, fgsm_rs and trades, with `attack` as its budget
-    # (norm, eps, alpha, steps); its `name` is not read by training.
+    # (norm, eps, alpha, steps, amp); its `name` is not read by training, `options` refused.
     objective: Literal["standard", "clip", "pgd", "fgsm_rs", "trades"] = "standard"
     attack: AttackConfig = AttackConfig()
     trades_beta: float = Field(6.0, ge=0, description="TRADES weight of the KL term")

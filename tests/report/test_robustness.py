@@ -147,11 +147,11 @@ def test_attacks_from_configs_run_in_fp32_unless_amp(name: str) -> None:
     assert build_attack(AttackConfig(name=name, eps=0.1, amp=True)).amp is True
 
 
-@pytest.mark.parametrize("name", ["fgsm", "pgd", "square"])
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "square", "autoattack"])
 def test_default_attacks_switch_autocast_off(name: str) -> None:
     """Inside someone else's autocast region (the training loop's), the model's forwards in an
     attack still run without autocast."""
-    if name == "square":
+    if name in ("square", "autoattack"):
         pytest.importorskip("pyautoattack")
     seen: list[bool] = []
 
@@ -164,7 +164,8 @@ def test_default_attacks_switch_autocast_off(name: str) -> None:
             seen.append(torch.is_autocast_enabled("cpu"))
             return self.linear(x.flatten(1))
 
-    options = {"n_queries": 5} if name == "square" else {}
+    options = {"square": {"n_queries": 5},
+               "autoattack": {"version": "custom", "attacks": ["apgd-ce"]}}.get(name, {})
     attack = build_attack(AttackConfig(name=name, eps=0.1, steps=2, options=options))
     x, y = torch.rand(4, 3, 4, 4), torch.arange(4) % 3
     with torch.autocast("cpu", dtype=torch.bfloat16):
