@@ -23,6 +23,7 @@ attack: vptlab's PGD-20 (random start, step eps/8, seed 0) on the 1,000 test dig
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import platform
@@ -30,6 +31,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -37,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vptlab.attacks import create_attack
-from vptlab.attacks.autoattack import import_torchattacks
 from vptlab.config import build_config, load_yaml
 from vptlab.data.loaders import Batch
 from vptlab.engine.build import build_experiment, build_task
@@ -46,6 +47,15 @@ from vptlab.metrics.suite import evaluate_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESET = ROOT / "configs" / "adversarial_mnist.yaml"
+
+
+def import_torchattacks() -> ModuleType:
+    """torchattacks (the peer), or an exit saying how to install it."""
+    try:
+        return importlib.import_module("torchattacks")
+    except ImportError:
+        raise SystemExit("this benchmark needs torchattacks: "
+                         "pip install --no-deps 'torchattacks>=3.5'") from None  # fmt: skip
 
 
 def recipe(epochs: int, device: str, run_root: str) -> Any:

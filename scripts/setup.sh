@@ -13,5 +13,6 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 # torchattacks: the tests' reference implementation (PGD, AutoAttack); its needs (numpy, scipy,
 # tqdm, requests) come with the packages above, and its requests~=2.25 pin is not wanted here.
 .venv/bin/python -m pip install -q --no-compile --disable-pip-version-check --no-deps "torchattacks>=3.5"
-# pyautoattack: the authors' Square and AutoAttack (the `attacks` extra); it needs numpy and torch.
+# pyautoattack: the authors' AutoAttack and Square (the `attacks` extra, also in `dev`); it declares
+# no requirements and needs only numpy and torch.
 .venv/bin/python -m pip install -q --no-compile --disable-pip-version-check --no-deps "pyautoattack>=0.2"

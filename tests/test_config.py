@@ -9,6 +9,7 @@ from vptlab.config import (
     dump_config,
     load_config,
     parse_override,
+    recipe,
     recipe_changes,
     run_key,
 )
@@ -102,3 +103,24 @@ def test_run_key_ignores_where_and_how_a_run_is_made() -> None:
         assert run_key(other) != key, override
     lr = build_config({"name": "a", "data": {"name": "digits"}}, ["train.lr=0.1", "device=cpu"])
     assert recipe_changes(base, lr) == ["train.lr: 0.001 -> 0.1"]
+
+
+def test_attack_amp_and_options_at_their_defaults_keep_run_keys() -> None:
+    """Added after runs were made: at their defaults (fp32, no options) they are left out of the
+    recipe, so earlier runs and cached backbones stay valid; set, they change the key."""
+    base = build_config({"name": "a", "data": {"name": "digits"}}, ["train.objective=pgd"])
+    assert "amp" not in recipe(base)["train"]["attack"]
+    assert "options" not in recipe(base)["train"]["attack"]
+    amp = build_config({"name": "a", "data": {"name": "digits"}},
+                       ["train.objective=pgd", "train.attack.amp=true"])  # fmt: skip
+    assert amp.train.attack.amp is True and run_key(amp) != run_key(base)
+
+
+def test_training_attacks_take_no_options() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({}, ["train.objective=pgd", "train.attack.options.n_queries=10"])
+    message = str(info.value)
+    assert "attack.options: the pgd objective takes no attack options" in message
+    assert "n_queries" in message and "\n" not in message
+    with pytest.raises(ConfigError, match="attack.name square cannot train"):
+        build_config({}, ["train.objective=pgd", "train.attack.name=square"])

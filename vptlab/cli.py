@@ -75,7 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 ATTACK_FLAG_DEFAULTS = {
     "attack": "pgd", "norm": "linf", "eps": None, "steps": 10, "alpha": None, "restarts": 1,
-    "targeted": False,
+    "targeted": False, "version": None, "queries": None,
 }  # fmt: skip
 
 
@@ -84,17 +84,18 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from vptlab.report.robustness import attack_run, configs_from_flags, load_attack_file
 
     if args.config:
-        budget = ("attack", "norm", "eps", "steps", "alpha", "restarts", "targeted")
-        given = [k for k in budget if getattr(args, k) != ATTACK_FLAG_DEFAULTS[k]]
+        given = [k for k in ATTACK_FLAG_DEFAULTS if getattr(args, k) != ATTACK_FLAG_DEFAULTS[k]]
         if given:
             raise VptlabError(
                 f"--{given[0]} and --config exclude each other: put it in the attack file"
             )
         configs = load_attack_file(args.config)
     else:
+        options = {"version": args.version, "n_queries": args.queries}
         configs = configs_from_flags(
             args.attack, args.norm, args.eps, args.steps, alpha=args.alpha,
             restarts=args.restarts, targeted=args.targeted,
+            options={k: v for k, v in options.items() if v is not None},
         )  # fmt: skip
     if args.limit is not None and args.limit < 1:
         raise VptlabError(f"--limit must be >= 1, got {args.limit}")
@@ -203,13 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
         "attack", help="robust accuracy of a run folder under evasion attacks (robustness.json)"
     )
     p.add_argument("run_dir")
-    p.add_argument("--attack", help="attack name (default pgd)")
+    p.add_argument("--attack", help="fgsm, pgd, square or autoattack (default pgd)")
     p.add_argument("--norm", help="linf or l2 (default linf)")
     p.add_argument("--eps", help="budgets in [0,1] pixel units, comma-separated: 0.1,0.2,0.3")
     p.add_argument("--steps", type=int, help="PGD steps (default 10)")
     p.add_argument("--alpha", type=float, help="step size (default 2.5 eps / steps)")
     p.add_argument("--restarts", type=int, help="PGD random restarts (default 1)")
     p.add_argument("--targeted", action="store_true", help="aim each sample at the next class")
+    p.add_argument("--version", help="autoattack: standard (default), plus or rand")
+    p.add_argument("--queries", type=int, help="square: queries per restart (default 5000)")
     p.add_argument("--config", metavar="FILE", help="YAML with `attacks:`, a list of attacks")
     p.add_argument("--limit", type=int, default=None, help="the first N test samples only")
     p.add_argument("--examples", type=int, default=8, help="samples in the example grid")

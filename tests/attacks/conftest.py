@@ -8,7 +8,7 @@ Tests reach these through fixtures, not imports (see tests/prompts/conftest.py f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -18,6 +18,17 @@ from torch import nn
 from vptlab.data import load_dataset
 from vptlab.models import build_classifier
 from vptlab.models.base import ImageClassifier
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: these models are tiny, and on two cores shared with other jobs two
+    threads mostly wait on each other (the authors' AutoAttack on 32 digits took 181 s with two
+    threads under load, 11 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_cnn(seed: int = 0) -> ImageClassifier:

@@ -50,6 +50,8 @@ def matrix(tmp_path: Path) -> dict[str, Any]:
         (lambda m: m.update(bogus={}), "bogus: unknown key"),
         (lambda m: m["threats"]["pgd"]["attacks"][0].update(eps=-0.1), "threats.pgd.attacks.0.eps"),
         (lambda m: m["threats"]["pgd"]["attacks"][0].update(eps=8), "0-255 units"),
+        (lambda m: m["threats"]["pgd"]["attacks"][0].update(options={"stepz": 3}),
+         "threats.pgd.attacks.0.options.stepz: unknown option; attack 'pgd' takes"),
         (lambda m: m.update(models={}), "models: Dictionary should have at least 1 item"),
         (lambda m: m["threats"]["pgd"].update(attacks=[]), "needs at least one entry in attacks"),
         (lambda m: m["defenses"]["ft"].pop("name"), "repair defense needs name"),

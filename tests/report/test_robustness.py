@@ -16,9 +16,16 @@ from safetensors.torch import load_file
 from vptlab.cli import main
 from vptlab.config import AttackConfig, ChecksConfig, build_config
 from vptlab.engine import runner
+from vptlab.errors import ConfigError
 from vptlab.matrix.report import evasion_columns, unreliable_list
 from vptlab.report.document import BulletList
-from vptlab.report.robustness import evaluate_attacks, is_current, replace_section, section_text
+from vptlab.report.robustness import (
+    build_attack,
+    evaluate_attacks,
+    is_current,
+    replace_section,
+    section_text,
+)
 from vptlab.report.study import robustness_section
 from vptlab.tables import markdown_table
 
@@ -111,6 +118,8 @@ def test_attack_writes_results_into_the_run_folder(run: Path, tmp_path: Path, ca
         (["--config", "a.yaml", "--steps", "5"], "vptlab: error: --steps and --config exclude"),
         (["--eps", "0.1", "--batch-size", "0"], "vptlab: error: --batch-size must be >= 1"),
         (["--eps", "0.1", "--check-samples", "0"], "vptlab: error: --check-samples must be >= 1"),
+        (["--eps", "0.1", "--version", "plus"], "vptlab: error: --version: attack 'pgd' takes no"),
+        (["--config", "a.yaml", "--queries", "5"], "vptlab: error: --queries and --config"),
     ],
 )
 def test_bad_options_are_one_line(
@@ -238,3 +247,130 @@ def test_masked_model_is_unreliable_in_json_and_tables(trained_run: Path, tmp_pa
     (notes,) = unreliable_list([cell])
     assert isinstance(notes, BulletList)
     assert notes.items[0].startswith("† m/full/pgd/none, pgd-linf-0.1: unreliable, ")
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "square", "autoattack"])
+def test_attacks_from_configs_run_in_fp32_unless_amp(name: str) -> None:
+    if name in ("square", "autoattack"):
+        pytest.importorskip("pyautoattack")
+    assert build_attack(AttackConfig(name=name, eps=0.1)).amp is False
+    assert build_attack(AttackConfig(name=name, eps=0.1, amp=True)).amp is True
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "square", "autoattack"])
+def test_default_attacks_switch_autocast_off(name: str) -> None:
+    """Inside someone else's autocast region (the training loop's), the model's forwards in an
+    attack still run without autocast."""
+    if name in ("square", "autoattack"):
+        pytest.importorskip("pyautoattack")
+    seen: list[bool] = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(3 * 4 * 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return self.linear(x.flatten(1))
+
+    options = {"square": {"n_queries": 5},
+               "autoattack": {"version": "custom", "attacks": ["apgd-ce"]}}.get(name, {})
+    attack = build_attack(AttackConfig(name=name, eps=0.1, steps=2, options=options))
+    x, y = torch.rand(4, 3, 4, 4), torch.arange(4) % 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = attack(Recorder().eval(), x, y)
+    assert seen and not any(seen)
+    assert x_adv.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "expected"),
+    [
+        ("square", {"foo": 1},
+         r"^attack\.options\.foo: unknown option; attack 'square' takes: n_queries, p_init, seed$"),
+        ("pgd", {"n_queries": 10}, r"^attack\.options\.n_queries: unknown option; attack 'pgd'"),
+        ("square", {"eps": 0.2},
+         r"^attack\.options\.eps: not an option here; set it as attack\.eps$"),
+        ("square", {"steps": 3}, r"^attack\.options\.steps: .*attack 'square' takes no steps$"),
+        ("square", {"n_queries": "many"}, r"^attack\.options\.n_queries: .*valid integer"),
+    ],
+)  # fmt: skip
+def test_attack_options_are_checked_never_dropped(name: str, options: dict, expected: str) -> None:
+    pytest.importorskip("pyautoattack")
+    with pytest.raises(ConfigError, match=expected) as err:
+        build_attack(AttackConfig(name=name, eps=0.1, options=options))
+    assert "\n" not in str(err.value)
+
+
+def test_attack_options_reach_the_attack() -> None:
+    pytest.importorskip("pyautoattack")
+    attack = build_attack(AttackConfig(name="square", eps=0.1, restarts=2,
+                                       options={"n_queries": 123, "p_init": 0.5}))  # fmt: skip
+    assert (attack.n_queries, attack.p_init, attack.restarts) == (123, 0.5, 2)
+    assert attack.name == "square-linf-0.1"
+
+
+def test_square_from_the_command_line(run: Path, capsys) -> None:
+    pytest.importorskip("pyautoattack")
+    argv = ["attack", str(run), "--attack", "square", "--eps", "0.1,0.3", "--queries", "50",
+            "--limit", "20", "--device", "cpu", "--examples", "0", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((run / "robustness.json").read_text())
+    assert [a["metric"] for a in result["attacks"]] == ["square-linf-0.1", "square-linf-0.3"]
+    assert result["attacks"][0]["options"] == {"n_queries": 50}
+    assert result["attacks"][0]["amp"] is False
+    accs = [result["metrics"][f"{a['metric']}/acc"] for a in result["attacks"]]
+    assert accs[1] <= accs[0] <= result["metrics"]["clean/top1"]
+
+
+def test_attack_file_options_are_checked_before_the_run_is_loaded(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("pyautoattack")
+    config = tmp_path / "attack.yaml"
+    config.write_text(yaml.safe_dump(
+        {"attacks": [{"name": "pgd", "eps": 0.1},
+                     {"name": "square", "eps": 0.1, "options": {"n_querys": 10}}]}
+    ))  # fmt: skip
+    assert main(["attack", str(tmp_path / "nowhere"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"vptlab: error: {config}: attacks.1.options.n_querys: unknown option; attack 'square'"
+    ), err
+    assert err.count("\n") == 1
+
+
+def test_autoattack_flags_reach_robustness_json_and_the_report(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """The authors' checks warn through their logger; what they say is kept per attack."""
+    pytest.importorskip("pyautoattack")
+    from pyautoattack import autoattack as authors
+
+    said = "it seems to be a dynamic defense! The evaluation with AutoAttack might be insufficient."
+
+    def dynamic(model, x, is_tf_model=False, logger=None):
+        logger.warning(said)
+
+    monkeypatch.setattr(authors.checks, "check_dynamic", dynamic)
+    threads = torch.get_num_threads()  # one thread: two spin on a loaded two-core machine
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    config = tmp_path / "attack.yaml"
+    apgd_ce = {"version": "custom", "attacks": ["apgd-ce"]}
+    config.write_text(yaml.safe_dump({"attacks": [
+        # eps 1: APGD-CE breaks every digit in its first restart, so this takes seconds
+        {"name": "autoattack", "eps": 1.0, "options": apgd_ce},
+        {"name": "pgd", "eps": 0.1, "steps": 3},
+    ]}))  # fmt: skip
+    argv = ["attack", str(run), "--config", str(config), "--limit", "24", "--batch-size", "8",
+            "--device", "cpu", "--examples", "0", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((run / "robustness.json").read_text())
+    aa, pgd = result["attacks"]
+    assert aa["metric"] == "autoattack-linf-1" and aa["flags"] == [said]  # 3 batches, kept once
+    assert aa["options"] == apgd_ce
+    assert pgd["flags"] == []
+    assert result["metrics"]["autoattack-linf-1/acc"] == 0
+    report = (run / "report.md").read_text()
+    assert f"autoattack-linf-1: unreliable, AutoAttack's own check: {said}" in report
+    assert result["unreliable"]["autoattack-linf-1"][-1] == f"AutoAttack's own check: {said}"

@@ -201,6 +201,9 @@ def test_study_attack_errors_name_the_key(tmp_path: Path) -> None:
     raw = {"study": "x", "base": BASE, "runs": {"a": {}}, "attacks": [{"eps": 0.1, "epss": 1}]}
     with pytest.raises(ConfigError, match=r"^attacks\.0\.epss: unknown key"):
         run_study(raw)
+    raw["attacks"] = [{"eps": 0.1, "options": {"stepz": 3}}]  # refused before anything trains
+    with pytest.raises(ConfigError, match=r"^attacks\.0\.options\.stepz: unknown option"):
+        run_study(raw)
 
 
 def test_backdoor_study_defends_and_detects_every_poisoned_run(

@@ -1,7 +1,7 @@
 """Evasion attacks by name: `create_attack("pgd", eps=0.3, steps=20)(model, x, y) -> x_adv`.
 
-`autoattack` wraps torchattacks' AutoAttack and `square` the authors' Square Attack (pyautoattack);
-both need the optional extra `vptlab[attacks]`.
+`autoattack` and `square` run the authors' code (AutoAttack and Square Attack from pyautoattack)
+and need the optional extra `vptlab[attacks]`; torchattacks is only the tests' reference.
 Each attack is one small class with its paper's update rule in view; all take and return pixels in
 [0,1] and leave the model as they found it (see `base.Attack`).
 """

@@ -1,6 +1,7 @@
 """What every attack shares: the call shape `attack(model, x, y) -> x_adv`, pixels in [0,1], the
 model left as it came (train/eval mode and `requires_grad` of every parameter), seeded noise, and
-bf16 autocast on CUDA with the perturbation itself kept in fp32.
+fp32 logits: bf16 autocast on CUDA only for an attack built with `amp=True` (the perturbation
+itself stays fp32 either way).
 """
 
 from __future__ import annotations
@@ -48,12 +49,14 @@ class Attack:
     adversarial training decides itself in which mode its inner attack runs. `targeted=True`
     reads `y` as the target labels. `seed=None` draws random starts from the global RNG (which
     the training loop checkpoints); an int gives the same noise for the same batch on every call.
+    `amp=True` runs the model's forwards in bf16 autocast on CUDA: faster, but a bf16 gradient
+    can mislead an attack, so numbers meant for review keep the fp32 default.
     """
 
     norm: str = "linf"
     eps: float = 0.0
     targeted: bool = False
-    amp: bool = True
+    amp: bool = False
     seed: int | None = 0
 
     @property
@@ -76,7 +79,9 @@ class Attack:
         return torch.Generator(device=device).manual_seed(self.seed)
 
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The model's fp32 logits; the forward runs in bf16 on CUDA, the input stays fp32."""
+        """The model's fp32 logits; with `amp`, the forward runs in bf16 on CUDA. Autocast is
+        switched off explicitly otherwise, so an attack inside the training loop's autocast
+        region still computes in fp32. The input stays fp32."""
         on_cuda = x.device.type == "cuda"
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp and on_cuda):
             return model(x).float()

@@ -55,7 +55,7 @@ class FGSM(Attack):
         alpha: float | None = None,
         random_start: bool = False,
         targeted: bool = False,
-        amp: bool = True,
+        amp: bool = False,
         seed: int | None = 0,
     ) -> None:
         if norm != "linf":
@@ -89,7 +89,7 @@ class PGD(Attack):
         random_start: bool = True,
         restarts: int = 1,
         targeted: bool = False,
-        amp: bool = True,
+        amp: bool = False,
         seed: int | None = 0,
     ) -> None:
         check_budget(norm, eps, alpha, steps)

@@ -1,6 +1,7 @@
 """Adversarial training as tasks of the one loop, and the robust-accuracy probe that watches it.
 
-`train.objective` picks the task, `train.attack` its budget (norm, eps, alpha, steps):
+`train.objective` picks the task, `train.attack` its budget (norm, eps, alpha, steps; the inner
+attack runs in fp32 unless `train.attack.amp` asks for bf16 autocast on CUDA):
 
 - pgd (Madry et al. 2018):       min_theta E[ L(f(x'), y) ],  x' = PGD_eps(x, y)
 - fgsm_rs (Wong et al. 2020):    delta_0 = clip(x + U(-eps, eps)) - x;
@@ -113,6 +114,7 @@ class AdversarialTask(ClassificationTask):
     def __init__(self, attack: AttackConfig, eps_ramp_epochs: float = 0.0) -> None:
         super().__init__()
         self.norm, self.eps, self.steps = attack.norm, attack.eps, attack.steps
+        self.amp = attack.amp  # bf16 inner attack on CUDA only when train.attack.amp asks
         self.alpha = attack.alpha  # None: each objective's own default
         self.eps_ramp_epochs = eps_ramp_epochs
         self.progress = 0.0
@@ -149,7 +151,7 @@ class PGDTraining(AdversarialTask):
         alpha = self.alpha if self.alpha is not None else 2.5 * self.eps / self.steps
         eps, alpha = self.scaled(alpha)
         attack = PGD(eps=eps, norm=self.norm, alpha=alpha if eps > 0 else None,
-                     steps=self.steps, random_start=True, amp=False, seed=None)  # fmt: skip
+                     steps=self.steps, random_start=True, amp=self.amp, seed=None)  # fmt: skip
         x_adv = self.perturb(attack, raw_model, batch)
         return super().loss(model, batch._replace(x=x_adv), raw_model)
 
@@ -166,8 +168,8 @@ class FGSMRSTraining(AdversarialTask):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         alpha = self.alpha if self.alpha is not None else self.STEP * self.eps
         eps, alpha = self.scaled(alpha)
-        attack = FGSM(eps=eps, alpha=alpha if eps > 0 else None, random_start=True, amp=False,
-                      seed=None)  # fmt: skip
+        attack = FGSM(eps=eps, alpha=alpha if eps > 0 else None, random_start=True,
+                      amp=self.amp, seed=None)  # fmt: skip
         x_adv = self.perturb(attack, raw_model, batch)
         return super().loss(model, batch._replace(x=x_adv), raw_model)
 
@@ -210,8 +212,15 @@ class TradesTraining(AdversarialTask):
         autocast: an attack in bf16 follows a coarser gradient than the model's.
         """
         x = x.detach().float()
-        no_autocast = torch.autocast(x.device.type, enabled=False)
-        with frozen_parameters(model), eval_mode(model), no_autocast, torch.enable_grad():
+        # The loop's autocast would run this maximization in bf16; like the other inner attacks
+        # it runs in fp32 unless train.attack.amp asks for bf16 (on CUDA).
+        amp = self.amp and x.device.type == "cuda"
+        with (
+            frozen_parameters(model),
+            eval_mode(model),
+            torch.enable_grad(),
+            torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp),
+        ):
             with torch.no_grad():
                 target = F.softmax(model(x).float(), dim=1)
             x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)

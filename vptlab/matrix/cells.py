@@ -22,6 +22,7 @@ import torch
 from vptlab.config import ExperimentConfig, apply_overrides, build_config, run_key
 from vptlab.errors import ConfigError
 from vptlab.matrix.config import DefenseSpec, MatrixConfig, ThreatSpec
+from vptlab.report.robustness import build_attack
 from vptlab.report.study import deep_merge
 
 RUNS = "runs"  # training and defended runs, shared by the cells
@@ -84,6 +85,9 @@ def plan(matrix: MatrixConfig, overrides: list[str] | None = None,
     axis entry; a combination that makes no sense is a skipped cell."""
     overrides = overrides or []
     out = Path(matrix.output) / matrix.matrix
+    for name, spec in matrix.threats.items():  # attack options checked before anything trains
+        for i, attack in enumerate(spec.attacks):
+            build_attack(attack, where=f"threats.{name}.attacks.{i}")
     cells = []
     for model in matrix.models:
         for adaptation in matrix.adaptations:

@@ -46,6 +46,8 @@ FLAGS = {
     "name": "--attack", "norm": "--norm", "eps": "--eps", "alpha": "--alpha", "steps": "--steps",
     "restarts": "--restarts", "targeted": "--targeted", "random_start": "--attack",
 }  # fmt: skip
+# The CLI flags that set an entry of `options`, by the option they set.
+OPTION_FLAGS = {"version": "--version", "n_queries": "--queries"}
 
 
 def configs_from_flags(
@@ -56,11 +58,18 @@ def configs_from_flags(
     alpha: float | None = None,
     restarts: int = 1,
     targeted: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> list[AttackConfig]:
-    """One AttackConfig per eps of a comma-separated list; errors name the flag."""
+    """One AttackConfig per eps of a comma-separated list; errors name the flag. `options` are
+    the attack's other keyword options (from `--version`, `--queries`)."""
     if attack not in ATTACKS:
         raise ConfigError(f"--attack: unknown attack {attack!r}; choose from: "
                           f"{', '.join(ATTACKS.names())}")  # fmt: skip
+    options = options or {}
+    takes = accepted_options(attack) or set()
+    for key in options:
+        if key not in takes:
+            raise ConfigError(f"{OPTION_FLAGS.get(key, key)}: attack {attack!r} takes no {key}")
     if not eps:
         raise ConfigError("--eps is needed (e.g. --eps 0.1,0.2,0.3), or give --config FILE")
     try:
@@ -70,7 +79,7 @@ def configs_from_flags(
     configs = []
     for value in budgets:
         raw = dict(name=attack, norm=norm, eps=value, steps=steps, alpha=alpha,
-                   restarts=restarts, targeted=targeted)  # fmt: skip
+                   restarts=restarts, targeted=targeted, options=options)  # fmt: skip
         try:
             configs.append(AttackConfig.model_validate(raw))
         except ValidationError as err:
@@ -81,11 +90,18 @@ def configs_from_flags(
 
 
 def load_attack_file(path: str | Path) -> list[AttackConfig]:
-    """The `attacks:` list of an attack YAML, validated; errors name the key's path."""
+    """The `attacks:` list of an attack YAML, validated (each attack's options against its
+    class too, before any run is loaded); errors name the key's path."""
     try:
-        return AttackSuiteConfig.model_validate(load_yaml(path)).attacks
+        configs = AttackSuiteConfig.model_validate(load_yaml(path)).attacks
     except ValidationError as err:
         raise ConfigError(f"{path}: {format_validation_error(err)}") from None
+    for i, cfg in enumerate(configs):
+        try:
+            build_attack(cfg, where=f"attacks.{i}")
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    return configs
 
 
 def accepted_options(name: str) -> set[str] | None:
@@ -93,17 +109,40 @@ def accepted_options(name: str) -> set[str] | None:
     return set(inspect.signature(ATTACKS.get(name)).parameters) if name in ATTACKS else None
 
 
-def build_attack(cfg: AttackConfig) -> Attack:
-    """The attack a config names, given the options its class takes (FGSM has no steps)."""
-    accepted = accepted_options(cfg.name) or set()
-    options = {k: v for k, v in cfg.model_dump().items() if k != "name" and k in accepted}
-    return create_attack(cfg.name, **options)
+def attack_options(cfg: AttackConfig, where: str = "attack") -> dict[str, Any]:
+    """The keyword options for the class of attack `cfg.name`: the fixed fields it takes (FGSM
+    has no steps) plus `cfg.options`, checked against its signature. An unknown option, or one
+    that repeats a fixed field, is one ConfigError naming `<where>.options.<key>`."""
+    accepted = accepted_options(cfg.name)
+    if accepted is None:
+        raise ConfigError(f"{where}.name: unknown attack {cfg.name!r}; choose from: "
+                          f"{', '.join(ATTACKS.names())}")  # fmt: skip
+    fixed = {
+        k: v for k, v in cfg.model_dump().items() if k not in ("name", "options") and k in accepted
+    }
+    repeated = {
+        k: f"set it as {where}.{k}" if k in accepted else f"attack {cfg.name!r} takes no {k}"
+        for k in AttackConfig.model_fields
+        if k != "options"
+    }
+    extra = ATTACKS.check_options(
+        cfg.name, cfg.options, where=f"{where}.options", supplied=repeated
+    )
+    return fixed | extra
 
 
-def attack_records(configs: Sequence[AttackConfig], threats: Sequence[Threat]) -> list[dict]:
-    """What robustness.json says of each attack: its metric name and its resolved config."""
-    return [{"metric": t.name, **c.model_dump(mode="json")}
-            for c, t in zip(configs, threats, strict=True)]  # fmt: skip
+def build_attack(cfg: AttackConfig, where: str = "attack") -> Attack:
+    """The attack a config names, built from `attack_options` (nothing in it is dropped)."""
+    return create_attack(cfg.name, **attack_options(cfg, where))
+
+
+def attack_records(
+    configs: Sequence[AttackConfig], threats: Sequence[Threat], attacks: Sequence[Attack]
+) -> list[dict]:
+    """What robustness.json says of each attack: its metric name, its resolved config and the
+    flags it raised (AutoAttack's checks: evaluation that may not be reliable; else empty)."""
+    return [{"metric": t.name, **c.model_dump(mode="json"), "flags": list(getattr(a, "flags", []))}
+            for c, t, a in zip(configs, threats, attacks, strict=True)]  # fmt: skip
 
 
 def file_sha256(path: Path) -> str:
@@ -159,7 +198,8 @@ def is_current(
     except json.JSONDecodeError:
         return False
     wanted = [c.model_dump(mode="json") for c in configs]
-    had = [{k: v for k, v in a.items() if k != "metric"} for a in saved.get("attacks", [])]
+    had = [{k: v for k, v in a.items() if k not in ("metric", "flags")}
+           for a in saved.get("attacks", [])]  # fmt: skip
     return (
         had == wanted
         and saved.get("limit") == limit
@@ -251,6 +291,10 @@ def evaluate_attacks(
         amp_dtype=amp_dtype, batch_size=batch_size, img_size=cfg.data.img_size, progress=progress,
     )  # fmt: skip
     unreliable = checked.pop("unreliable")
+    records = attack_records(configs, threats, attacks)
+    for record in records:  # what the authors' AutoAttack checks said marks the number too
+        reasons = unreliable.setdefault(record["metric"], [])
+        reasons += [f"AutoAttack's own check: {flag}" for flag in record["flags"]]
     checked["settings"] = (checks or ChecksConfig()).model_dump(mode="json")
     result: dict[str, Any] = {
         "run": cfg.name,
@@ -258,7 +302,7 @@ def evaluate_attacks(
         "split": "test",
         "device": str(dev),
         "model_sha256": model_sha256,
-        "attacks": attack_records(configs, threats),
+        "attacks": records,
         "limit": limit,
         "samples": len(preds[CLEAN]),
         "seconds": seconds,

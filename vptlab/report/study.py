@@ -30,7 +30,13 @@ from vptlab.engine.loop import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
 from vptlab.engine.runner import resume, run_dir_of, train
 from vptlab.errors import ConfigError, TrainingDiverged, format_validation_error
 from vptlab.report.plots import plot_curves, plot_robust_accuracy
-from vptlab.report.robustness import ROBUSTNESS_FILE, attack_run, families, is_current
+from vptlab.report.robustness import (
+    ROBUSTNESS_FILE,
+    attack_run,
+    build_attack,
+    families,
+    is_current,
+)
 from vptlab.tables import (
     BACKDOOR_COLUMNS,
     BACKDOOR_NOTE,
@@ -190,6 +196,8 @@ def run_study(
         study = StudyConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
+    for i, attack in enumerate(study.attacks):  # options checked before anything trains
+        build_attack(attack, where=f"attacks.{i}")
     out_dir = Path(study.output) / study.study
     device_overrides = [o for o in overrides if o.startswith("device=")]
     pretrained = None
