@@ -60,6 +60,8 @@ def overfitting(metrics: Row | None) -> str | None:
     co = metrics.get("catastrophic_overfitting")
     if not co:
         return "no"
+    if co.get("sign") == "fgsm_gap":
+        return f"epoch {co['epoch']} (FGSM {co['fgsm']:.1f} vs PGD {co['probe']:.1f})"
     return f"epoch {co['epoch']} ({co['best']:.1f} -> {co['probe']:.1f})"
 
 

@@ -20,6 +20,7 @@ from vptlab.defenses import adversarial
 from vptlab.defenses.adversarial import (
     BEST_ROBUST_FILE,
     PROBE_EPS_KEY,
+    PROBE_FGSM_KEY,
     PROBE_KEY,
     SELECTED_ON,
     FGSMRSTraining,
@@ -356,7 +357,8 @@ def _probes(values: list[float], eps: list[float] | None = None) -> list[dict]:
 
 def test_catastrophic_overfitting_is_a_fall_of_more_than_20_points_from_the_best() -> None:
     summary = robust_summary(_probes([10, 35, 40, 30, 15]), eps=0.1, kept_best=True)
-    assert summary["catastrophic_overfitting"] == {"epoch": 5, "probe": 15.0, "best": 40.0}
+    assert summary["catastrophic_overfitting"] == {"epoch": 5, "probe": 15.0, "best": 40.0,
+                                                   "sign": "fall"}  # fmt: skip
     assert summary["best_robust"]["epoch"] == 3
     assert summary["best_robust"]["selected"] == "best on the held-out train slice"
     assert summary["robust_probe"]["on"] == "held-out train slice"
@@ -376,6 +378,22 @@ def test_overfitting_and_best_compare_probes_at_the_full_eps_only() -> None:
     assert summary["robust_probe"]["final"] == 28.0
     ramp_only = robust_summary(history[:2], eps=0.1, kept_best=True)
     assert ramp_only["robust_probe"]["best"] is None and "best_robust" not in ramp_only
+
+
+def test_overfitting_is_also_fgsm_robust_but_pgd_broken() -> None:
+    """A collapse during the ramp never shows as a fall at the full eps (the README's FGSM-RS
+    run: probe 28% at eps 0.24, then 3-7% at 0.3); the FGSM-vs-PGD gap on the slice shows it."""
+    history = _probes([68, 28, 3, 7, 5], eps=[0.12, 0.24, 0.3, 0.3, 0.3])
+    for row, fgsm in zip(history, [70, 40, 85, 90, 88], strict=True):
+        row[PROBE_FGSM_KEY] = fgsm
+    co = robust_summary(history, eps=0.3)["catastrophic_overfitting"]
+    assert co == {"epoch": 3, "probe": 3.0, "best": 3.0, "sign": "fgsm_gap", "fgsm": 85.0}
+    assert "FGSM leaves 85.0% but PGD-10 3.0%" in runner.overfitting_line(
+        {"catastrophic_overfitting": co})
+    # PGD-AT's healthy shape: FGSM a few points above PGD, no flag.
+    for row, fgsm in zip(history, [72, 35, 10, 12, 9], strict=True):
+        row[PROBE_FGSM_KEY] = fgsm
+    assert "catastrophic_overfitting" not in robust_summary(history, eps=0.3)
 
 
 def test_a_flagged_run_warns_and_records_the_flag(

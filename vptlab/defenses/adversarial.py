@@ -60,6 +60,7 @@ from vptlab.engine.tasks import ClassificationTask
 BEST_ROBUST_FILE = "best_robust.safetensors"
 PROBE_KEY = "probe_robust_acc"
 PROBE_EPS_KEY = "probe_eps"
+PROBE_FGSM_KEY = "probe_fgsm_acc"
 PROBE_STEPS = 10
 PROBE_SEED = 0
 PROBE_ON = "held-out train slice"
@@ -293,20 +294,26 @@ class RobustProbe:
         batch = self._probe_batch(ctx)
         eps = self.eps()
         with eval_mode(model), torch.autocast(batch.x.device.type, enabled=False):
-            x_adv = batch.x
+            x_adv = x_fgsm = batch.x
             if eps > 0:
                 attack = PGD(eps=eps, norm=self.norm, steps=PROBE_STEPS, random_start=True,
                              amp=False, seed=PROBE_SEED)  # fmt: skip
                 x_adv = attack(model, batch.x, batch.y)
+                if self.norm == "linf":  # one plain FGSM step: the other half of the CO sign
+                    x_fgsm = FGSM(eps=eps, amp=False)(model, batch.x, batch.y)
             with torch.no_grad():
                 clean = model(batch.x).argmax(1) == batch.y
                 robust = clean & (model(x_adv).argmax(1) == batch.y)
+                fgsm = clean & (model(x_fgsm).argmax(1) == batch.y)
         acc = 100.0 * float(robust.float().mean())
         at_full_eps = math.isclose(eps, self.full_eps)
         if self.best_path is not None and ctx.dist.is_main and at_full_eps and acc > self._best():
             save_model(model, self.best_path, trainable_only=self.trainable_only,
                        metadata={PROBE_KEY: repr(acc), PROBE_EPS_KEY: repr(eps)})  # fmt: skip
-        return {PROBE_KEY: acc, PROBE_EPS_KEY: eps}
+        out = {PROBE_KEY: acc, PROBE_EPS_KEY: eps}
+        if self.norm == "linf":
+            out[PROBE_FGSM_KEY] = 100.0 * float(fgsm.float().mean())
+        return out
 
     def _best(self) -> float:
         assert self.best_path is not None
@@ -322,24 +329,31 @@ def robust_summary(
     training eps; None: every probe counts), with `kept_best` the epoch whose weights are in
     best_robust.safetensors, and the first epoch of catastrophic overfitting.
 
-    Catastrophic overfitting (Wong et al. 2020): a probe more than OVERFIT_POINTS (20) points
-    below the best probe so far. Only probes at the full eps are compared, and only they can be
-    the best: during an eps ramp the probe runs at a smaller eps each epoch, where accuracy is
-    higher, so a fall at the ramp's end would be the budget growing, not the model breaking.
+    Catastrophic overfitting (Wong et al. 2020), the first full-eps epoch with either sign:
+    - `fall`: the probe more than OVERFIT_POINTS (20) points below the best probe so far. Only
+      probes at the full eps are compared, and only they can be the best: during an eps ramp the
+      probe runs at a smaller eps each epoch, where accuracy is higher.
+    - `fgsm_gap`: one FGSM step leaves more than OVERFIT_POINTS points more accuracy than PGD-10
+      on the same slice (the FGSM-robust, PGD-broken state that defines catastrophic
+      overfitting; Wong et al. 2020, Andriushchenko & Flammarion 2020). It catches a collapse
+      that happens during the ramp, which the fall alone cannot see.
     """
-    probes = [(int(row["epoch"]), float(row[PROBE_KEY]), row.get(PROBE_EPS_KEY))
-              for row in history if PROBE_KEY in row]  # fmt: skip
+    probes = [(int(row["epoch"]), float(row[PROBE_KEY]), row.get(PROBE_EPS_KEY),
+               row.get(PROBE_FGSM_KEY)) for row in history if PROBE_KEY in row]  # fmt: skip
     if not probes:
         return {}
     best_epoch, best, overfit = None, None, None
-    for epoch, probe, probe_eps in probes:
+    for epoch, probe, probe_eps, fgsm in probes:
         if eps is not None and probe_eps is not None and not math.isclose(probe_eps, eps):
             continue
+        if overfit is None and fgsm is not None and fgsm - probe > OVERFIT_POINTS:
+            overfit = {"epoch": epoch, "probe": probe, "best": best if best is not None else probe,
+                       "sign": "fgsm_gap", "fgsm": float(fgsm)}  # fmt: skip
         if best is None or probe > best:
             best_epoch, best = epoch, probe
         elif overfit is None and best - probe > OVERFIT_POINTS:
-            overfit = {"epoch": epoch, "probe": probe, "best": best}
-    _, final, final_eps = probes[-1]
+            overfit = {"epoch": epoch, "probe": probe, "best": best, "sign": "fall"}
+    _, final, final_eps, _ = probes[-1]
     summary: dict[str, Any] = {
         "robust_probe": {"on": PROBE_ON, "eps": eps, "final": final, "final_eps": final_eps,
                          "best": best, "best_epoch": best_epoch}  # fmt: skip

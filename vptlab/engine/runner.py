@@ -107,6 +107,11 @@ def _fit_run(
 def overfitting_line(metrics: dict[str, Any]) -> str:
     """One sentence on a run's catastrophic overfitting (its metrics.json must record one)."""
     co = metrics["catastrophic_overfitting"]
+    if co.get("sign") == "fgsm_gap":
+        return (
+            f"catastrophic overfitting at epoch {co['epoch']}: on the held-out train slice FGSM "
+            f"leaves {co['fgsm']:.1f}% but PGD-10 {co['probe']:.1f}%"
+        )
     return (
         f"catastrophic overfitting at epoch {co['epoch']}: the robust probe (held-out train "
         f"slice) fell to {co['probe']:.1f}% from its best {co['best']:.1f}%"
@@ -212,9 +217,16 @@ def write_run_report(run_dir: Path, metrics: dict[str, Any]) -> None:
         )
     if "catastrophic_overfitting" in metrics:
         co = metrics["catastrophic_overfitting"]
-        text += (
-            f"\n**Catastrophic overfitting** at epoch {co['epoch']}: the robust probe fell to "
-            f"{co['probe']:.1f}% from its best {co['best']:.1f}% (more than "
-            f"{OVERFIT_POINTS:g} points, at the full eps, on the held-out train slice).\n"
-        )
+        if co.get("sign") == "fgsm_gap":
+            text += (
+                f"\n**Catastrophic overfitting** at epoch {co['epoch']}: on the held-out train "
+                f"slice, at the full eps, FGSM leaves {co['fgsm']:.1f}% but PGD-10 "
+                f"{co['probe']:.1f}% (more than {OVERFIT_POINTS:g} points apart).\n"
+            )
+        else:
+            text += (
+                f"\n**Catastrophic overfitting** at epoch {co['epoch']}: the robust probe fell to "
+                f"{co['probe']:.1f}% from its best {co['best']:.1f}% (more than "
+                f"{OVERFIT_POINTS:g} points, at the full eps, on the held-out train slice).\n"
+            )
     atomic_write_text(run_dir / "report.md", text)

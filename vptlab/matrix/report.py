@@ -141,7 +141,6 @@ def threat_tables(config: dict[str, Any], rows: Sequence[Row]) -> list[Block]:
         if spec["kind"] == "backdoor":
             trigger = next((t for r in cells if (t := trigger_of(r))), spec["poison"]["trigger"])
             columns = backdoor_columns(trigger)
-            blocks.append(Table(columns, cells, id=f"threat-{threat}"))
         else:
             columns = evasion_columns(cells)
         if any("robust_probe" in (r.get("train") or {}) for r in cells):
