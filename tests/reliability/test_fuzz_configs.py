@@ -24,7 +24,7 @@ from typing import Any
 import annotated_types as at
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -343,6 +343,11 @@ def bad_matrix(draw: st.DrawFn) -> tuple[dict[str, Any], list[str]]:
         broken, key = draw(bad_run_config())
         if key.startswith("adapt") and how in ("base", "model"):
             how = "adaptation"  # the adaptations' fragments are merged last, over `adapt`
+        # A base key that every cell replaces is never read: the models entry's `model`, the
+        # CLI's --no-progress (`output.progress`). Breaking it there breaks nothing.
+        assume(not (how == "base" and key in ("output.progress",)))
+        if key.split(".")[0] == "model" and how == "base":
+            how = "model"
         if how == "base":
             raw["base"] = broken
         elif how == "model":

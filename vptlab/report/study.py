@@ -99,11 +99,17 @@ def is_study(raw: dict[str, Any]) -> bool:
     return "runs" in raw
 
 
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any], path: str = "") -> dict[str, Any]:
+    """`update` merged over `base`, mappings key by key. A mapping over a value that is not one
+    (`model: 5` in a base under a `model: {...}` entry) is an error naming the key: merged
+    away, the bad value would never be checked."""
     out = copy.deepcopy(base)
     for key, value in update.items():
+        here = f"{path}{key}"
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value, f"{here}.")
+        elif isinstance(value, dict) and out.get(key) is not None:
+            raise ConfigError(f"{here}: expected a mapping, got {out[key]!r}")
         else:
             out[key] = copy.deepcopy(value)
     return out
