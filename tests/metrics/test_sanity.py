@@ -9,30 +9,13 @@ import torch
 from torch import nn
 
 from vptlab.attacks import create_attack
-from vptlab.config import ChecksConfig, ExperimentConfig, build_config
-from vptlab.data.base import DataSplits
-from vptlab.engine import runner
+from vptlab.config import ChecksConfig
 from vptlab.metrics import suite_predictions
 from vptlab.metrics.sanity import gray_eps, monotone_checks, run_checks, stronger_attack
 from vptlab.metrics.suite import as_threats, suite_metrics
 
 # Small enough for seconds on a CPU; Square with few queries is weaker, never stronger.
 FAST = ChecksConfig(samples=64, square_queries=100)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig, nn.Module,
-                                                                  DataSplits]:  # fmt: skip
-    out = tmp_path_factory.mktemp("runs")
-    cfg = build_config({
-        "name": "digits", "seed": 0, "device": "cpu",
-        "data": {"name": "digits", "batch_size": 64, "num_workers": 0},
-        "model": {"name": "simplenet"},
-        "train": {"epochs": 2, "lr": 3e-3},
-        "output": {"dir": str(out), "tensorboard": False, "progress": False},
-    })  # fmt: skip
-    runner.train(cfg)
-    return runner.load_run(out / "digits", device="cpu")
 
 
 class _ZeroGradient(torch.autograd.Function):

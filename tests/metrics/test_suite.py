@@ -13,27 +13,10 @@ from vptlab.attacks import Attack, create_attack
 from vptlab.config import ExperimentConfig, build_config
 from vptlab.data.base import DataSplits
 from vptlab.data.loaders import make_loader
-from vptlab.engine import runner
 from vptlab.engine.distributed import DistInfo
 from vptlab.engine.evaluators import EvalContext, RobustAccuracy
 from vptlab.metrics import evaluate, evaluate_suite, suite_predictions
 from vptlab.metrics.accuracy import Predictions
-
-
-@pytest.fixture(scope="module")
-def trained(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> tuple[ExperimentConfig, nn.Module, DataSplits]:
-    out = tmp_path_factory.mktemp("runs")
-    cfg = build_config({
-        "name": "digits", "seed": 0, "device": "cpu",
-        "data": {"name": "digits", "batch_size": 64, "num_workers": 0},
-        "model": {"name": "simplenet"},
-        "train": {"epochs": 2, "lr": 3e-3},
-        "output": {"dir": str(out), "tensorboard": False, "progress": False},
-    })  # fmt: skip
-    runner.train(cfg)
-    return runner.load_run(out / "digits", device="cpu")
 
 
 def loader_of(cfg: ExperimentConfig, splits: DataSplits, batch_size: int = 64):
