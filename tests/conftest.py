@@ -191,3 +191,35 @@ def _read_tables(page: str) -> dict[str, list[list[Cell]]]:
 @pytest.fixture
 def read_tables() -> Callable[[str], dict[str, list[list[Cell]]]]:
     return _read_tables
+
+
+# A gradient-masked model by construction, for the tests of the masking checks.
+
+
+class _ZeroGradient(torch.autograd.Function):
+    """The identity whose gradient is zero: PGD sees a flat loss, the model is unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return torch.zeros_like(grad)
+
+
+class Masked(torch.nn.Module):
+    """A model behind a zero input gradient (gradient masking by construction)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(_ZeroGradient.apply(x))
+
+
+@pytest.fixture
+def gradient_masked() -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """`gradient_masked(model)`: the same function with a zero input gradient."""
+    return Masked

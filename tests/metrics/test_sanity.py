@@ -5,7 +5,6 @@ converged attack passes every check."""
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import nn
 
 from vptlab.attacks import create_attack
@@ -16,29 +15,6 @@ from vptlab.metrics.suite import as_threats, suite_metrics
 
 # Small enough for seconds on a CPU; Square with few queries is weaker, never stronger.
 FAST = ChecksConfig(samples=64, square_queries=100)
-
-
-class _ZeroGradient(torch.autograd.Function):
-    """The identity whose gradient is zero: PGD sees a flat loss, the model is unchanged."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return torch.zeros_like(grad)
-
-
-class Masked(nn.Module):
-    """A trained model behind a zero input gradient: robust to PGD only in appearance."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(_ZeroGradient.apply(x))
 
 
 def checked(trained, model: nn.Module, attacks, settings: ChecksConfig = FAST, limit: int = 96):
@@ -91,9 +67,9 @@ def test_honest_model_passes_every_check(trained) -> None:
     assert result["samples"] == FAST.samples and result["settings"] == FAST.model_dump()
 
 
-def test_masked_gradients_are_flagged(trained) -> None:
+def test_masked_gradients_are_flagged(trained, gradient_masked) -> None:
     _, model, _ = trained
-    masked = Masked(model)
+    masked = gradient_masked(model)
     attacks = [create_attack("pgd", eps=0.2, steps=10)]
     metrics, result = checked(trained, masked, attacks)
     # PGD sees no gradient: it leaves most samples robust, which they are not

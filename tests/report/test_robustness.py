@@ -193,33 +193,14 @@ def test_a_number_that_fails_a_check_is_marked_everywhere(run: Path, capsys) -> 
     assert "†" not in report and "Sanity checks: off" in report
 
 
-class _ZeroGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return torch.zeros_like(grad)
-
-
-class Masked(torch.nn.Module):
-    """A trained model behind a zero input gradient (gradient masking by construction)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(_ZeroGradient.apply(x))
-
-
-def test_masked_model_is_unreliable_in_json_and_tables(trained_run: Path, tmp_path: Path) -> None:
+def test_masked_model_is_unreliable_in_json_and_tables(
+    trained_run: Path, tmp_path: Path, gradient_masked
+) -> None:
     cfg, model, splits = runner.load_run(trained_run, device="cpu")
     configs = [AttackConfig(eps=eps, steps=5) for eps in (0.1, 0.2)]
     result = evaluate_attacks(
-        cfg, Masked(model), splits, configs, tmp_path, model_sha256="-", limit=64, examples=0,
-        progress=False, checks=ChecksConfig(samples=64, square_queries=100),
+        cfg, gradient_masked(model), splits, configs, tmp_path, model_sha256="-", limit=64,
+        examples=0, progress=False, checks=ChecksConfig(samples=64, square_queries=100),
     )  # fmt: skip
     saved = json.loads((tmp_path / "robustness.json").read_text())
     assert saved["unreliable"] == result["unreliable"]
