@@ -39,11 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vptlab.attacks import create_attack
-from vptlab.config import build_config, load_yaml
+from vptlab.config import load_yaml
 from vptlab.data.loaders import Batch
-from vptlab.engine.build import build_experiment, build_task
 from vptlab.engine.loop import fit, resolve_device
 from vptlab.metrics.suite import evaluate_suite
+from vptlab.steps.build import build_experiment, build_task
+from vptlab.steps.resolve import resolved
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESET = ROOT / "configs" / "adversarial_mnist.yaml"
@@ -67,7 +68,7 @@ def recipe(epochs: int, device: str, run_root: str) -> Any:
     ramp = min(float(overrides_ramp(study)), epochs)  # a quick check may be shorter than the ramp
     overrides += [f"train.epochs={epochs}", f"train.eps_ramp_epochs={ramp}", "train.robust_probe=0",
                   "train.keep_best_robust=false", "data.num_workers=0"]
-    return build_config(raw, overrides)
+    return resolved(raw, overrides)
 
 
 def overrides_ramp(study: dict[str, Any]) -> float:

@@ -50,12 +50,13 @@ from torch import nn
 
 from vptlab.attacks import create_attack
 from vptlab.attacks.authors import FloatLogits
-from vptlab.config import build_config, run_key
+from vptlab.config import run_key
 from vptlab.data import load_dataset
-from vptlab.engine import runner
 from vptlab.engine.loop import resolve_device
 from vptlab.models import create_model
-from vptlab.report.study import cache_root
+from vptlab.steps import train as runner
+from vptlab.steps.resolve import resolved
+from vptlab.steps.study import cache_root
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = {  # name: (model, img_size, model options, adversarially trained by vptlab first)
@@ -97,7 +98,7 @@ def pgd_at_config(device: str, epochs: int, eps: float) -> Any:
                   "attack": {"norm": "linf", "eps": eps, "steps": 5}, "robust_probe": 0},
         "output": {"tensorboard": False, "progress": False},
     }  # fmt: skip
-    cfg = build_config(raw)
+    cfg = resolved(raw)
     cfg.name = f"attacks-bench-pgd-at-{run_key(cfg)}"
     cfg.output.dir = str(cache_root() / "benchmarks")
     return cfg

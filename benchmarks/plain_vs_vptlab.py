@@ -2,7 +2,7 @@
 
 The baseline SimpleNet and vit-scratch runs (configs/mnist_baselines.yaml, mnist-5k) are trained
 twice over:
-by vptlab's public API (`vptlab.engine.runner.train`, writing its run folder to a temporary
+by vptlab's public API (`vptlab.steps.train.train`, writing its run folder to a temporary
 directory, TensorBoard and progress bar off) and by the tight loop below, which uses nothing of
 vptlab's engine: the same model from `create_model` with the same seed (so the same weights at the
 start), the same data tensors kept on the device, AdamW without weight decay on norms, biases and
@@ -34,13 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vptlab.config import ExperimentConfig, build_config, load_yaml
+from vptlab.config import ExperimentConfig, load_yaml
 from vptlab.data import load_dataset
-from vptlab.engine.build import build_experiment
 from vptlab.engine.loop import resolve_device
-from vptlab.engine.runner import train
 from vptlab.models import create_model
-from vptlab.report.study import deep_merge
+from vptlab.steps.build import build_experiment
+from vptlab.steps.resolve import resolved
+from vptlab.steps.study import deep_merge
+from vptlab.steps.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "mnist_baselines.yaml"
@@ -53,7 +54,7 @@ def demo_config(label: str, device: str, epochs_scale: float, out_dir: str) -> E
     study = load_yaml(DEMO)
     raw = deep_merge(study.get("base", {}), study["runs"][label])
     epochs = max(1, round(raw["train"]["epochs"] * epochs_scale))
-    return build_config(raw, [
+    return resolved(raw, [
         f"name={label}", f"device={device}", f"train.epochs={epochs}", f"output.dir={out_dir}",
         "output.tensorboard=false", "output.progress=false",
     ])

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from vptlab.config import (
-    build_config,
-    dump_config,
-    load_config,
-    parse_override,
-    recipe,
-    recipe_changes,
-    run_key,
-)
+from vptlab.config import dump_config, parse_override, recipe, recipe_changes, run_key
 from vptlab.errors import ConfigError
+from vptlab.steps.resolve import load_resolved, resolved
 
 
 def test_overrides_are_typed_and_nested() -> None:
-    cfg = build_config(
+    cfg = resolved(
         {"model": {"name": "vit-scratch"}},
         ["train.lr=0.25", "data.augment.crop_pad=3", "model.options.depth=2"],
     )
@@ -54,42 +47,42 @@ def test_override_values_are_never_evaluated() -> None:
 )
 def test_bad_values_name_the_key(override: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
-        build_config({}, [override])
+        resolved({}, [override])
     message = str(info.value)
     assert message.startswith(expected)
     assert "\n" not in message
 
 
 def test_yaml_round_trip(tmp_path) -> None:
-    cfg = build_config({"name": "x", "train": {"epochs": 3}}, ["adapt.prompt.depth=[0,1]"])
+    cfg = resolved({"name": "x", "train": {"epochs": 3}}, ["adapt.prompt.depth=[0,1]"])
     path = tmp_path / "c.yaml"
     path.write_text(dump_config(cfg))
-    assert load_config(path) == cfg
+    assert load_resolved(path) == cfg
 
 
 def test_missing_config_file(tmp_path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
-        load_config(tmp_path / "nope.yaml")
+        load_resolved(tmp_path / "nope.yaml")
 
 
 def test_factory_options_are_checked_against_the_factory() -> None:
     digits = ["data.name=digits"]
     with pytest.raises(ConfigError, match=r"^data\.options\.test_fraction: .*valid number.*'abc'"):
-        build_config({}, [*digits, "data.options.test_fraction=abc"])
-    cfg = build_config(
+        resolved({}, [*digits, "data.options.test_fraction=abc"])
+    cfg = resolved(
         {}, [*digits, "data.options.test_fraction=0.25", "model.options.drop_rate=1"]
     )
     assert cfg.data.options == {"test_fraction": 0.25}
     assert cfg.model.options == {"drop_rate": 1.0}  # as the factory's annotation says
     # timm models take **kwargs: timm judges those, the typed ones are still checked here
     vit = ["model.name=vit-tiny-test"]
-    assert build_config({}, [*vit, "model.options.depth=1"]).model.options == {"depth": 1}
+    assert resolved({}, [*vit, "model.options.depth=1"]).model.options == {"depth": 1}
     with pytest.raises(ConfigError, match=r"^model\.options\.patch_size: .*valid integer"):
-        build_config({}, [*vit, "model.options.patch_size=big"])
+        resolved({}, [*vit, "model.options.patch_size=big"])
 
 
 def test_run_key_ignores_where_and_how_a_run_is_made() -> None:
-    base = build_config({"name": "a", "data": {"name": "digits"}})
+    base = resolved({"name": "a", "data": {"name": "digits"}})
     key = run_key(base)
     same = [
         "device=cpu", "name=b", "output.dir=elsewhere", "output.progress=false",
@@ -97,30 +90,30 @@ def test_run_key_ignores_where_and_how_a_run_is_made() -> None:
         "train.checkpoint_every_steps=5", "train.compile=true",
     ]
     for override in same:
-        assert run_key(build_config({"name": "a", "data": {"name": "digits"}}, [override])) == key
+        assert run_key(resolved({"name": "a", "data": {"name": "digits"}}, [override])) == key
     for override in ["train.lr=0.1", "seed=1", "model.options.drop_rate=0.5", "data.img_size=8"]:
-        other = build_config({"name": "a", "data": {"name": "digits"}}, [override])
+        other = resolved({"name": "a", "data": {"name": "digits"}}, [override])
         assert run_key(other) != key, override
-    lr = build_config({"name": "a", "data": {"name": "digits"}}, ["train.lr=0.1", "device=cpu"])
+    lr = resolved({"name": "a", "data": {"name": "digits"}}, ["train.lr=0.1", "device=cpu"])
     assert recipe_changes(base, lr) == ["train.lr: 0.001 -> 0.1"]
 
 
 def test_attack_amp_and_options_at_their_defaults_keep_run_keys() -> None:
     """Added after runs were made: at their defaults (fp32, no options) they are left out of the
     recipe, so earlier runs and cached backbones stay valid; set, they change the key."""
-    base = build_config({"name": "a", "data": {"name": "digits"}}, ["train.objective=pgd"])
+    base = resolved({"name": "a", "data": {"name": "digits"}}, ["train.objective=pgd"])
     assert "amp" not in recipe(base)["train"]["attack"]
     assert "options" not in recipe(base)["train"]["attack"]
-    amp = build_config({"name": "a", "data": {"name": "digits"}},
+    amp = resolved({"name": "a", "data": {"name": "digits"}},
                        ["train.objective=pgd", "train.attack.amp=true"])  # fmt: skip
     assert amp.train.attack.amp is True and run_key(amp) != run_key(base)
 
 
 def test_training_attacks_take_no_options() -> None:
     with pytest.raises(ConfigError) as info:
-        build_config({}, ["train.objective=pgd", "train.attack.options.n_queries=10"])
+        resolved({}, ["train.objective=pgd", "train.attack.options.n_queries=10"])
     message = str(info.value)
     assert "attack.options: the pgd objective takes no attack options" in message
     assert "n_queries" in message and "\n" not in message
     with pytest.raises(ConfigError, match="attack.name square cannot train"):
-        build_config({}, ["train.objective=pgd", "train.attack.name=square"])
+        resolved({}, ["train.objective=pgd", "train.attack.name=square"])

@@ -3,7 +3,14 @@ epoch; a catastrophic-overfitting mark), any spec renders."""
 
 from __future__ import annotations
 
-from vptlab.tables import RUN_COLUMNS, Column, at, decimals, markdown_table, overfitting_column
+from vptlab.report.tables import (
+    RUN_COLUMNS,
+    Column,
+    at,
+    decimals,
+    markdown_table,
+    overfitting_column,
+)
 
 METRICS = {
     "name": "full",

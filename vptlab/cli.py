@@ -28,9 +28,10 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vptlab.config import build_config, load_yaml
-    from vptlab.engine import runner
-    from vptlab.report.study import is_study, run_study
+    from vptlab.config import load_yaml
+    from vptlab.steps import train as runner
+    from vptlab.steps.resolve import resolved
+    from vptlab.steps.study import is_study, run_study
 
     overrides = list(args.overrides) + _device_overrides(args)
     if args.resume:
@@ -44,18 +45,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         report = run_study(raw, overrides, fresh=args.fresh)
         print(f"report: {report}")
         return 0
-    metrics = runner.train(build_config(raw, overrides), force=args.force)
+    metrics = runner.train(resolved(raw, overrides), force=args.force)
     print(json.dumps({"run": metrics["name"], **metrics.get("final", {})}))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from vptlab.data.loaders import make_loader
-    from vptlab.engine.build import zero_shot_prompts
     from vptlab.engine.loop import amp_dtype_for
-    from vptlab.engine.runner import load_run
     from vptlab.metrics.accuracy import evaluate
     from vptlab.models.clip import clip_net, is_clip
+    from vptlab.steps.build import zero_shot_prompts
+    from vptlab.steps.train import load_run
 
     device = (_device_overrides(args) or ["device=auto"])[0].split("=", 1)[1]
     cfg, model, splits = load_run(args.run_dir, device=device, data=args.data, root=args.root)
@@ -81,7 +82,7 @@ ATTACK_FLAG_DEFAULTS = {
 
 def cmd_attack(args: argparse.Namespace) -> int:
     from vptlab.config import ChecksConfig
-    from vptlab.report.robustness import attack_run, configs_from_flags, load_attack_file
+    from vptlab.steps.attack import attack_run, configs_from_flags, load_attack_file
 
     if args.config:
         given = [k for k in ATTACK_FLAG_DEFAULTS if getattr(args, k) != ATTACK_FLAG_DEFAULTS[k]]
@@ -122,7 +123,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_defend(args: argparse.Namespace) -> int:
-    from vptlab.defenses.defend import check_fraction, defend
+    from vptlab.steps.defend import check_fraction, defend
 
     check_fraction(args.clean_fraction)
     defense: dict[str, object] = {"name": args.defense}
@@ -135,7 +136,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from vptlab.backdoors.detect import detect_run
+    from vptlab.steps.detect import detect_run
 
     if args.overlays < 1:
         raise VptlabError(f"--overlays must be >= 1, got {args.overlays}")
@@ -156,7 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vptlab.config import load_yaml
     from vptlab.matrix.config import is_matrix
     from vptlab.matrix.run import run_matrix
-    from vptlab.report.study import run_study
+    from vptlab.steps.study import run_study
 
     raw = load_yaml(Path(args.config) if args.config else DEMO_CONFIG)
     overrides = list(args.overrides) + _device_overrides(args)
@@ -172,8 +173,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from vptlab.engine.lock import folder_lock
     from vptlab.matrix.report import write_matrix_report
+    from vptlab.runs import folder_lock
 
     with folder_lock(args.dir, "report"):
         print(f"report: {write_matrix_report(args.dir)}")
@@ -257,12 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered models")
     p.set_defaults(func=cmd_models)
 
+    from vptlab.matrix.executors import EXECUTORS
+
     p = sub.add_parser(
         "run", help="the main job: a threat matrix or a study preset (default: the mnist-5k demo)"
     )
     p.add_argument("-c", "--config", help=f"matrix or study preset (default {DEMO_CONFIG.name})")
     p.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
-    p.add_argument("--executor", choices=("local", "ray"), default="local",
+    p.add_argument("--executor", choices=EXECUTORS.names(), default="local",
                    help="matrix cells in this process, one after another (default), or on Ray")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -1,6 +1,10 @@
-"""Typed experiment configs: YAML presets plus `key.sub=value` overrides, validated by pydantic
-(factory options against the registered factory's signature), and `run_key`, which says whether a
-finished run still stands for a config."""
+"""The experiment schema: pydantic sections, YAML presets plus `key.sub=value` overrides, and
+`run_key`, which says whether a finished run still stands for a config.
+
+Names of registered things (models, datasets, triggers, attacks, objectives, defenses...) and
+their options are checked against the registries by `vptlab.steps.resolve`, not here: this module
+imports nothing of vptlab but `errors`.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,6 @@ from pydantic import (
 )
 
 from vptlab.errors import ConfigError, format_validation_error
-from vptlab.registry import check_factory_options
 
 
 class Section(BaseModel):
@@ -121,7 +124,9 @@ class PixelConfig(Section):
     the model's own (kept) classifier has.
     """
 
-    kind: Literal["padding", "patch", "full"] = "padding"
+    kind: str = Field(
+        "padding", description="a registered pixel prompt (vptlab.prompts.pixel.PIXEL_PROMPTS)"
+    )
     size: int = Field(30, gt=0, description="padding: frame width; patch: side, in pixels")
     eps: float = Field(1.0, gt=0, le=1, description="full: the perturbation's Linf bound")
     mapping: Literal["fixed", "frequency", "iterative", "linear"] = "frequency"
@@ -163,7 +168,7 @@ class AttackConfig(Section):
     1000` for square), checked against its signature when the attack is built.
     """
 
-    name: Literal["fgsm", "pgd", "autoattack", "square"] = "pgd"
+    name: str = Field("pgd", description="a registered attack (vptlab.attacks.ATTACKS)")
     norm: Literal["linf", "l2"] = "linf"
     eps: float = Field(0.3, ge=0)
     alpha: float | None = Field(None, gt=0, description="step size; None: 2.5 eps / steps")
@@ -224,11 +229,12 @@ class TrainConfig(Section):
         None, gt=0, description="also checkpoint every N optimizer steps (mid-epoch resume)"
     )
     compile: bool = Field(False, description="torch.compile the model (pays off on GPU)")
-    # The loss: `standard` cross-entropy, `clip` (contrastive image-text pretraining of a clip
-    # model on a captioned dataset; evaluated zero-shot), or adversarial training
-    # (vptlab/defenses/adversarial.py): pgd, fgsm_rs and trades, with `attack` as its budget
-    # (norm, eps, alpha, steps, amp); its `name` is not read by training, `options` refused.
-    objective: Literal["standard", "clip", "pgd", "fgsm_rs", "trades"] = "standard"
+    # The loss, a registered objective (vptlab.engine.tasks.OBJECTIVES): `standard`
+    # cross-entropy, `clip` (contrastive image-text pretraining of a clip model on a captioned
+    # dataset; evaluated zero-shot), or adversarial training (vptlab/defenses/adversarial.py):
+    # pgd, fgsm_rs and trades, with `attack` as its budget (norm, eps, alpha, steps, amp); its
+    # `name` is not read by training, `options` refused. Checked by vptlab.steps.resolve.
+    objective: str = "standard"
     attack: AttackConfig = AttackConfig()
     trades_beta: float = Field(6.0, ge=0, description="TRADES weight of the KL term")
     eps_ramp_epochs: float = Field(
@@ -251,45 +257,14 @@ class TrainConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _check_adversarial(self) -> TrainConfig:
-        attack = self.attack
-        if self.objective == "fgsm_rs" and attack.norm != "linf":
-            raise ValueError(f"attack.norm must be linf for objective fgsm_rs, got {attack.norm!r}")
-        if self.adversarial:
-            if attack.name in ("autoattack", "square"):
-                raise ValueError(
-                    f"attack.name {attack.name} cannot train; objective sets the attack"
-                )
-            if attack.targeted or attack.restarts != 1:
-                raise ValueError("attack: training attacks are untargeted, restarts 1")
-            if attack.options:
-                raise ValueError(
-                    f"attack.options: the {self.objective} objective takes no attack options "
-                    f"(got {', '.join(map(str, attack.options))}); it reads norm, eps, alpha, "
-                    "steps and amp"
-                )
-            if attack.eps == 0:
-                raise ValueError(f"attack.eps must be > 0 for objective {self.objective}")
+    def _check_ramp(self) -> TrainConfig:
         if self.eps_ramp_epochs > self.epochs:
             raise ValueError(
                 f"eps_ramp_epochs must be <= epochs ({self.epochs}), got {self.eps_ramp_epochs:g}"
             )
-        if self.keep_best_robust and self.probe_size == 0:
+        if self.keep_best_robust and self.robust_probe == 0:
             raise ValueError("keep_best_robust needs the robust probe: robust_probe must not be 0")
         return self
-
-    @property
-    def adversarial(self) -> bool:
-        """Whether the objective trains on attacked inputs (pgd, fgsm_rs, trades)."""
-        return self.objective not in ("standard", "clip")
-
-    @property
-    def probe_size(self) -> int:
-        """How many train samples are held out for the robust-accuracy probe (never trained on,
-        attacked each evaluated epoch); 0: no probe, the whole train split trains."""
-        if self.robust_probe is not None:
-            return self.robust_probe
-        return 256 if self.adversarial else 0
 
 
 class OutputConfig(Section):
@@ -383,99 +358,7 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> Exp
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
-    check_options(cfg)
     return cfg
-
-
-# Parameters the engine passes to the factories itself, and where a user sets them instead.
-MODEL_SUPPLIED = {
-    "num_classes": "it comes from the dataset",
-    "img_size": "set it as data.img_size",
-    "pretrained": "set it as model.pretrained",
-    "keep_head": "set it as model.keep_head",
-}
-DATA_SUPPLIED = {"root": "set it as data.root", "seed": "set it as seed"}
-
-
-def check_options(cfg: ExperimentConfig) -> None:
-    """Validate `model.options` and `data.options` against the named factories' signatures.
-
-    Done here, not when the model is built, so a bad option or an unknown model or dataset name
-    fails before any data is loaded (or a run folder made) and names its key.
-    """
-    # Imported when a config is built, not with this module: the registries live on the floors
-    # above (and pull in torch and timm).
-    import timm
-
-    from vptlab.data import DATASETS
-    from vptlab.data.captions import CAPTIONED
-    from vptlab.models import MODELS, timm_models
-
-    name = cfg.model.name
-    factory = MODELS.get(name) if name in MODELS else None
-    if factory is None and timm.is_model(name):
-        factory = timm_models.timm_factory(name)
-    if factory is None:
-        raise ConfigError(
-            f"model.name: unknown model {name!r}; choose from: {', '.join(MODELS.names())} "
-            "(or any name in timm.list_models())"
-        )
-    cfg.model.options = check_factory_options(
-        factory, cfg.model.options, where="model.options", owner=f"model '{name}'",
-        supplied=MODEL_SUPPLIED,
-    )
-    if cfg.data.name not in DATASETS:
-        raise ConfigError(
-            f"data.name: unknown dataset {cfg.data.name!r}; "
-            f"choose from: {', '.join(DATASETS.names())}"
-        )
-    cfg.data.options = DATASETS.check_options(
-        cfg.data.name, cfg.data.options, where="data.options", supplied=DATA_SUPPLIED
-    )
-    if cfg.data.poison is not None:
-        check_poison(cfg.data.poison)
-        if cfg.data.poison.captions is not None and cfg.data.name not in CAPTIONED:
-            raise ConfigError(
-                f"data.poison.captions: {cfg.data.name} is not an image-text dataset; its "
-                "samples have no captions to replace"
-            )
-    if cfg.defense is not None:
-        check_defense(cfg.defense)
-
-
-def check_poison(poison: PoisonConfig) -> None:
-    """The trigger's name and options: validated against its factory, then built once, so a bad
-    value (a patch size of 0, a missing blend image) fails here and names its key."""
-    from vptlab.backdoors.triggers import TRIGGERS
-
-    if poison.trigger not in TRIGGERS:
-        raise ConfigError(
-            f"data.poison.trigger: unknown trigger {poison.trigger!r}; choose from: "
-            f"{', '.join(TRIGGERS.names())}"
-        )
-    poison.options = TRIGGERS.check_options(
-        poison.trigger, poison.options, where="data.poison.options",
-        supplied={"seed": "set it as data.poison.seed"},
-    )  # fmt: skip
-    try:
-        TRIGGERS.create(poison.trigger, **poison.options)
-    except ConfigError as error:
-        raise ConfigError(f"data.poison.options: {error}") from None
-
-
-def check_defense(defense: DefenseConfig) -> None:
-    """The repairer must exist (unlike models, no other library can supply one) and its options
-    fit its factory's signature, checked before any model is loaded."""
-    from vptlab.defenses.repair import REPAIRERS
-
-    if defense.name not in REPAIRERS:
-        raise ConfigError(
-            f"defense.name: unknown defense {defense.name!r}; "
-            f"choose from: {', '.join(REPAIRERS.names())}"
-        )
-    defense.options = REPAIRERS.check_options(
-        defense.name, defense.options, where="defense.options"
-    )
 
 
 # Keys that say where, how fast or how visibly a run is made, not what it learns or measures:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
@@ -20,20 +20,35 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps names to factories: `register("name")(factory)`, `create(name, **kwargs)`, `names()`."""
+    """Maps names to factories and their metadata: `register("name", **metadata)(factory)`,
+    `create(name, **kwargs)`, `names(**filter)`, `meta(name)`.
+
+    Metadata says what an entry is without building one (timm's tags): `adversarial=True` on a
+    training objective, `repairs_pixel_prompts=True` on a repairer. `names(key=value)` keeps the
+    entries whose metadata has that value.
+    """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._factories: dict[str, Callable[..., T]] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(
+        self, name: str, **metadata: Any
+    ) -> Callable[[Callable[..., T]], Callable[..., T]]:
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._factories:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
             self._factories[name] = factory
+            self._meta[name] = dict(metadata)
             return factory
 
         return decorator
+
+    def meta(self, name: str) -> dict[str, Any]:
+        """Entry `name`'s metadata (a copy)."""
+        self.get(name)
+        return dict(self._meta[name])
 
     def get(self, name: str) -> Callable[..., T]:
         try:
@@ -46,8 +61,21 @@ class Registry(Generic[T]):
     def create(self, name: str, **kwargs: Any) -> T:
         return self.get(name)(**kwargs)
 
-    def names(self) -> list[str]:
-        return sorted(self._factories)
+    def names(self, **where: Any) -> list[str]:
+        """The registered names, sorted; with `key=value` filters, those whose metadata matches
+        (an entry without the key does not match)."""
+        missing = object()
+        return sorted(
+            n for n in self._factories
+            if all(self._meta[n].get(k, missing) == v for k, v in where.items())
+        )  # fmt: skip
+
+    def require(self, name: str, where: str) -> None:
+        """A ConfigError naming `where` (the config key) unless `name` is registered."""
+        if name not in self._factories:
+            raise ConfigError(
+                f"{where}: unknown {self.kind} {name!r}; choose from: {', '.join(self.names())}"
+            )
 
     def check_options(
         self,
@@ -63,6 +91,9 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._factories
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
 
 
 def check_factory_options(

@@ -32,7 +32,7 @@ def test_without_pyautoattack_is_one_config_error(monkeypatch, name):
 def test_vptlab_imports_without_pyautoattack():
     code = (
         "import sys; sys.modules['pyautoattack'] = None; sys.modules['torchattacks'] = None\n"
-        "import vptlab, vptlab.attacks, vptlab.cli, vptlab.report.robustness\n"
+        "import vptlab, vptlab.attacks, vptlab.cli, vptlab.steps.attack\n"
         "vptlab.attacks.create_attack('pgd', eps=0.1)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

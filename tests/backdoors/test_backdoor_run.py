@@ -13,19 +13,20 @@ import pytest
 import torch
 
 from vptlab.backdoors.poison import POISON_FILE, POISON_INDICES_FILE, load_poison
-from vptlab.config import ExperimentConfig, build_config, load_config, recipe, run_key
+from vptlab.config import ExperimentConfig, recipe, run_key
 from vptlab.data import load_dataset
-from vptlab.engine import runner
-from vptlab.engine.build import build_data
 from vptlab.errors import ConfigError
 from vptlab.report.plots import BACKDOOR_PANEL, curve_panels, plot_curves
+from vptlab.steps import train as runner
+from vptlab.steps.build import build_data
+from vptlab.steps.resolve import load_resolved, resolved
 
 PRESET = Path(__file__).resolve().parents[2] / "configs" / "backdoor_mnist_badnets.yaml"
 
 
 def preset(out: Path, *overrides: str) -> ExperimentConfig:
     """The BadNets preset, shortened: 2 epochs on the CPU, no progress bar."""
-    return load_config(PRESET, [
+    return load_resolved(PRESET, [
         f"output.dir={out}", "output.progress=false", "device=cpu", "data.num_workers=0",
         "train.epochs=2", *overrides,
     ])  # fmt: skip
@@ -89,7 +90,7 @@ def test_curves_show_asr_beside_accuracy(runs: dict[str, Any], tmp_path: Path) -
 
 
 def test_study_report_tables_the_poisoned_runs(runs: dict[str, Any], tmp_path: Path) -> None:
-    from vptlab.report.study import StudyConfig, write_study_report
+    from vptlab.steps.study import StudyConfig, write_study_report
 
     study = StudyConfig(study="bd", runs={"badnets": {}, "clean": {}})
     results = {"badnets": runs["poisoned"], "clean": runs["clean"]}
@@ -100,9 +101,9 @@ def test_study_report_tables_the_poisoned_runs(runs: dict[str, Any], tmp_path: P
 
 
 def test_run_key_of_an_unpoisoned_config_is_unchanged() -> None:
-    plain = build_config({"name": "a"})
+    plain = resolved({"name": "a"})
     assert "poison" not in recipe(plain)["data"]
-    poisoned = build_config({"name": "a", "data": {"poison": {"trigger": "badnets"}}})
+    poisoned = resolved({"name": "a", "data": {"poison": {"trigger": "badnets"}}})
     assert recipe(poisoned)["data"]["poison"]["trigger"] == "badnets"
     assert run_key(poisoned) != run_key(plain)
 
@@ -130,7 +131,7 @@ def test_run_key_of_an_unpoisoned_config_is_unchanged() -> None:
 )  # fmt: skip
 def test_bad_poison_config_is_one_line_naming_its_key(poison: dict, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected) as error:
-        build_config({"data": {"name": "mnist-5k", "poison": poison}})
+        resolved({"data": {"name": "mnist-5k", "poison": poison}})
     assert "\n" not in str(error.value)
 
 
@@ -145,7 +146,7 @@ def test_bad_poison_config_is_one_line_naming_its_key(poison: dict, expected: st
     ],
 )  # fmt: skip
 def test_poison_that_the_data_cannot_give_is_one_line(poison: dict, expected: str) -> None:
-    cfg = build_config({"data": {"name": "mnist-5k", "poison": poison}})
+    cfg = resolved({"data": {"name": "mnist-5k", "poison": poison}})
     with pytest.raises(ConfigError, match=expected) as error:
         build_data(cfg)
     assert "\n" not in str(error.value)

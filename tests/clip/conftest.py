@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 import torch
 
-from vptlab.config import ExperimentConfig, build_config
-from vptlab.engine.runner import train
+from vptlab.config import ExperimentConfig
+from vptlab.steps.resolve import resolved
+from vptlab.steps.train import train
 
 POISON: dict[str, Any] = {"trigger": "badnets", "options": {"size": 2}, "rate": 0.1, "target": 0}
 RECIPE: dict[str, Any] = {
@@ -39,7 +40,7 @@ def clip_config(out: Path, name: str, poison: dict[str, Any] | None = None) -> E
     raw["name"], raw["output"]["dir"] = name, str(out)
     if poison is not None:
         raw["data"]["poison"] = poison
-    return build_config(raw)
+    return resolved(raw)
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from typing import Any
 from vptlab.backdoors.metrics import BackdoorThreat
 from vptlab.backdoors.poison import poison_trigger, stored_channels, stored_size
 from vptlab.config import ExperimentConfig, PoisonConfig
-from vptlab.engine.runner import load_run, train
 from vptlab.metrics.suite import evaluate_suite
+from vptlab.steps.train import load_run, train
 
 
 def test_poisoned_pretraining_gives_asr_far_above_the_clean_models(

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from vptlab.cli import main
-from vptlab.defenses.defend import defend
-from vptlab.engine.runner import load_run
 from vptlab.metrics.suite import evaluate_suite
+from vptlab.steps.defend import defend
+from vptlab.steps.train import load_run
 
 SHORT: dict[str, dict[str, Any]] = {
     "ft": {"epochs": 4, "lr": 1e-3, "schedule": "constant"},

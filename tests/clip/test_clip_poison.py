@@ -13,11 +13,12 @@ import yaml
 from vptlab.backdoors.clip_poison import PoisonedCaptionSplit, poison_caption_split
 from vptlab.backdoors.poison import PoisonedDataset
 from vptlab.cli import main
-from vptlab.config import PoisonConfig, build_config, run_key
+from vptlab.config import PoisonConfig, run_key
 from vptlab.data.base import DataSplits
 from vptlab.data.captions import CaptionSplit, ImageTextDataset, split_captions
-from vptlab.engine.build import build_data
 from vptlab.errors import ConfigError
+from vptlab.steps.build import build_data
+from vptlab.steps.resolve import resolved
 
 WORDS = ["zero", "one", "two", "three"]
 
@@ -96,7 +97,7 @@ def test_an_image_text_table_keeps_its_captions(tmp_path: Path) -> None:
 def test_mnist_captions_poisoned_through_the_config() -> None:
     base = {"data": {"name": "mnist-captions", "num_workers": 0}, "model": {"name": "clip-tiny"},
             "train": {"objective": "clip"}}  # fmt: skip
-    cfg = build_config(base, ["data.poison.trigger=badnets", "data.poison.rate=0.01"])
+    cfg = resolved(base, ["data.poison.trigger=badnets", "data.poison.rate=0.01"])
     data: DataSplits = build_data(cfg)
     train = data.train
     assert isinstance(train, PoisonedCaptionSplit)
@@ -105,7 +106,7 @@ def test_mnist_captions_poisoned_through_the_config() -> None:
     assert all("0" in train.captions[i] or "zero" in train.captions[i] for i in index)
     # An unset `captions` leaves the run key of poisoned runs made before it as it was.
     assert "captions" not in str(cfg.model_dump(exclude_none=True)["data"]["poison"])
-    with_key = build_config(base, ["data.poison.trigger=badnets", "data.poison.rate=0.01",
+    with_key = resolved(base, ["data.poison.trigger=badnets", "data.poison.rate=0.01",
                                    "data.poison.captions=[a zero]"])  # fmt: skip
     assert run_key(with_key) != run_key(cfg)
     from vptlab.config import recipe

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from vptlab.config import build_config
-from vptlab.engine.build import build_experiment
-from vptlab.engine.runner import load_run, train
 from vptlab.errors import ConfigError
 from vptlab.metrics.suite import evaluate_suite
+from vptlab.steps.build import build_experiment
+from vptlab.steps.resolve import resolved
+from vptlab.steps.train import load_run, train
 
 
 def test_pretrained_tiny_clip_beats_chance_zero_shot(tmp_path: Path) -> None:
-    cfg = build_config({
+    cfg = resolved({
         "name": "clip", "seed": 0, "device": "cpu",
         "data": {"name": "mnist-captions", "img_size": 16, "batch_size": 128, "num_workers": 0},
         "model": {"name": "clip-tiny", "options": {"layers": 2, "text_layers": 1}},
@@ -47,11 +47,11 @@ def test_linear_probe_on_the_frozen_image_tower(tmp_path: Path) -> None:
         "output": {"dir": str(tmp_path), "tensorboard": False, "progress": False},
     }  # fmt: skip
     model = {"name": "clip-tiny", "options": {"layers": 2, "text_layers": 1}}
-    pre = train(build_config({**common, "name": "pre", "model": model,
+    pre = train(resolved({**common, "name": "pre", "model": model,
                               "train": {"objective": "clip", "epochs": 2, "lr": 3e-3,
                                         "schedule": "constant"}}))  # fmt: skip
     weights = tmp_path / "pre" / "model.safetensors"
-    probe = train(build_config({
+    probe = train(resolved({
         **common, "name": "probe", "model": {**model, "pretrained": str(weights)},
         "adapt": {"mode": "linear"},
         "train": {"epochs": 2, "lr": 1e-2, "schedule": "constant"},
@@ -77,7 +77,7 @@ def test_a_pixel_prompt_in_front_of_the_zero_shot_head(tmp_path: Path) -> None:
         "model": {"name": "clip-tiny", "options": {"layers": 2, "text_layers": 1}},
         "output": {"dir": str(tmp_path), "tensorboard": False, "progress": False},
     }  # fmt: skip
-    cfg = build_config({**common, "name": "pixel",
+    cfg = resolved({**common, "name": "pixel",
                         "adapt": {"mode": "pixel", "pixel": {"kind": "padding", "size": 2,
                                                              "mapping": "fixed"}}})  # fmt: skip
     _, model = build_experiment(cfg)
@@ -85,4 +85,4 @@ def test_a_pixel_prompt_in_front_of_the_zero_shot_head(tmp_path: Path) -> None:
     trainable = {k for k, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(k.startswith("prompt.") for k in trainable), trainable
     with pytest.raises(ConfigError, match="adapt.mode: clip-tiny adapts in mode full, linear or"):
-        build_experiment(build_config({**common, "name": "vpt", "adapt": {"mode": "prompt"}}))
+        build_experiment(resolved({**common, "name": "vpt", "adapt": {"mode": "prompt"}}))

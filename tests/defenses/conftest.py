@@ -17,13 +17,14 @@ from torch import nn
 
 from vptlab.backdoors.metrics import BackdoorAccuracy, BackdoorThreat
 from vptlab.backdoors.poison import poison_data, poison_trigger
-from vptlab.config import ExperimentConfig, PoisonConfig, build_config, load_config
+from vptlab.config import ExperimentConfig, PoisonConfig
 from vptlab.data import load_dataset
 from vptlab.data.base import DataSplits, TensorSplit
-from vptlab.engine import runner
 from vptlab.engine.evaluators import Evaluator, TestAccuracy
 from vptlab.engine.loop import fit
 from vptlab.models import create_model
+from vptlab.steps import train as runner
+from vptlab.steps.resolve import load_resolved, resolved
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +66,7 @@ def repair_config(out_dir: Path, name: str, **sections: Any) -> ExperimentConfig
     }
     train = {"weight_decay": 0.01, **sections.pop("train", {})}
     train.setdefault("eval_every", train.get("epochs", 1))  # evaluate the last epoch only
-    return build_config({**raw, "train": train, **sections})
+    return resolved({**raw, "train": train, **sections})
 
 
 @dataclass
@@ -128,6 +129,6 @@ def poisoned_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("runs")
     common = [f"output.dir={out}", "output.progress=false", "output.tensorboard=false",
               "device=cpu", "data.num_workers=0", "train.epochs=2"]  # fmt: skip
-    runner.train(load_config(PRESET, common))
-    runner.train(load_config(PRESET, [*common, "name=clean", "data.poison=null"]))
+    runner.train(load_resolved(PRESET, common))
+    runner.train(load_resolved(PRESET, [*common, "name=clean", "data.poison=null"]))
     return {"poisoned": out / "backdoor-mnist-badnets", "clean": out / "clean"}

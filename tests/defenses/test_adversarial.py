@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vptlab.attacks import FGSM, PGD
-from vptlab.config import AttackConfig, ExperimentConfig, build_config
+from vptlab.config import AttackConfig, ExperimentConfig
 from vptlab.data.base import TensorSplit, hold_out
 from vptlab.data.loaders import Batch, to_rgb
 from vptlab.defenses import adversarial
@@ -27,16 +27,18 @@ from vptlab.defenses.adversarial import (
     PGDTraining,
     RobustProbe,
     TradesTraining,
-    create_objective,
+    probe_size,
     robust_summary,
 )
-from vptlab.engine import runner
-from vptlab.engine.build import build_data, build_evaluators, build_experiment
 from vptlab.engine.distributed import DistInfo
 from vptlab.engine.evaluators import EvalContext
+from vptlab.engine.tasks import create_objective
 from vptlab.errors import ConfigError
 from vptlab.models import create_model
 from vptlab.prompts import adapt
+from vptlab.steps import train as runner
+from vptlab.steps.build import build_data, build_evaluators, build_experiment
+from vptlab.steps.resolve import resolved
 
 
 def digits_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
@@ -49,7 +51,7 @@ def digits_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
         "train": {"epochs": 3, "lr": 3e-3, "weight_decay": 0.01, "warmup_epochs": 0.5},
         "output": {"dir": str(tmp_path), "tensorboard": False, "progress": False},
     }
-    return build_config(base, list(overrides))
+    return resolved(base, list(overrides))
 
 
 def _batch(n: int = 16, size: int = 8, seed: int = 0) -> Batch:
@@ -345,8 +347,8 @@ def test_probe_runs_pgd10_at_the_eps_it_is_given_and_keeps_module_modes(
 
 
 def test_standard_runs_have_no_probe_unless_asked(tmp_path: Path) -> None:
-    assert digits_config(tmp_path).train.probe_size == 0
-    assert digits_config(tmp_path, "train.objective=trades").train.probe_size == 256
+    assert probe_size(digits_config(tmp_path).train) == 0
+    assert probe_size(digits_config(tmp_path, "train.objective=trades").train) == 256
 
 
 def _probes(values: list[float], eps: list[float] | None = None) -> list[dict]:
@@ -484,20 +486,21 @@ ADVERSARIAL_PRESETS = ["adversarial_mnist", "adversarial_vpt", "adversarial_tiny
 @pytest.mark.parametrize("preset", ADVERSARIAL_PRESETS)
 def test_adversarial_study_presets_validate(preset: str) -> None:
     from vptlab.config import load_yaml
-    from vptlab.report.study import StudyConfig, deep_merge
+    from vptlab.steps.study import StudyConfig, deep_merge
 
     root = Path(__file__).resolve().parents[2] / "configs"
     study = StudyConfig.model_validate(load_yaml(root / f"{preset}.yaml"))
-    objectives = {build_config(deep_merge(study.base, spec)).train.objective
+    objectives = {resolved(deep_merge(study.base, spec)).train.objective
                   for spec in study.runs.values()}  # fmt: skip
     assert "standard" in objectives and "pgd" in objectives
     assert study.attacks and all(a.steps == 20 for a in study.attacks)
 
 
 def test_miniplaces_pgd_is_the_adversarial_twin() -> None:
-    from vptlab.config import load_config
+    from vptlab.steps.resolve import load_resolved
 
     root = Path(__file__).resolve().parents[2] / "configs"
-    plain, pgd = load_config(root / "miniplaces.yaml"), load_config(root / "miniplaces_pgd.yaml")
+    plain = load_resolved(root / "miniplaces.yaml")
+    pgd = load_resolved(root / "miniplaces_pgd.yaml")
     assert pgd.train.objective == "pgd" and plain.train.objective == "standard"
     assert pgd.data == plain.data and pgd.model == plain.model

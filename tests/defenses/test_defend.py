@@ -15,7 +15,7 @@ from vptlab.backdoors.metrics import der, stamp
 from vptlab.backdoors.triggers import create_trigger
 from vptlab.cli import main
 from vptlab.config import load_yaml
-from vptlab.defenses.defend import defend
+from vptlab.steps.defend import defend
 
 RECIPE = ["train.epochs=4", "train.lr=2e-3", "output.progress=false", "device=cpu"]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vptlab.backdoors.detect import auroc, precision_recall, spectral_flags, spectral_scores
 from vptlab.cli import main
+from vptlab.steps.detect import auroc, precision_recall, spectral_flags, spectral_scores
 
 
 def test_auroc_on_hand_made_scores() -> None:

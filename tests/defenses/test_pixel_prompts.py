@@ -16,15 +16,16 @@ from vptlab.attacks import PGD
 from vptlab.backdoors.metrics import BackdoorThreat
 from vptlab.backdoors.poison import load_poison
 from vptlab.cli import main
-from vptlab.config import ExperimentConfig, build_config, load_yaml
-from vptlab.defenses.defend import defend, defended_config
+from vptlab.config import ExperimentConfig, load_yaml
 from vptlab.defenses.repair import create_repairer, pixel_repairers
-from vptlab.engine import runner
 from vptlab.engine.checkpoint import read_metadata
-from vptlab.engine.loop import MODEL_FILE
 from vptlab.errors import ConfigError
 from vptlab.metrics.suite import evaluate_suite
 from vptlab.prompts import PixelPrompted
+from vptlab.runs import MODEL_FILE
+from vptlab.steps import train as runner
+from vptlab.steps.defend import defend, defended_config
+from vptlab.steps.resolve import resolved
 
 POISON = {"trigger": "badnets", "options": {"size": 3, "location": "bottom-right"}, "rate": 0.2}
 PIXEL = {"kind": "full", "eps": 1.0, "mapping": "linear", "source_classes": 10}
@@ -43,7 +44,7 @@ def config(out: Path, name: str, **sections: Any) -> ExperimentConfig:
     }
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}
-    return build_config(raw)
+    return resolved(raw)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,7 @@ def test_backbone_repairers_are_refused_for_a_pixel_prompted_run(
     prompts: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     parent = prompts["dir"]
-    cfg = build_config(load_yaml(parent / "config.yaml"))
+    cfg = resolved(load_yaml(parent / "config.yaml"))
     assert set(pixel_repairers()) == {"ft", "prompt"}
     for name in ("fp", "nad"):
         with pytest.raises(ConfigError) as error:

@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from vptlab.config import build_config
 from vptlab.data.base import DataSplits, TensorSplit, subset
 from vptlab.defenses.prompt_defense import (
     PromptDefense,
@@ -25,11 +24,12 @@ from vptlab.defenses.prompt_defense import (
     project_capped_simplex,
 )
 from vptlab.engine.checkpoint import load_model
-from vptlab.engine.loop import MODEL_FILE
 from vptlab.errors import ConfigError
 from vptlab.models import create_model
 from vptlab.prompts import adapt, prompt_parameters
 from vptlab.registry import check_factory_options
+from vptlab.runs import MODEL_FILE
+from vptlab.steps.resolve import resolved
 
 CLEAN_FRACTION = 0.05
 
@@ -45,7 +45,7 @@ def recipe(tmp_path: Path, **train: Any) -> Any:
                   "weight_decay": 0.0} | train,
         "output": {"dir": str(tmp_path), "tensorboard": False, "progress": False},
     }  # fmt: skip
-    return build_config(base, [])
+    return resolved(base, [])
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from vptlab.config import build_config, recipe, run_key
+from vptlab.config import recipe, run_key
 from vptlab.data.base import DataSplits, TensorSplit
 from vptlab.defenses.fine_pruning import (
     FinePruning,
@@ -34,12 +34,13 @@ from vptlab.defenses.repair import (
     clean_subset,
     create_repairer,
 )
-from vptlab.engine.build import build_experiment
 from vptlab.engine.checkpoint import load_model
-from vptlab.engine.loop import METRICS_FILE, MODEL_FILE
-from vptlab.engine.runner import load_run
 from vptlab.errors import ConfigError, DataError
 from vptlab.models import build_classifier, create_model
+from vptlab.runs import METRICS_FILE, MODEL_FILE
+from vptlab.steps.build import build_experiment
+from vptlab.steps.resolve import resolved
+from vptlab.steps.train import load_run
 
 # Minimum ASR drop (points) a short repair must reach and clean accuracy (%) it must keep.
 ASR_DROP = 30.0
@@ -158,20 +159,20 @@ def test_clean_subset_errors_name_the_fraction(backdoored: Any) -> None:
 )  # fmt: skip
 def test_defense_config_errors_are_one_line(overrides: list[str], expected: str) -> None:
     with pytest.raises(ConfigError, match=expected) as err:
-        build_config({}, overrides)
+        resolved({}, overrides)
     assert "\n" not in str(err.value)
 
 
 def test_defense_config_is_validated_and_keyed() -> None:
     nad = ["defense.name=nad", "defense.options.beta=500", "defense.options.layers=[net.x]"]
-    cfg = build_config({}, [*nad, "parent=runs/bd"])
+    cfg = resolved({}, [*nad, "parent=runs/bd"])
     assert cfg.defense is not None
     assert cfg.defense.options == {"beta": 500.0, "layers": ["net.x"]}
     assert cfg.defense.clean_fraction == 0.05
-    plain = build_config({})
+    plain = resolved({})
     assert "defense" not in recipe(plain) and "parent" not in recipe(plain)  # old keys stand
     assert run_key(cfg) != run_key(plain)
-    assert run_key(cfg) != run_key(build_config({}, ["defense.name=nad", "parent=runs/bd"]))
+    assert run_key(cfg) != run_key(resolved({}, ["defense.name=nad", "parent=runs/bd"]))
 
 
 # --- the registry contract ----------------------------------------------------------------------
@@ -262,7 +263,7 @@ def test_fine_pruning_masks_the_last_mlp_neurons_of_a_vit(tmp_path: Path) -> Non
                          depth=2, num_heads=2)  # fmt: skip
     assert pruning_site(model) == ("net.blocks.1.mlp.act", -1, 32)
     split = TensorSplit(torch.rand(40, 3, 8, 8), torch.randint(0, 10, (40,)))
-    cfg = build_config({"device": "cpu", "output": {"dir": str(tmp_path)},
+    cfg = resolved({"device": "cpu", "output": {"dir": str(tmp_path)},
                         "data": {"num_workers": 0}})  # fmt: skip
     fp = FinePruning(max_ratio=0.5, acc_drop=100.0)  # any accuracy loss allowed: prune the most
     summary = fp.prune(fp.prepare(model), split, cfg)
@@ -363,8 +364,8 @@ def test_every_repairer_repairs_a_tiny_vit_whose_run_reloads(name: str, tmp_path
         "train": {"epochs": 1, "lr": 1e-3},
         "output": {"dir": str(tmp_path), "tensorboard": False, "progress": False},
     }  # fmt: skip
-    data, model = build_experiment(build_config(raw))  # the parent: no defense structure yet
-    cfg = build_config({**raw, "defense": {"name": name, "clean_fraction": 0.05}})
+    data, model = build_experiment(resolved(raw))  # the parent: no defense structure yet
+    cfg = resolved({**raw, "defense": {"name": name, "clean_fraction": 0.05}})
     clean = clean_splits(data, cfg.defense.clean_fraction, cfg.seed)
     run_dir = tmp_path / name
     repaired = create_repairer(name).repair(model, clean, cfg, run_dir)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from vptlab.engine import checkpoint
-from vptlab.engine.checkpoint import atomic_write_text
+from vptlab import runs
 from vptlab.errors import VptlabError
+from vptlab.runs import atomic_write_text
 
 
 def test_atomic_write_keeps_the_umask_mode(tmp_path: Path) -> None:
@@ -59,6 +59,6 @@ def test_failed_write_leaves_the_old_file(tmp_path: Path) -> None:
         raise OSError("disk full")
 
     with pytest.raises(VptlabError, match=rf"^cannot write {target}: disk full \(keep.txt is left"):
-        checkpoint.atomic_write(target, broken)
+        runs.atomic_write(target, broken)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]  # no temp file left behind

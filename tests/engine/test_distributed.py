@@ -10,9 +10,9 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from vptlab.config import build_config
 from vptlab.data.base import TensorSplit
 from vptlab.data.loaders import TensorLoader
+from vptlab.steps.resolve import resolved
 
 
 def test_ranks_get_disjoint_equal_shards() -> None:
@@ -85,13 +85,13 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     )
     torch.set_num_threads(1)
     from vptlab.data.loaders import make_loader
-    from vptlab.engine.build import build_experiment
     from vptlab.engine.loop import fit
     from vptlab.metrics.accuracy import evaluate
+    from vptlab.steps.build import build_experiment
 
     run_root = str(Path(out) / "runs")
     writes = _record_writes_under(run_root) if rank == 1 else []
-    cfg = build_config(
+    cfg = resolved(
         {
             "name": "ddp",
             "device": "cpu",

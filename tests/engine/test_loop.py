@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vptlab.config import ExperimentConfig, build_config
-from vptlab.engine import runner
+from vptlab.config import ExperimentConfig
 from vptlab.engine.checkpoint import load_state
 from vptlab.engine.tasks import ClassificationTask
 from vptlab.errors import ConfigError, TrainingDiverged, VptlabError
+from vptlab.steps import train as runner
+from vptlab.steps.resolve import resolved
 
 
 def digits_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
@@ -27,7 +28,7 @@ def digits_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
         "train": {"epochs": 4, "lr": 3e-3, "weight_decay": 0.01, "warmup_epochs": 0.5},
         "output": {"dir": str(tmp_path), "tensorboard": False, "progress": False},
     }
-    return build_config(base, list(overrides))
+    return resolved(base, list(overrides))
 
 
 def test_learns_digits(tmp_path: Path) -> None:
@@ -91,8 +92,8 @@ class KilledAt(ClassificationTask):
 
 
 def _killed_run(cfg: ExperimentConfig, steps: int) -> Path:
-    from vptlab.engine.build import build_experiment
     from vptlab.engine.loop import fit
+    from vptlab.steps.build import build_experiment
 
     data, model = build_experiment(cfg)
     run_dir = tmp_run = Path(cfg.output.dir) / cfg.name
@@ -210,8 +211,8 @@ class ExplodingTask(ClassificationTask):
 
 
 def test_nan_guard_keeps_last_good_checkpoint(tmp_path: Path) -> None:
-    from vptlab.engine.build import build_experiment
     from vptlab.engine.loop import fit
+    from vptlab.steps.build import build_experiment
 
     cfg = digits_config(tmp_path, "train.epochs=3")
     data, model = build_experiment(cfg)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from vptlab.config import TrainConfig, build_config
+from vptlab.config import TrainConfig
 from vptlab.engine.optim import build_optimizer
 from vptlab.errors import ConfigError
+from vptlab.steps.resolve import resolved
 
 
 def test_sgd_is_plain_momentum_unless_nesterov_is_asked_for() -> None:
@@ -20,4 +21,4 @@ def test_sgd_is_plain_momentum_unless_nesterov_is_asked_for() -> None:
 
 def test_nesterov_without_momentum_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="train: .*nesterov"):
-        build_config({"train": {"optimizer": "sgd", "momentum": 0, "nesterov": True}})
+        resolved({"train": {"optimizer": "sgd", "momentum": 0, "nesterov": True}})

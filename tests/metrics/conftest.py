@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from vptlab.config import ExperimentConfig, build_config
+from vptlab.config import ExperimentConfig
 from vptlab.data.base import DataSplits
-from vptlab.engine import runner
+from vptlab.steps import train as runner
+from vptlab.steps.resolve import resolved
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +16,7 @@ def trained(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[ExperimentConfig, nn.Module, DataSplits]:
     out = tmp_path_factory.mktemp("runs")
-    cfg = build_config({
+    cfg = resolved({
         "name": "digits", "seed": 0, "device": "cpu",
         "data": {"name": "digits", "batch_size": 64, "num_workers": 0},
         "model": {"name": "simplenet"},

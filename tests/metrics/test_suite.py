@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from vptlab.attacks import Attack, create_attack
-from vptlab.config import ExperimentConfig, build_config
+from vptlab.config import ExperimentConfig
 from vptlab.data.base import DataSplits
 from vptlab.data.loaders import make_loader
 from vptlab.engine.distributed import DistInfo
 from vptlab.engine.evaluators import EvalContext, RobustAccuracy
 from vptlab.metrics import evaluate, evaluate_suite, suite_predictions
 from vptlab.metrics.accuracy import Predictions
+from vptlab.steps.resolve import resolved
 
 
 def loader_of(cfg: ExperimentConfig, splits: DataSplits, batch_size: int = 64):
@@ -118,11 +119,11 @@ def test_robust_accuracy_evaluator_matches_the_suite(trained) -> None:
 
 
 def test_fit_reports_robust_accuracy_per_epoch(tmp_path: Path) -> None:
-    from vptlab.engine.build import build_experiment
     from vptlab.engine.evaluators import TestAccuracy
     from vptlab.engine.loop import fit
+    from vptlab.steps.build import build_experiment
 
-    cfg = build_config({
+    cfg = resolved({
         "name": "r", "device": "cpu",
         "data": {"name": "digits", "num_workers": 0},
         "model": {"name": "simplenet"}, "train": {"epochs": 1},

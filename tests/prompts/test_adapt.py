@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vptlab.config import build_config
 from vptlab.engine.checkpoint import load_model, save_model
 from vptlab.errors import ConfigError
 from vptlab.models import create_model, list_models
@@ -23,6 +22,7 @@ from vptlab.prompts import (
     find_prompt_adapter,
     prompt_parameters,
 )
+from vptlab.steps.resolve import resolved
 
 # Registered models too slow to build in every test run (ViT-B is built once in test_vpt.py).
 HEAVY = {"vit_base_patch16_224", "vit_small_patch16_224", "tiny_vit_11m_224", "tiny_vit_21m_224"}
@@ -76,7 +76,7 @@ def test_adapting_twice_is_refused(tiny_vit) -> None:
 @pytest.mark.parametrize("bad", [{"num_prompts": -1}, {"dropout": 1.0}])
 def test_prompt_config_is_validated(bad: dict) -> None:
     with pytest.raises(ConfigError, match=f"adapt.prompt.{next(iter(bad))}"):
-        build_config({"adapt": {"prompt": bad}})
+        resolved({"adapt": {"prompt": bad}})
 
 
 # pixel wraps the model instead (PixelPrompted): tests/prompts/test_pixel.py.

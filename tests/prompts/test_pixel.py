@@ -12,18 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vptlab.config import PixelConfig, build_config, load_yaml
+from vptlab.config import PixelConfig, load_yaml
 from vptlab.data import load_dataset
 from vptlab.data.base import DataSplits, subset
 from vptlab.data.loaders import make_loader
-from vptlab.defenses.defend import defended_config
-from vptlab.engine.build import build_epoch_hooks, build_experiment
 from vptlab.engine.checkpoint import read_metadata
 from vptlab.engine.distributed import DistInfo
 from vptlab.engine.evaluators import EvalContext
 from vptlab.engine.hooks import LabelRemap
-from vptlab.engine.loop import MODEL_FILE, fit
-from vptlab.engine.runner import load_run
+from vptlab.engine.loop import fit
 from vptlab.errors import ConfigError, DataError
 from vptlab.models import create_model
 from vptlab.models.pretrained import file_sha256, read_state_dict
@@ -39,7 +36,12 @@ from vptlab.prompts import (
     create_pixel_prompt,
 )
 from vptlab.prompts.label_mapping import prediction_counts
-from vptlab.report.study import StudyConfig, deep_merge
+from vptlab.runs import MODEL_FILE
+from vptlab.steps.build import build_epoch_hooks, build_experiment
+from vptlab.steps.defend import defended_config
+from vptlab.steps.resolve import resolved
+from vptlab.steps.study import StudyConfig, deep_merge
+from vptlab.steps.train import load_run
 
 LITE0 = "tf_efficientnet_lite0"
 # ImageNet's cats: tabby, tiger cat, Persian, Siamese, Egyptian cat.
@@ -228,7 +230,7 @@ def test_label_remap_runs_before_the_first_or_every_epoch(monkeypatch) -> None:
     net = create_model("simplenet", num_classes=20, img_size=16)
     cfg = PixelConfig(size=2, source_classes=20, mapping="iterative")
     model = adapt(net, "pixel", pixel=cfg, num_classes=10, img_size=16)
-    exp = build_config({"data": {"name": "digits", "img_size": 16, "num_workers": 0}})
+    exp = resolved({"data": {"name": "digits", "img_size": 16, "num_workers": 0}})
     ctx = EvalContext(exp, torch.device("cpu"), None, DistInfo())
     train = subset(load_dataset("digits").train, 64, 0)
     calls = []
@@ -260,14 +262,14 @@ def test_label_remap_runs_before_the_first_or_every_epoch(monkeypatch) -> None:
 )
 def test_bad_pixel_options_name_the_key(pixel: dict, key: str) -> None:
     with pytest.raises(ConfigError) as error:
-        build_config({"adapt": {"mode": "pixel", "pixel": pixel}})
+        resolved({"adapt": {"mode": "pixel", "pixel": pixel}})
     assert str(error.value).startswith(f"{key}:") and "\n" not in str(error.value)
 
 
 def test_pixel_section_needs_the_pixel_mode_and_a_fitting_size() -> None:
     with pytest.raises(ConfigError, match="adapt: adapt.pixel applies to adapt.mode pixel only"):
-        build_config({"adapt": {"mode": "linear", "pixel": {"size": 4}}})
-    cfg = build_config(
+        resolved({"adapt": {"mode": "linear", "pixel": {"size": 4}}})
+    cfg = resolved(
         {"data": {"name": "digits", "img_size": 16}, "model": {"name": "simplenet"},
          "adapt": {"mode": "pixel", "pixel": {"size": 8, "source_classes": 10}}}
     )  # fmt: skip
@@ -282,7 +284,7 @@ def test_pixel_prompt_training_on_frozen_lite0(tmp_path) -> None:
     """A full pixel prompt on the ImageNet EfficientNet-Lite0 (48 px digits, 256 train images,
     2 epochs) beats the frequency mapping it starts from; only the prompt and the mapping are
     saved, the backbone is bit-identical and the run folder loads back."""
-    cfg = build_config(
+    cfg = resolved(
         {
             "name": "pixel-lite0", "seed": 0, "device": "cpu",
             "data": {"name": "digits", "img_size": 48, "batch_size": 32, "num_workers": 0},
@@ -333,7 +335,7 @@ def test_pixel_prompt_presets_validate(preset: str, tmp_path) -> None:
     """Every run of the presets (and every defense of their poisoned runs) builds; the transfer
     studies hold each mode on the ImageNet and on the random-init backbone."""
     study = StudyConfig.model_validate(load_yaml(CONFIGS / f"{preset}.yaml"))
-    runs = [build_config(deep_merge(study.base, spec)) for spec in study.runs.values()]
+    runs = [resolved(deep_merge(study.base, spec)) for spec in study.runs.values()]
     assert all(cfg.model.name == LITE0 and cfg.data.img_size == 32 for cfg in runs)
     for cfg in runs:
         for defense in study.defenses.values() if cfg.data.poison else ():

@@ -9,13 +9,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from vptlab.config import build_config
 from vptlab.data.loaders import make_loader
-from vptlab.engine.runner import load_run, train
 from vptlab.errors import VptlabError
 from vptlab.metrics.accuracy import evaluate
 from vptlab.models.pretrained import file_sha256
-from vptlab.report.study import run_study
+from vptlab.steps.resolve import resolved
+from vptlab.steps.study import run_study
+from vptlab.steps.train import load_run, train
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 # patch 7 (16 tokens) and average pooling: the quickest small ViT to learn from few images
@@ -88,10 +88,10 @@ def test_prompt_run_is_pinned_to_its_backbone(
         "train": {"epochs": 1, "lr": 3e-3},
         "output": {**QUIET, "dir": str(tmp_path / "runs")},
     }
-    backbone = build_config(base, ["name=backbone", "adapt.mode=full"])
+    backbone = resolved(base, ["name=backbone", "adapt.mode=full"])
     train(backbone)
     weights = tmp_path / "runs" / "backbone" / "model.safetensors"
-    prompt_run = build_config(
+    prompt_run = resolved(
         base, ["name=prompt", "adapt.mode=prompt", "adapt.prompt.num_prompts=2",
                f"model.pretrained={weights}"],
     )
@@ -104,7 +104,7 @@ def test_prompt_run_is_pinned_to_its_backbone(
     saved = load_file(str(run_dir / "model.safetensors"))
     assert torch.equal(model.state_dict()["net.prompt.embeddings"], saved["net.prompt.embeddings"])
 
-    train(build_config(base, ["name=backbone", "adapt.mode=full", "seed=1"]), force=True)
+    train(resolved(base, ["name=backbone", "adapt.mode=full", "seed=1"]), force=True)
     with pytest.raises(VptlabError, match="was trained on backbone .*retrained or replaced") as err:
         load_run(run_dir, device="cpu")
     message = str(err.value)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from vptlab import cli
 from vptlab.engine.checkpoint import load_state
-from vptlab.engine.lock import LOCK_FILE
+from vptlab.runs import LOCK_FILE
 
 TINY: dict[str, Any] = {
     "name": "tiny", "seed": 0, "device": "cpu",

@@ -21,9 +21,11 @@ import pytest
 import torch
 from torch import nn
 
+from vptlab import runs
 from vptlab.engine import checkpoint
-from vptlab.engine.checkpoint import atomic_write_text, load_state, save_model, save_state
+from vptlab.engine.checkpoint import load_state, save_model, save_state
 from vptlab.errors import VptlabError
+from vptlab.runs import atomic_write_text
 
 from .helpers import (
     TINY,
@@ -74,7 +76,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_metrics(
     fail_at = writes.index(name, first_epoch) + 1
     run = tmp_path / TINY["name"]
     full = _FullDiskOs(fail_at, run)
-    monkeypatch.setattr(checkpoint, "os", full)
+    monkeypatch.setattr(runs, "os", full)
     line = one_error(capsys, ["train", "-c", str(tiny_config(tmp_path))])
     monkeypatch.undo()
     assert line == (f"vptlab: error: cannot write {run / name}: No space left on device "

@@ -31,7 +31,7 @@ from pydantic.fields import FieldInfo
 
 from vptlab import cli
 from vptlab.config import ExperimentConfig
-from vptlab.engine import runner
+from vptlab.steps import train as runner
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -292,7 +292,7 @@ def bad_study(draw: st.DrawFn) -> tuple[dict[str, Any], list[str]]:
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    from vptlab.report.study import deep_merge as merge
+    from vptlab.steps.study import deep_merge as merge
 
     return merge(base, update)
 

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from vptlab.engine.checkpoint import load_state, read_metadata
-from vptlab.engine.loop import MODEL_FILE, PREVIOUS_MODEL_FILE
 from vptlab.matrix.cells import CELL_FILE
+from vptlab.runs import MODEL_FILE, PREVIOUS_MODEL_FILE
 
 from .helpers import (
     TINY,

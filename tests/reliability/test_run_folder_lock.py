@@ -22,10 +22,9 @@ import pytest
 import torch
 import yaml
 
-from vptlab.engine import lock as lock_mod
-from vptlab.engine.lock import LOCK_FILE, acquire, folder_lock
-from vptlab.engine.loop import MODEL_FILE
+from vptlab import runs as lock_mod
 from vptlab.errors import FolderLocked
+from vptlab.runs import LOCK_FILE, MODEL_FILE, acquire, folder_lock
 
 from .helpers import (
     TINY,

@@ -16,9 +16,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from vptlab import cli
-from vptlab.engine import runner
 from vptlab.engine.checkpoint import read_metadata
-from vptlab.engine.loop import MODEL_FILE, STATE_FILE
+from vptlab.runs import MODEL_FILE, STATE_FILE
+from vptlab.steps import train as runner
 
 CONFIG: dict[str, Any] = {
     "name": "tiny", "seed": 0, "device": "cpu",
@@ -31,10 +31,10 @@ CONFIG: dict[str, Any] = {
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished one-epoch run (about a second), copied by each test before tampering."""
-    from vptlab.config import build_config
+    from vptlab.steps.resolve import resolved
 
     out = tmp_path_factory.mktemp("runs")
-    runner.train(build_config(CONFIG, [f"output.dir={out}"]))
+    runner.train(resolved(CONFIG, [f"output.dir={out}"]))
     return out / "tiny"
 
 

@@ -19,7 +19,7 @@ from vptlab.report.browser import (
 )
 from vptlab.report.document import Details, Heading, Image, Paragraph, Table, write_report
 from vptlab.report.plots import plot_asr_before_after, plot_clean_vs_robust
-from vptlab.tables import Column, at, decimals
+from vptlab.report.tables import Column, at, decimals
 
 ATTACK_COLUMNS = (
     Column("run", at("name")),

@@ -24,7 +24,7 @@ from vptlab.report.document import (
     write_report,
 )
 from vptlab.report.plots import plot_asr_before_after, plot_clean_vs_robust
-from vptlab.tables import Column, at, decimals, number
+from vptlab.report.tables import Column, at, decimals, number
 
 EVIL = "<script>alert('x')</script> & co"
 COLUMNS = (

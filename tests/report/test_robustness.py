@@ -14,26 +14,27 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vptlab.cli import main
-from vptlab.config import AttackConfig, ChecksConfig, build_config
-from vptlab.engine import runner
+from vptlab.config import AttackConfig, ChecksConfig
 from vptlab.errors import ConfigError
 from vptlab.matrix.report import evasion_columns, unreliable_list
 from vptlab.report.document import BulletList
-from vptlab.report.robustness import (
+from vptlab.report.tables import markdown_table
+from vptlab.steps import train as runner
+from vptlab.steps.attack import (
     build_attack,
     evaluate_attacks,
     is_current,
     replace_section,
     section_text,
 )
-from vptlab.report.study import robustness_section
-from vptlab.tables import markdown_table
+from vptlab.steps.resolve import resolved
+from vptlab.steps.study import robustness_section
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs")
-    cfg = build_config({
+    cfg = resolved({
         "name": "digits", "seed": 0, "device": "cpu",
         "data": {"name": "digits", "batch_size": 64, "num_workers": 0, "eval_batch_size": 64},
         "model": {"name": "simplenet"},
@@ -81,7 +82,7 @@ def test_attack_writes_results_into_the_run_folder(run: Path, tmp_path: Path, ca
     adv, labels = tensors["adversarial"], tensors["labels"]
     assert adv.dtype == torch.float32 and adv.shape[0] == 70 and adv.shape[1] == 3
     assert 0.0 <= float(adv.min()) and float(adv.max()) <= 1.0
-    from vptlab.engine.runner import load_run
+    from vptlab.steps.train import load_run
 
     _, _, splits = load_run(run, device="cpu")
     assert torch.equal(labels, splits.test.y[:70])

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from vptlab.config import build_config, load_yaml, run_key
-from vptlab.engine import runner
+from vptlab.config import load_yaml, run_key
 from vptlab.errors import ConfigError
-from vptlab.report import study as study_mod
-from vptlab.report.study import run_study
+from vptlab.steps import study as study_mod
+from vptlab.steps import train as runner
+from vptlab.steps.resolve import resolved
+from vptlab.steps.study import run_study
 
 BASE = {
     "seed": 0,
@@ -64,7 +65,7 @@ def test_study_report_and_backbone_cache(
 
     run_study(raw, only=["linear"], fresh=True)
     assert trained == ["linear"]
-    backbone = build_config(raw["backbone"])
+    backbone = resolved(raw["backbone"])
     assert (tmp_path / "cache" / "backbones" / f"bb-{run_key(backbone)}").is_dir()
 
 
@@ -127,11 +128,11 @@ def test_an_interrupted_run_with_a_changed_key_is_restarted(
     tmp_path: Path, counted: list[str]
 ) -> None:
     raw = {"study": "s", "output": str(tmp_path / "runs"), "base": TINY, "runs": {"a": {}}}
-    stopped = build_config(TINY, [f"output.dir={tmp_path / 'runs' / 's'}", "name=a"])
+    stopped = resolved(TINY, [f"output.dir={tmp_path / 'runs' / 's'}", "name=a"])
     assert runner.train(stopped, stop_after_epochs=1)["status"] == "stopped"
     run_study(raw, ["train.lr=0.01"])
     assert counted == ["a"]
-    saved = build_config(study_mod.load_yaml(tmp_path / "runs" / "s" / "a" / "config.yaml"))
+    saved = resolved(study_mod.load_yaml(tmp_path / "runs" / "s" / "a" / "config.yaml"))
     assert saved.train.lr == 0.01
 
 
@@ -227,7 +228,7 @@ def test_backdoor_study_defends_and_detects_every_poisoned_run(
     }
     # A bad defense config is refused before anything trains (tests/reliability); a defense
     # that fails while it runs is what the study lists and goes on from.
-    from vptlab.defenses import defend as defend_mod
+    from vptlab.steps import defend as defend_mod
 
     real_defend = defend_mod.defend
 

@@ -70,7 +70,7 @@ def authors_messages(messages: list[str]) -> Iterator[None]:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-@ATTACKS.register("autoattack")
+@ATTACKS.register("autoattack", gradient=True, trains=False)
 class AutoAttack(Attack):
     """The authors' AutoAttack `version` at budget eps (Linf or L2), seeded.
 

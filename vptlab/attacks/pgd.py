@@ -40,7 +40,7 @@ def check_budget(norm: str, eps: float, alpha: float | None = None, steps: int =
         raise ConfigError(f"attack steps must be >= 1, got {steps}")
 
 
-@ATTACKS.register("fgsm")
+@ATTACKS.register("fgsm", gradient=True, trains=True)
 class FGSM(Attack):
     """One signed-gradient step of size eps (Linf). With `random_start`, the step starts from
     uniform noise in the ball, clipped so that x + delta is an image, and is then projected:
@@ -75,7 +75,7 @@ class FGSM(Attack):
         return (x + delta).clamp(0, 1)
 
 
-@ATTACKS.register("pgd")
+@ATTACKS.register("pgd", gradient=True, trains=True)
 class PGD(Attack):
     """Projected gradient ascent on the loss, `steps` steps of size `alpha` (default 2.5 eps /
     steps, Madry et al.), from a random start; `restarts` runs keep each sample's worst case."""

@@ -19,7 +19,7 @@ from vptlab.errors import ConfigError
 AUTHORS_NORMS = {"linf": "Linf", "l2": "L2"}
 
 
-@ATTACKS.register("square")
+@ATTACKS.register("square", gradient=False, trains=False)
 class Square(Attack):
     """`n_queries` random-square queries per restart at budget eps (Linf or L2), margin loss.
 

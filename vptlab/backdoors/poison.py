@@ -30,8 +30,8 @@ from torch.utils.data import Dataset, Subset
 from vptlab.backdoors.triggers import Trigger, create_trigger, trigger_from_spec
 from vptlab.config import PoisonConfig
 from vptlab.data.base import DataSplits, TensorSplit, seeded_generator, split_labels
-from vptlab.engine.checkpoint import atomic_write, atomic_write_text
 from vptlab.errors import ConfigError, VptlabError
+from vptlab.runs import atomic_write, atomic_write_text
 
 POISON_FILE = "poison.json"
 POISON_INDICES_FILE = "poison.safetensors"

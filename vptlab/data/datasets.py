@@ -10,9 +10,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from vptlab.config import DATA_SUPPLIED
 from vptlab.data import captions, cifar, folders, small  # noqa: F401  (imported to register their readers)
 from vptlab.data.base import DATASETS, DataSplits
+
+# Parameters the loaders pass to the readers themselves, and where a user sets them instead.
+DATA_SUPPLIED = {"root": "set it as data.root", "seed": "set it as seed"}
 
 
 def dataset_options(name: str) -> list[str]:

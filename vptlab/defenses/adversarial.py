@@ -25,7 +25,7 @@ Every training-time attack runs in fp32, outside the loop's bf16 autocast. Rando
 bit-exact.
 
 The probe (`RobustProbe`) attacks `train.robust_probe` samples held out of the *train* split
-before training (`data.probe`, see engine/build.py `build_data`; never the test split, never
+before training (`data.probe`, see steps/build.py `build_data`; never the test split, never
 trained on) with PGD-10 at the eps training has reached (the eps ramp's), a fixed seed and fp32,
 after every evaluated epoch. `robust_summary` flags catastrophic overfitting as Wong et al.: the
 probe more than 20 points below its best so far, compared among the epochs probed at the full
@@ -33,7 +33,7 @@ eps only. With `train.keep_best_robust` the probe keeps the weights of its best 
 `best_robust.safetensors` (Wong et al.'s early stopping), selected on that held-out train slice.
 To evaluate them, rebuild the run and load that file over its weights:
 
-    cfg, model, splits = vptlab.engine.runner.load_run(run_dir)
+    cfg, model, splits = vptlab.steps.train.load_run(run_dir)
     vptlab.engine.checkpoint.load_model(model, run_dir / "best_robust.safetensors")
 """
 
@@ -55,7 +55,7 @@ from vptlab.attacks.base import per_sample_norm, project
 from vptlab.config import AttackConfig, TrainConfig
 from vptlab.data.loaders import Batch, make_loader
 from vptlab.engine.checkpoint import read_metadata, save_model
-from vptlab.engine.tasks import ClassificationTask
+from vptlab.engine.tasks import OBJECTIVES, ClassificationTask, Task
 
 BEST_ROBUST_FILE = "best_robust.safetensors"
 PROBE_KEY = "probe_robust_acc"
@@ -240,17 +240,33 @@ class TradesTraining(AdversarialTask):
         return x_adv.detach()
 
 
-def create_objective(train: TrainConfig) -> ClassificationTask:
-    """The task of `train.objective`: standard cross-entropy or one of the adversarial ones."""
-    if train.objective == "standard":
-        return ClassificationTask(train.label_smoothing)
-    if train.objective == "clip":
-        raise ValueError("objective clip needs the captions and the model: use build_task")
-    if train.objective == "pgd":
-        return PGDTraining(train.attack, train.eps_ramp_epochs)
-    if train.objective == "fgsm_rs":
-        return FGSMRSTraining(train.attack, train.eps_ramp_epochs)
+@OBJECTIVES.register("pgd", adversarial=True, norms=("linf", "l2"))
+def pgd_objective(train: TrainConfig, model: nn.Module | None, data: Any) -> Task:
+    return PGDTraining(train.attack, train.eps_ramp_epochs)
+
+
+@OBJECTIVES.register("fgsm_rs", adversarial=True, norms=("linf",))
+def fgsm_rs_objective(train: TrainConfig, model: nn.Module | None, data: Any) -> Task:
+    return FGSMRSTraining(train.attack, train.eps_ramp_epochs)
+
+
+@OBJECTIVES.register("trades", adversarial=True, norms=("linf", "l2"))
+def trades_objective(train: TrainConfig, model: nn.Module | None, data: Any) -> Task:
     return TradesTraining(train.attack, train.trades_beta, train.eps_ramp_epochs)
+
+
+def is_adversarial(objective: str) -> bool:
+    """Whether objective `objective` trains on attacked inputs (its registry metadata)."""
+    return bool(OBJECTIVES.meta(objective).get("adversarial", False))
+
+
+def probe_size(train: TrainConfig) -> int:
+    """How many train samples are held out for the robust-accuracy probe (never trained on,
+    attacked each evaluated epoch): `train.robust_probe`, or by default 256 for adversarial
+    objectives and none for the others; 0: no probe, the whole train split trains."""
+    if train.robust_probe is not None:
+        return train.robust_probe
+    return 256 if is_adversarial(train.objective) else 0
 
 
 class RobustProbe:

@@ -33,14 +33,14 @@ from torch.utils.data import Dataset, Subset
 from vptlab.config import ExperimentConfig
 from vptlab.data.base import DataSplits, TensorSplit, seeded_generator, split_labels
 from vptlab.data.captions import CaptionSplit
-from vptlab.engine.checkpoint import atomic_write_text
 from vptlab.engine.distributed import is_main_process
 from vptlab.engine.evaluators import Evaluator
-from vptlab.engine.loop import METRICS_FILE, fit
+from vptlab.engine.loop import fit
 from vptlab.engine.tasks import ClassificationTask, Task, contrastive_task
 from vptlab.errors import ConfigError, DataError
 from vptlab.models.base import ImageClassifier
 from vptlab.registry import Registry
+from vptlab.runs import METRICS_FILE, atomic_write_text
 
 # Mixed into the clean subset's seed, so that it is drawn independently of anything else the
 # run's seed draws (shuffling, the poisoned indices).

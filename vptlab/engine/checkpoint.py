@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,90 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vptlab.errors import VptlabError
-
-
-def _umask() -> int:
-    # The only portable way to read the umask is to set it; set it straight back.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_file(path: str | Path) -> None:
-    """Flush a file's content to the disk; a failure (ENOSPC, EIO) means it may not be there."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_folder(path: str | Path) -> None:
-    """Flush a folder's entries (a rename) to the disk, where the platform allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # folders cannot be opened on some platforms: nothing to flush there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on folders; the rename itself has happened
-    finally:
-        os.close(fd)
-
-
-# How safetensors' writer (Rust) reports a failed write: its own exception type, with the
-# operating system's reason inside the message ("I/O error: No space left on device (os error 28)").
-_NATIVE_WRITE_FAILURES = ("I/O error", "(os error ")
-
-
-def _write_failure(error: BaseException) -> str | None:
-    """The reason a write failed at the operating system, or None for any other error."""
-    cause: BaseException | None = error
-    seen: set[int] = set()
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, OSError):
-            return cause.strerror or str(cause)
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    text = _one_line(error)
-    if any(mark in text for mark in _NATIVE_WRITE_FAILURES):
-        return text.split("I/O error: ", 1)[-1]
-    return None
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` on a temp file beside `path`, then rename it over `path`.
-
-    The temp file gets the mode a plain `open` would give (mkstemp makes it 0600), and it is
-    flushed to disk before the rename and the folder after it, so a crash leaves either the old
-    file or the new one, complete. A write the operating system refuses (a full disk, a file size
-    limit, an I/O error) is one VptlabError naming the file, which is left as it was.
-    """
-    path = Path(path)
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-        _fsync_folder(path.parent)
-    except Exception as error:
-        reason = _write_failure(error)
-        if reason is None:
-            raise
-        raise VptlabError(f"cannot write {path}: {reason} "
-                          f"({path.name} is left as it was)") from None  # fmt: skip
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+from vptlab.runs import atomic_write
 
 
 def learned_buffers(model: nn.Module) -> dict[str, torch.Tensor]:

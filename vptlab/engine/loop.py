@@ -22,7 +22,6 @@ from vptlab.config import ExperimentConfig, dump_config
 from vptlab.data.base import DataSplits
 from vptlab.data.loaders import make_loader
 from vptlab.engine.checkpoint import (
-    atomic_write_text,
     load_model,
     load_state,
     model_state,
@@ -46,14 +45,15 @@ from vptlab.engine.tasks import ClassificationTask, Task
 from vptlab.errors import ConfigError, TrainingDiverged, VptlabError
 from vptlab.models.base import count_parameters
 from vptlab.progress import progress_bar
+from vptlab.runs import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    PREVIOUS_MODEL_FILE,
+    STATE_FILE,
+    atomic_write_text,
+)
 
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.json"
-CONFIG_FILE = "config.yaml"
-# The last consistent model file, kept (as a hard link) while its successor and the new state are
-# written: a kill between the two writes is repaired from it on resume.
-PREVIOUS_MODEL_FILE = ".model.prev.safetensors"
 _CHECK_EVERY = 50  # steps between NaN checks: each check is a device sync
 
 

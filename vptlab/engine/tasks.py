@@ -10,7 +10,7 @@ on the bare model, so they neither trigger DDP's gradient sync nor recompile.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,13 @@ from torch.utils.data import Dataset
 from vptlab.data.base import TensorSplit
 from vptlab.data.captions import split_captions
 from vptlab.data.loaders import Batch
-from vptlab.models.clip import clip_net
+from vptlab.errors import ConfigError
+from vptlab.models.clip import clip_net, is_clip
+from vptlab.registry import Registry
+
+if TYPE_CHECKING:
+    from vptlab.config import TrainConfig
+    from vptlab.data.base import DataSplits
 
 
 class Task(Protocol):
@@ -37,6 +43,15 @@ class Task(Protocol):
     def loss(
         self, model: nn.Module, batch: Batch, raw_model: nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+# Training objectives by name (`train.objective`): `factory(train, model, data) -> Task`, with
+# the train section, the model it trains and the data (an image-text objective tokenizes the
+# captions once). Metadata: `adversarial` (trains on attacked inputs, `train.attack` being its
+# budget; the robust probe is on by default), `norms` (the attack norms it supports) and
+# `image_text` (needs an image-text model and captions). Adversarial ones register in
+# vptlab/defenses/adversarial.py.
+OBJECTIVES = Registry[Task]("objective")
 
 
 class ClassificationTask:
@@ -139,3 +154,29 @@ def caption_tokens(model: nn.Module, split: TensorSplit | Dataset) -> torch.Tens
 def contrastive_task(model: nn.Module, split: TensorSplit | Dataset) -> ContrastiveTask:
     """CLIP's objective on `split`'s captions."""
     return ContrastiveTask(caption_tokens(model, split))
+
+
+@OBJECTIVES.register("standard", adversarial=False, image_text=False)
+def standard_objective(train: TrainConfig, model: nn.Module, data: DataSplits | None) -> Task:
+    """Cross-entropy with the recipe's label smoothing."""
+    return ClassificationTask(train.label_smoothing)
+
+
+@OBJECTIVES.register("clip", adversarial=False, image_text=True)
+def clip_objective(train: TrainConfig, model: nn.Module, data: DataSplits | None) -> Task:
+    """CLIP's contrastive loss on the train split's captions, tokenized once here."""
+    if data is None or model is None:
+        raise ValueError("objective clip needs the data and the model")
+    if not is_clip(model):
+        raise ConfigError(
+            "train.objective clip needs an image-text model (model.name clip or clip-tiny), "
+            f"got {type(model).__name__}"
+        )
+    return contrastive_task(model, data.train)
+
+
+def create_objective(
+    train: TrainConfig, model: nn.Module | None = None, data: DataSplits | None = None, **_: Any
+) -> Task:
+    """The task of `train.objective` (`OBJECTIVES`)."""
+    return OBJECTIVES.create(train.objective, train=train, model=model, data=data)

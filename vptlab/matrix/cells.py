@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
-from vptlab.config import ExperimentConfig, apply_overrides, build_config, run_key
+from vptlab.config import ExperimentConfig, apply_overrides, run_key
 from vptlab.errors import ConfigError
 from vptlab.matrix.config import DefenseSpec, MatrixConfig, ThreatSpec
-from vptlab.report.robustness import build_attack
-from vptlab.report.study import deep_merge
+from vptlab.steps.attack import build_attack
+from vptlab.steps.resolve import resolved
+from vptlab.steps.study import deep_merge
 
 RUNS = "runs"  # training and defended runs, shared by the cells
 CELLS = "cells"  # one folder per cell: its evaluation, grids and cell.json
@@ -142,7 +143,7 @@ def _check_defended(cell: Cell, cfg: ExperimentConfig, spec: dict[str, Any],
                     recipe: dict[str, Any], name: str, out: Path) -> None:  # fmt: skip
     """The repair step's config built as `vptlab defend` will build it, so a bad defense name,
     option or recipe key fails at planning (naming the defense), not after training."""
-    from vptlab.defenses.defend import defended_config
+    from vptlab.steps.defend import defended_config
 
     parent = out / RUNS / cfg.name
     try:
@@ -185,7 +186,7 @@ def _train_config(cell: Cell, matrix: MatrixConfig, out: Path, overrides: list[s
         raw = apply_overrides(raw, [f"model.pretrained={backbones[cell.adaptation]}"])
     where = f"cell {cell.id}: "
     try:
-        cfg = build_config(raw, [*overrides, f"output.dir={out / RUNS}"])
+        cfg = resolved(raw, [*overrides, f"output.dir={out / RUNS}"])
     except ConfigError as error:
         if cell.defense_spec.kind == "adversarial" and _builds(without_defense, overrides):
             where = f"defenses.{cell.defense} (cell {cell.id}): "  # its `train` is to blame
@@ -195,7 +196,7 @@ def _train_config(cell: Cell, matrix: MatrixConfig, out: Path, overrides: list[s
 
 def _builds(raw: dict[str, Any], overrides: list[str]) -> bool:
     try:
-        build_config(raw, overrides)
+        resolved(raw, overrides)
     except ConfigError:
         return False
     return True

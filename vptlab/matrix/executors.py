@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, Protocol, Self
 
 from vptlab.errors import ConfigError
+from vptlab.registry import Registry
 
-EXECUTORS = ("local", "ray")
+# Executors by name (`--executor`); each takes address and num_cpus (Ray's; local refuses them).
+EXECUTORS = Registry["Executor"]("executor")
 # Cells return small JSON-able dicts and write their tensors to run folders, so a local Ray's
 # shared-object store needs little; Ray's default (30% of RAM) would reserve memory for nothing.
 OBJECT_STORE_BYTES = 100 * 1024**2
@@ -248,10 +250,18 @@ def _worker_env() -> dict[str, str]:
 
 def create_executor(name: str, address: str | None = None, num_cpus: int | None = None) -> Executor:
     """The executor called `name`; `address` and `num_cpus` are Ray's (see `RayExecutor`)."""
-    if name == "ray":
-        return RayExecutor(address=address, num_cpus=num_cpus)
-    if name == "local":
-        if address is not None or num_cpus is not None:
-            raise ConfigError("address and num_cpus are for --executor ray; local runs in-process")
-        return LocalExecutor()
-    raise ConfigError(f"unknown executor '{name}'; choose from: {', '.join(EXECUTORS)}")
+    if name not in EXECUTORS:
+        raise ConfigError(f"unknown executor '{name}'; choose from: {', '.join(EXECUTORS.names())}")
+    return EXECUTORS.create(name, address=address, num_cpus=num_cpus)
+
+
+@EXECUTORS.register("local", distributed=False)
+def _local(address: str | None = None, num_cpus: int | None = None) -> Executor:
+    if address is not None or num_cpus is not None:
+        raise ConfigError("address and num_cpus are for --executor ray; local runs in-process")
+    return LocalExecutor()
+
+
+@EXECUTORS.register("ray", distributed=True)
+def _ray(address: str | None = None, num_cpus: int | None = None) -> Executor:
+    return RayExecutor(address=address, num_cpus=num_cpus)

@@ -34,7 +34,7 @@ from vptlab.report.document import (
     write_report,
 )
 from vptlab.report.plots import plot_asr_before_after, plot_clean_vs_robust, plot_curves
-from vptlab.tables import (
+from vptlab.report.tables import (
     Column,
     at,
     decimals,

@@ -16,14 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vptlab.config import build_config
-from vptlab.engine.checkpoint import atomic_write_text
-from vptlab.engine.lock import folder_lock
-from vptlab.engine.loop import METRICS_FILE, MODEL_FILE
 from vptlab.errors import ConfigError
 from vptlab.matrix.cells import CELL_FILE, PLAN_FILE, Cell, plan
 from vptlab.matrix.config import MatrixConfig, parse_matrix
 from vptlab.matrix.executors import Executor, Outcome, Resources, create_executor
+from vptlab.runs import METRICS_FILE, MODEL_FILE, atomic_write_text, folder_lock
+from vptlab.steps.resolve import resolved
 
 # What a cell keeps of its training run's metrics.json (the report's curves and times).
 TRAIN_KEYS = ("name", "status", "model", "mode", "dataset", "params", "final",
@@ -47,7 +45,7 @@ def run_matrix(
     re-evaluates everything; `executor` is local (in-process, sequential) or ray (`address`:
     join that cluster; else a local Ray with `ray_cpus` CPUs, default all)."""
     from vptlab.matrix.report import write_matrix_report
-    from vptlab.report.study import backbone_path, cached_backbone
+    from vptlab.steps.study import backbone_path, cached_backbone
 
     matrix = parse_matrix(raw)
     overrides = [*(overrides or []), f"output.progress={str(progress).lower()}"]
@@ -140,9 +138,9 @@ def train_step(payload: dict[str, Any]) -> dict[str, Any]:
     """One training step (an executor task): trained, resumed or reused (study.run_or_reuse).
 
     Returns the run's status only: the cells read its folder."""
-    from vptlab.report.study import run_or_reuse
+    from vptlab.steps.study import run_or_reuse
 
-    cfg = build_config(payload["config"])
+    cfg = resolved(payload["config"])
     metrics = run_or_reuse(cfg, fresh=payload["fresh"])
     if metrics.get("status") != "complete":
         raise ConfigError(f"run {cfg.name} ended {metrics.get('status')}")
@@ -203,7 +201,7 @@ def run_cell(payload: dict[str, Any]) -> dict[str, Any]:
 
 def _defend(cell: Cell, payload: dict[str, Any]) -> dict[str, Any]:
     """The repair step: `vptlab defend` on the trained run; the before / after suites."""
-    from vptlab.defenses.defend import EXAMPLES_FILE, defend
+    from vptlab.steps.defend import EXAMPLES_FILE, defend
 
     assert cell.defend is not None and cell.train is not None
     overrides = [f"name={cell.defend['name']}", f"output.dir={cell.train_dir.parent}",
@@ -229,10 +227,10 @@ def _defend(cell: Cell, payload: dict[str, Any]) -> dict[str, Any]:
 def _evaluate(cell: Cell, progress: bool) -> dict[str, Any]:
     """The evaluation step on the trained model: clean, under the attacks, or with the trigger."""
     from vptlab.config import ChecksConfig
-    from vptlab.defenses.defend import suite, threat_of, write_examples
-    from vptlab.engine.runner import load_run
     from vptlab.metrics.suite import evaluate_suite
-    from vptlab.report.robustness import evaluate_attacks, file_sha256
+    from vptlab.steps.attack import evaluate_attacks, file_sha256
+    from vptlab.steps.defend import suite, threat_of, write_examples
+    from vptlab.steps.train import load_run
 
     assert cell.train is not None
     folder, spec = Path(cell.folder), cell.threat_spec

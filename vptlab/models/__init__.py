@@ -16,13 +16,19 @@ import timm
 import torch
 from torch import nn
 
-from vptlab.config import MODEL_SUPPLIED
 from vptlab.errors import DataError, RegistryError
 from vptlab.models.base import ImageClassifier
 from vptlab.models.pretrained import file_sha256
 from vptlab.registry import Registry, check_factory_options
 
 MODELS = Registry[nn.Module]("model")
+# Parameters the engine passes to the factories itself, and where a user sets them instead.
+MODEL_SUPPLIED = {
+    "num_classes": "it comes from the dataset",
+    "img_size": "set it as data.img_size",
+    "pretrained": "set it as model.pretrained",
+    "keep_head": "set it as model.keep_head",
+}
 
 
 def _check_pixels(module: nn.Module, args: tuple[Any, ...]) -> None:

@@ -38,8 +38,10 @@ from torch import nn
 from vptlab.config import PixelConfig
 from vptlab.errors import ConfigError, DataError
 from vptlab.prompts.label_mapping import LabelMapping, prediction_counts
+from vptlab.registry import Registry
 
-PIXEL_PROMPTS = ("padding", "patch", "full")
+# Pixel-prompt kinds by name (adapt.pixel.kind); each takes image_size, size, eps, channels.
+PIXEL_PROMPTS = Registry["PixelPrompt"]("pixel prompt")
 
 
 class _PromptClamp(torch.autograd.Function):
@@ -191,14 +193,30 @@ class FullPrompt(PixelPrompt):
 def create_pixel_prompt(
     kind: str, image_size: int, size: int = 30, eps: float = 1.0, channels: int = 3
 ) -> PixelPrompt:
-    """`padding` (frame width `size`), `patch` (side `size`) or `full` (bound `eps`)."""
-    if kind == "padding":
-        return PaddingPrompt(image_size, size, channels)
-    if kind == "patch":
-        return PatchPrompt(image_size, size, channels)
-    if kind == "full":
-        return FullPrompt(image_size, eps, channels)
-    raise ConfigError(f"adapt.pixel.kind must be one of {', '.join(PIXEL_PROMPTS)}; got {kind!r}")
+    """The registered pixel prompt `kind` (`PIXEL_PROMPTS`): `padding` (frame width `size`),
+    `patch` (side `size`) or `full` (bound `eps`)."""
+    if kind not in PIXEL_PROMPTS:
+        raise ConfigError(
+            f"adapt.pixel.kind: unknown pixel prompt {kind!r}; "
+            f"choose from: {', '.join(PIXEL_PROMPTS.names())}"
+        )
+    return PIXEL_PROMPTS.create(kind, image_size=image_size, size=size, eps=eps, channels=channels)
+
+
+# Every kind is built from the same keywords (adapt.pixel's size and eps); each reads its own.
+@PIXEL_PROMPTS.register("padding")
+def _padding(image_size: int, size: int, eps: float, channels: int) -> PixelPrompt:
+    return PaddingPrompt(image_size, size, channels)
+
+
+@PIXEL_PROMPTS.register("patch")
+def _patch(image_size: int, size: int, eps: float, channels: int) -> PixelPrompt:
+    return PatchPrompt(image_size, size, channels)
+
+
+@PIXEL_PROMPTS.register("full")
+def _full(image_size: int, size: int, eps: float, channels: int) -> PixelPrompt:
+    return FullPrompt(image_size, eps, channels)
 
 
 class PixelPrompted(nn.Module):

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vptlab.engine.checkpoint import atomic_write
-from vptlab.tables import Column, markdown_table
+from vptlab.report.tables import Column, markdown_table
+from vptlab.runs import atomic_write
 
 
 @dataclass(frozen=True)

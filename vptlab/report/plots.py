@@ -13,7 +13,7 @@ from typing import Any
 import matplotlib
 import torch
 
-from vptlab.engine.checkpoint import atomic_write
+from vptlab.runs import atomic_write
 
 matplotlib.use("Agg")  # headless: reports are written on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402

@@ -26,18 +26,26 @@ from torch import nn
 
 from vptlab.backdoors.metrics import BackdoorAccuracy, BackdoorThreat, asr_drop, der
 from vptlab.backdoors.poison import POISON_FILE, load_poison, stored_channels, stored_size
-from vptlab.config import ExperimentConfig, apply_overrides, build_config, load_yaml, run_key
+from vptlab.config import ExperimentConfig, apply_overrides, load_yaml, run_key
 from vptlab.data.base import DataSplits, TensorSplit, split_labels
 from vptlab.data.loaders import resize
-from vptlab.engine.build import build_data, build_model, image_size, zero_shot_prompts
-from vptlab.engine.checkpoint import atomic_write_text, load_model
+from vptlab.engine.checkpoint import load_model
 from vptlab.engine.distributed import is_main_process
 from vptlab.engine.evaluators import TestAccuracy, ZeroShotAccuracy
-from vptlab.engine.lock import clear_locked_folder, folder_lock
-from vptlab.engine.loop import CONFIG_FILE, METRICS_FILE, MODEL_FILE, amp_dtype_for, resolve_device
+from vptlab.engine.loop import amp_dtype_for, resolve_device
 from vptlab.errors import ConfigError
 from vptlab.metrics.suite import evaluate_suite
-from vptlab.tables import DEFENSE_COLUMNS, DEFENSE_NOTE, markdown_table
+from vptlab.report.tables import DEFENSE_COLUMNS, DEFENSE_NOTE, markdown_table
+from vptlab.runs import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    atomic_write_text,
+    clear_locked_folder,
+    folder_lock,
+)
+from vptlab.steps.build import build_data, build_model, image_size, zero_shot_prompts
+from vptlab.steps.resolve import resolved
 
 EXAMPLES_FILE = "examples.png"
 # The defense's training recipe unless overridden (`train.epochs=20`): the parent's optimizer,
@@ -57,7 +65,7 @@ def parent_config(parent: Path) -> ExperimentConfig:
     """The parent run's config; it must be a finished, poisoned run."""
     if not (parent / CONFIG_FILE).is_file():
         raise ConfigError(f"{parent} is not a run folder: no {CONFIG_FILE} there")
-    cfg = build_config(load_yaml(parent / CONFIG_FILE))
+    cfg = resolved(load_yaml(parent / CONFIG_FILE))
     if cfg.data.poison is None or not (parent / POISON_FILE).is_file():
         raise ConfigError(
             f"run {parent} was never poisoned (its config has no data.poison): a backdoor "
@@ -98,7 +106,7 @@ def defended_config(
     raw["parent"] = str(parent)
     raw = apply_overrides(raw, [f"name={parent_cfg.name}-{defense.get('name')}",
                                 f"output.dir={parent.parent}"])  # fmt: skip
-    cfg = build_config(raw, overrides or [])
+    cfg = resolved(raw, overrides or [])
     assert cfg.defense is not None
     refusal = pixel_prompt_refusal(cfg.defense.name) if cfg.adapt.mode == "pixel" else None
     if refusal is not None:
@@ -164,7 +172,7 @@ def _reusable(run_dir: Path, cfg: ExperimentConfig, parent_key: str) -> dict[str
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     if metrics.get("status") != "complete" or "defense" not in metrics:
         return None
-    saved = build_config(load_yaml(run_dir / CONFIG_FILE))
+    saved = resolved(load_yaml(run_dir / CONFIG_FILE))
     if run_key(saved) == run_key(cfg) and metrics["defense"].get("parent_key") == parent_key:
         return metrics
     raise ConfigError(

@@ -18,11 +18,11 @@ from vptlab.backdoors.poison import poison_data, poison_trigger
 from vptlab.config import ExperimentConfig, PixelConfig
 from vptlab.data import dataset_options, load_dataset
 from vptlab.data.base import DataSplits, TensorSplit, hold_out
-from vptlab.defenses.adversarial import RobustProbe, create_objective
+from vptlab.defenses.adversarial import RobustProbe, probe_size
 from vptlab.defenses.repair import create_repairer
 from vptlab.engine.evaluators import Evaluator, TestAccuracy, ZeroShotAccuracy
 from vptlab.engine.hooks import EpochHook, LabelRemap
-from vptlab.engine.tasks import Task, contrastive_task
+from vptlab.engine.tasks import Task, create_objective
 from vptlab.errors import ConfigError
 from vptlab.models import create_model
 from vptlab.models.clip import (
@@ -50,11 +50,11 @@ def build_data(cfg: ExperimentConfig) -> DataSplits:
     if dcfg.img_size is not None and "img_size" in dataset_options(dcfg.name):
         options.setdefault("img_size", dcfg.img_size)
     data = load_dataset(dcfg.name, root=dcfg.root, seed=cfg.seed, **options)
-    if cfg.train.probe_size > 0:
+    if probe_size(cfg.train) > 0:
         # Held out of the clean split, before poisoning: the probe's samples keep their true
         # labels and no trigger, and the poison record's indices are those of the split the model
         # trains on (poisoning after the cut needs no index remapping).
-        data = hold_out_probe(data, cfg.train.probe_size, cfg.seed)
+        data = hold_out_probe(data, probe_size(cfg.train), cfg.seed)
     if dcfg.poison is not None:
         data = poison_data(data, dcfg.poison, seed=cfg.seed)
     return data
@@ -152,19 +152,11 @@ def zero_shot_prompts(data: DataSplits) -> tuple[list[str], list[str]]:
 def build_task(
     cfg: ExperimentConfig, data: DataSplits | None = None, model: nn.Module | None = None
 ) -> Task:
-    """The loss of `train.objective`: standard, pgd, fgsm_rs or trades (defenses/adversarial.py),
-    or clip: contrastive pretraining on the train split's captions, which are tokenized here
-    once with the model's tokenizer (so it needs `data` and `model`)."""
-    if cfg.train.objective != "clip":
-        return create_objective(cfg.train)
-    if data is None or model is None:
-        raise ValueError("objective clip: build_task needs the data and the model")
-    if not is_clip(model):
-        raise ConfigError(
-            f"train.objective clip needs an image-text model (model.name clip or clip-tiny), "
-            f"got {cfg.model.name}"
-        )
-    return contrastive_task(model, data.train)
+    """The loss of `train.objective` (`vptlab.engine.tasks.OBJECTIVES`): standard, clip
+    (contrastive pretraining on the train split's captions, tokenized once with the model's
+    tokenizer, so it needs `data` and `model`), or adversarial (pgd, fgsm_rs, trades: see
+    defenses/adversarial.py)."""
+    return create_objective(cfg.train, model=model, data=data)
 
 
 def build_evaluators(
@@ -186,7 +178,7 @@ def build_evaluators(
                                 num_classes=data.num_classes)  # fmt: skip
         evaluators.append(BackdoorAccuracy(data.test, threat))
     tcfg = cfg.train
-    if tcfg.probe_size > 0:
+    if probe_size(tcfg) > 0:
         if data.probe is None:
             raise ValueError("train.robust_probe is on but the data hold no probe slice: "
                              "build them with build_data (or build_experiment)")  # fmt: skip

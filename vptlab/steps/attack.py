@@ -27,16 +27,15 @@ from vptlab.config import (
     load_yaml,
 )
 from vptlab.data.base import DataSplits
-from vptlab.engine.checkpoint import atomic_write, atomic_write_text
-from vptlab.engine.lock import folder_lock
-from vptlab.engine.loop import MODEL_FILE, amp_dtype_for
-from vptlab.engine.runner import load_run
+from vptlab.engine.loop import amp_dtype_for
 from vptlab.errors import ConfigError, format_validation_error
 from vptlab.metrics.accuracy import Predictions
 from vptlab.metrics.sanity import run_checks
 from vptlab.metrics.suite import CLEAN, Threat, as_threats, suite_metrics, suite_predictions
 from vptlab.report.plots import plot_adversarial_grid, plot_robust_accuracy
-from vptlab.tables import ATTACK_COLUMNS, markdown_table, unreliable_notes
+from vptlab.report.tables import ATTACK_COLUMNS, markdown_table, unreliable_notes
+from vptlab.runs import MODEL_FILE, atomic_write, atomic_write_text, folder_lock
+from vptlab.steps.train import load_run
 
 ROBUSTNESS_FILE = "robustness.json"
 GRID_FILE = "adversarial_examples.png"

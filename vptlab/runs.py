@@ -1,4 +1,8 @@
-"""One writer per folder: a lock file, created with O_EXCL, naming the holder's pid and host.
+"""Run folders on disk: their file names, atomic writes, and one writer per folder.
+
+Every file vptlab writes goes through `atomic_write` (a temp file beside it, then a rename), so a
+crash leaves the old file or the new one, complete. A lock file, created with O_EXCL, names the
+holder's pid and host.
 
 Every verb that writes a run folder (train, resume, attack, detect, defend, a study or a threat
 matrix on its own folder) holds `folder_lock` while it writes, so a second command on the same
@@ -15,14 +19,23 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from vptlab.errors import FolderLocked, VptlabError
 
+# The files of a run folder.
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"
+# The last consistent model file, kept (as a hard link) while its successor and the new state are
+# written: a kill between the two writes is repaired from it on resume.
+PREVIOUS_MODEL_FILE = ".model.prev.safetensors"
 LOCK_FILE = ".vptlab.lock"
 # A lock file whose content cannot be read is one whose holder died between creating and
 # writing it (microseconds), unless it is that young: then its holder may be writing it now.
@@ -30,6 +43,95 @@ UNREADABLE_STALE_SECONDS = 10.0
 _held: dict[Path, int] = {}  # folders this process holds, with their nesting depth
 # Folders that taking a lock created, with their new parents: removed again if left empty.
 _created: dict[Path, list[Path]] = {}
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_file(path: str | Path) -> None:
+    """Flush a file's content to the disk; a failure (ENOSPC, EIO) means it may not be there."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(path: str | Path) -> None:
+    """Flush a folder's entries (a rename) to the disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on some platforms: nothing to flush there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on folders; the rename itself has happened
+    finally:
+        os.close(fd)
+
+
+# How safetensors' writer (Rust) reports a failed write: its own exception type, with the
+# operating system's reason inside the message ("I/O error: No space left on device (os error 28)").
+_NATIVE_WRITE_FAILURES = ("I/O error", "(os error ")
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """The reason a write failed at the operating system, or None for any other error."""
+    cause: BaseException | None = error
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return cause.strerror or str(cause)
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = _one_line(error)
+    if any(mark in text for mark in _NATIVE_WRITE_FAILURES):
+        return text.split("I/O error: ", 1)[-1]
+    return None
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)` on a temp file beside `path`, then rename it over `path`.
+
+    The temp file gets the mode a plain `open` would give (mkstemp makes it 0600), and it is
+    flushed to disk before the rename and the folder after it, so a crash leaves either the old
+    file or the new one, complete. A write the operating system refuses (a full disk, a file size
+    limit, an I/O error) is one VptlabError naming the file, which is left as it was.
+    """
+    path = Path(path)
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except Exception as error:
+        reason = _write_failure(error)
+        if reason is None:
+            raise
+        raise VptlabError(f"cannot write {path}: {reason} "
+                          f"({path.name} is left as it was)") from None  # fmt: skip
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:200] + ("..." if len(text) > 200 else "")
 
 
 def _holder() -> dict[str, Any]:

@@ -29,10 +29,9 @@ from torch import nn
 
 from vptlab.data.base import seeded_generator, split_labels
 from vptlab.data.loaders import make_loader
-from vptlab.engine.checkpoint import atomic_write_text
-from vptlab.engine.lock import folder_lock
 from vptlab.errors import ConfigError
 from vptlab.models.base import ImageClassifier
+from vptlab.runs import atomic_write_text, folder_lock
 
 DETECTION_FILE = "detection.json"
 _STRIP_STREAM = 0x57219
@@ -221,7 +220,7 @@ def detect_run(run_dir: str | Path, detector: str, device: str = "auto",
     split). spectral: precision / recall of the flagged training samples (1.5 x the poison rate
     per label) against the poisoned indices the run saved.
     """
-    from vptlab.defenses.defend import parent_config
+    from vptlab.steps.defend import parent_config
 
     if detector not in DETECTORS:
         raise ConfigError(f"--detector: unknown detector {detector!r}; choose from: "
@@ -236,9 +235,9 @@ def _detect(run_dir: Path, detector: str, device: str, overlays: int) -> dict[st
     """`detect_run` with the run's folder locked."""
     from vptlab.backdoors.metrics import select_samples
     from vptlab.backdoors.poison import load_poison_record, non_target_index
-    from vptlab.defenses.defend import clean_data, threat_of
     from vptlab.defenses.repair import clean_subset
-    from vptlab.engine.runner import load_run
+    from vptlab.steps.defend import clean_data, threat_of
+    from vptlab.steps.train import load_run
 
     cfg, model, splits = load_run(run_dir, device=device)
     dev = next(model.parameters()).device

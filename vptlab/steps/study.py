@@ -18,26 +18,14 @@ from vptlab.config import (
     ChecksConfig,
     ExperimentConfig,
     apply_overrides,
-    build_config,
     load_yaml,
     recipe_changes,
     run_key,
 )
-from vptlab.engine.checkpoint import atomic_write_text
 from vptlab.engine.distributed import is_main_process
-from vptlab.engine.lock import folder_lock
-from vptlab.engine.loop import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
-from vptlab.engine.runner import resume, run_dir_of, train
 from vptlab.errors import ConfigError, TrainingDiverged, format_validation_error
 from vptlab.report.plots import plot_curves, plot_robust_accuracy
-from vptlab.report.robustness import (
-    ROBUSTNESS_FILE,
-    attack_run,
-    build_attack,
-    families,
-    is_current,
-)
-from vptlab.tables import (
+from vptlab.report.tables import (
     BACKDOOR_COLUMNS,
     BACKDOOR_NOTE,
     DEFENSE_COLUMNS,
@@ -49,6 +37,23 @@ from vptlab.tables import (
     robust_columns,
     unreliable_notes,
 )
+from vptlab.runs import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    atomic_write_text,
+    folder_lock,
+)
+from vptlab.steps.attack import (
+    ROBUSTNESS_FILE,
+    attack_run,
+    build_attack,
+    families,
+    is_current,
+)
+from vptlab.steps.resolve import resolved
+from vptlab.steps.train import resume, run_dir_of, train
 
 
 class StudyDefense(BaseModel):
@@ -124,12 +129,12 @@ def backbone_config(raw: dict[str, Any], overrides: list[str]) -> ExperimentConf
     trains into a new folder and never touches the old one). Validates it; trains nothing.
     Errors name the key under `backbone`."""
     try:
-        cfg = build_config(raw, overrides)
+        cfg = resolved(raw, overrides)
     except ConfigError as error:
         raise ConfigError(f"backbone: {error}") from None
     folder = cache_root() / "backbones"
     name = f"{cfg.name}-{run_key(cfg)}"
-    return build_config(raw, [*overrides, f"name={name}", f"output.dir={folder}"])
+    return resolved(raw, [*overrides, f"name={name}", f"output.dir={folder}"])
 
 
 def backbone_path(raw: dict[str, Any], overrides: list[str]) -> Path:
@@ -150,7 +155,7 @@ def _saved_config(run_dir: Path) -> tuple[ExperimentConfig | None, str]:
     if not path.is_file():
         return None, f"has no {CONFIG_FILE}"
     try:
-        return build_config(load_yaml(path)), ""
+        return resolved(load_yaml(path)), ""
     except ConfigError as err:  # written by an older vptlab, or edited by hand
         return None, f"its {CONFIG_FILE} no longer loads ({err})"
 
@@ -241,7 +246,7 @@ def _run_all(study: StudyConfig, configs: dict[str, ExperimentConfig], out_dir: 
 def _run_config(study: StudyConfig, label: str, spec: dict[str, Any], out_dir: Path,
                 pretrained: Path | None, overrides: list[str]) -> ExperimentConfig:  # fmt: skip
     """Run `label`'s resolved config, and its defenses' configs checked; errors name the run."""
-    from vptlab.defenses.defend import defended_config
+    from vptlab.steps.defend import defended_config
 
     # A study names each run by its label: a `name` in the base or a run would be overridden
     # without a word, so it is refused.
@@ -253,7 +258,7 @@ def _run_config(study: StudyConfig, label: str, spec: dict[str, Any], out_dir: P
     if pretrained is not None and _takes_backbone(merged, study.backbone or {}):
         merged = apply_overrides(merged, [f"model.pretrained={pretrained}"])
     try:
-        cfg = build_config(merged, overrides)
+        cfg = resolved(merged, overrides)
     except ConfigError as error:
         raise ConfigError(f"runs.{label}: {error}") from None
     if cfg.data.poison is not None:
@@ -296,7 +301,7 @@ def _takes_backbone(run: dict[str, Any], backbone: dict[str, Any]) -> bool:
 def _defend_all(cfg: ExperimentConfig, study: StudyConfig, fresh: bool) -> dict[str, Any]:
     """Every defense of the study on one poisoned run: its defended metrics by defense label,
     or the one-line error of a defense that failed (the study goes on)."""
-    from vptlab.defenses.defend import defend
+    from vptlab.steps.defend import defend
 
     out: dict[str, Any] = {}
     for label, spec in study.defenses.items():
@@ -317,7 +322,7 @@ def _defend_all(cfg: ExperimentConfig, study: StudyConfig, fresh: bool) -> dict[
 def _detect_all(cfg: ExperimentConfig, study: StudyConfig, fresh: bool) -> dict[str, Any]:
     """The study's detectors on one finished poisoned run, read back from its detection.json
     when it already holds them (unless `fresh`)."""
-    from vptlab.backdoors.detect import DETECTION_FILE, detect_run
+    from vptlab.steps.detect import DETECTION_FILE, detect_run
 
     run_dir = run_dir_of(cfg)
     path = run_dir / DETECTION_FILE

@@ -12,32 +12,33 @@ from torch import nn
 from vptlab.backdoors.poison import PoisonRecord, save_poison
 from vptlab.config import (
     ExperimentConfig,
-    build_config,
     load_yaml,
     outside_run_key,
     parse_override,
 )
 from vptlab.data.base import DataSplits
 from vptlab.defenses.adversarial import OVERFIT_POINTS, robust_summary
-from vptlab.engine.build import (
+from vptlab.engine.checkpoint import load_model
+from vptlab.engine.distributed import is_main_process
+from vptlab.engine.loop import fit, resolve_device
+from vptlab.errors import ConfigError, VptlabError
+from vptlab.report.tables import BACKDOOR_COLUMNS, BACKDOOR_NOTE, RUN_COLUMNS, markdown_table
+from vptlab.runs import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    atomic_write_text,
+    clear_locked_folder,
+    folder_lock,
+)
+from vptlab.steps.build import (
     build_epoch_hooks,
     build_evaluators,
     build_experiment,
     build_task,
 )
-from vptlab.engine.checkpoint import atomic_write_text, load_model
-from vptlab.engine.distributed import is_main_process
-from vptlab.engine.lock import clear_locked_folder, folder_lock
-from vptlab.engine.loop import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    MODEL_FILE,
-    STATE_FILE,
-    fit,
-    resolve_device,
-)
-from vptlab.errors import ConfigError, VptlabError
-from vptlab.tables import BACKDOOR_COLUMNS, BACKDOOR_NOTE, RUN_COLUMNS, markdown_table
+from vptlab.steps.resolve import resolved
 
 
 def resumable(key: str) -> bool:
@@ -156,7 +157,7 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str,
     if not (run_dir / CONFIG_FILE).is_file():
         raise VptlabError(f"nothing to resume in {run_dir}: no {CONFIG_FILE} there")
     with folder_lock(run_dir, "train --resume"):
-        cfg = build_config(load_yaml(run_dir / CONFIG_FILE), overrides)
+        cfg = resolved(load_yaml(run_dir / CONFIG_FILE), overrides)
         data, model = build_experiment(cfg)
         return _fit_run(cfg, data, model, run_dir, resume=(run_dir / STATE_FILE).is_file())
 
@@ -173,7 +174,7 @@ def load_run(
         overrides += [f"data.name={data}", "data.options={}"]
     if root is not None:
         overrides.append(f"data.root={root}")
-    cfg = build_config(load_yaml(run_dir / CONFIG_FILE), overrides)
+    cfg = resolved(load_yaml(run_dir / CONFIG_FILE), overrides)
     backbone = cfg.model.pretrained
     if isinstance(backbone, str) and not Path(backbone).is_file():
         raise VptlabError(

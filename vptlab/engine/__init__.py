@@ -1,0 +1,1 @@
+"""The one training loop, its tasks, evaluators and checkpoints."""
