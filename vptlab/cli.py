@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from vptlab.errors import VptlabError
 
@@ -29,13 +30,13 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vptlab.config import load_yaml
-    from vptlab.steps import train as runner
     from vptlab.steps.resolve import resolved
     from vptlab.steps.study import is_study, run_study
+    from vptlab.steps.train import resume, train
 
     overrides = list(args.overrides) + _device_overrides(args)
     if args.resume:
-        metrics = runner.resume(args.resume, overrides)
+        metrics = resume(args.resume, overrides)
         print(json.dumps(metrics.get("final", {})))
         return 0
     if not args.config:
@@ -45,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         report = run_study(raw, overrides, fresh=args.fresh)
         print(f"report: {report}")
         return 0
-    metrics = runner.train(resolved(raw, overrides), force=args.force)
+    metrics = train(resolved(raw, overrides), force=args.force)
     print(json.dumps({"run": metrics["name"], **metrics.get("final", {})}))
     return 0
 
@@ -153,6 +154,39 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def registries() -> dict[str, Any]:
+    """Every plug-in registry by the kind `vptlab list` names it (each entry: one file and its
+    `@REGISTRY.register(name, **metadata)` line; see the README's "Extending vptlab")."""
+    from vptlab.attacks import ATTACKS
+    from vptlab.backdoors.triggers import TRIGGERS
+    from vptlab.data import DATASETS
+    from vptlab.defenses.repair import REPAIRERS
+    from vptlab.engine.tasks import OBJECTIVES
+    from vptlab.matrix.executors import EXECUTORS
+    from vptlab.models import MODELS
+    from vptlab.prompts.pixel import PIXEL_PROMPTS
+
+    return {
+        "models": MODELS, "datasets": DATASETS, "attacks": ATTACKS, "triggers": TRIGGERS,
+        "objectives": OBJECTIVES, "pixel-prompts": PIXEL_PROMPTS, "defenses": REPAIRERS,
+        "executors": EXECUTORS,
+    }  # fmt: skip
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    found = registries()
+    kinds = [args.kind] if args.kind else list(found)
+    for kind in kinds:
+        if kind not in found:
+            raise VptlabError(f"list: unknown kind {kind!r}; choose from: {', '.join(found)}")
+        registry = found[kind]
+        print(f"{kind}:")
+        for name in registry.names():
+            meta = ", ".join(f"{k}={v}" for k, v in sorted(registry.meta(name).items()))
+            print(f"  {name}" + (f"  ({meta})" if meta else ""))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from vptlab.config import load_yaml
     from vptlab.matrix.config import is_matrix
@@ -257,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the registered models")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("list", help="the registered plug-ins (models, attacks, triggers, ...)")
+    p.add_argument("kind", nargs="?", help="one kind only: models, attacks, defenses ...")
+    p.set_defaults(func=cmd_list)
 
     from vptlab.matrix.executors import EXECUTORS
 

@@ -33,6 +33,8 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
+# A threat-matrix cell's result (matrix/<name>/cells/<cell>/).
+CELL_FILE = "cell.json"
 # The last consistent model file, kept (as a hard link) while its successor and the new state are
 # written: a kill between the two writes is repaired from it on resume.
 PREVIOUS_MODEL_FILE = ".model.prev.safetensors"

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vptlab.attacks import FGSM, PGD
-from vptlab.config import AttackConfig, ExperimentConfig
+from vptlab.config import AttackConfig, ExperimentConfig, TrainConfig
 from vptlab.data.base import TensorSplit, hold_out
 from vptlab.data.loaders import Batch, to_rgb
 from vptlab.defenses import adversarial
@@ -32,7 +32,7 @@ from vptlab.defenses.adversarial import (
 )
 from vptlab.engine.distributed import DistInfo
 from vptlab.engine.evaluators import EvalContext
-from vptlab.engine.tasks import create_objective
+from vptlab.engine.tasks import OBJECTIVES, Task, create_objective
 from vptlab.errors import ConfigError
 from vptlab.models import create_model
 from vptlab.prompts import adapt
@@ -61,24 +61,32 @@ def _batch(n: int = 16, size: int = 8, seed: int = 0) -> Batch:
 
 
 BUDGET = AttackConfig(eps=0.1, steps=3)
-OBJECTIVES = {
-    "pgd": lambda: PGDTraining(BUDGET),
-    "fgsm_rs": lambda: FGSMRSTraining(BUDGET),
-    "trades": lambda: TradesTraining(BUDGET, beta=6.0),
-}
+# Every registered adversarial objective, built from the registry: a new one is tested here too.
+ADVERSARIAL = OBJECTIVES.names(adversarial=True)
 
 
-@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def _objective(name: str) -> Task:
+    train = TrainConfig(objective=name, attack=BUDGET, trades_beta=6.0)
+    return OBJECTIVES.create(name, train=train, model=None, data=None)
+
+
+def test_the_paper_objectives_are_registered_as_adversarial() -> None:
+    assert {"pgd", "fgsm_rs", "trades"} <= set(ADVERSARIAL)
+    assert OBJECTIVES.names(adversarial=False) == ["clip", "standard"]
+    assert isinstance(_objective("trades"), TradesTraining)
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL)
 def test_loss_is_finite_and_trains_every_parameter(name: str) -> None:
     torch.manual_seed(0)
     model = adapt(create_model("simplenet", num_classes=10, img_size=8), "full").train()
-    loss, logits = OBJECTIVES[name]().loss(model, _batch(), model)
+    loss, logits = _objective(name).loss(model, _batch(), model)
     assert torch.isfinite(loss) and logits.shape == (16, 10)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.parametrize("name", ADVERSARIAL)
 def test_prompt_mode_trains_prompts_and_head_only(name: str) -> None:
     torch.manual_seed(0)
     net = create_model("vit-scratch", num_classes=10, img_size=8, patch_size=4, embed_dim=16,
@@ -91,7 +99,7 @@ def test_prompt_mode_trains_prompts_and_head_only(name: str) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     before = [p.clone() for p in trainable]
     opt = torch.optim.SGD(trainable, lr=0.1)
-    task = OBJECTIVES[name]()
+    task = _objective(name)
     for step in range(3):
         loss, _ = task.loss(model, _batch(seed=step), model)
         assert torch.isfinite(loss)

@@ -19,9 +19,9 @@ import torch
 import yaml
 
 from vptlab.matrix import run as run_mod
-from vptlab.matrix.cells import CELL_FILE
 from vptlab.matrix.report import write_matrix_report
 from vptlab.matrix.run import run_matrix
+from vptlab.runs import CELL_FILE
 
 BASE = {
     "seed": 0,

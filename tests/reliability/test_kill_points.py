@@ -20,8 +20,7 @@ import pytest
 import yaml
 
 from vptlab.engine.checkpoint import load_state, read_metadata
-from vptlab.matrix.cells import CELL_FILE
-from vptlab.runs import MODEL_FILE, PREVIOUS_MODEL_FILE
+from vptlab.runs import CELL_FILE, MODEL_FILE, PREVIOUS_MODEL_FILE
 
 from .helpers import (
     TINY,

@@ -29,7 +29,6 @@ from vptlab.steps.study import deep_merge
 RUNS = "runs"  # training and defended runs, shared by the cells
 CELLS = "cells"  # one folder per cell: its evaluation, grids and cell.json
 PLAN_FILE = "matrix.json"
-CELL_FILE = "cell.json"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from vptlab.errors import ConfigError
-from vptlab.matrix.cells import CELL_FILE, PLAN_FILE
+from vptlab.matrix.cells import PLAN_FILE
 from vptlab.report.document import (
     Block,
     BulletList,
@@ -42,6 +42,7 @@ from vptlab.report.tables import (
     unreliable_mark,
     unreliable_notes,
 )
+from vptlab.runs import CELL_FILE
 
 Row = dict[str, Any]
 PCT = decimals(2)
