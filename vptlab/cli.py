@@ -160,6 +160,7 @@ def registries() -> dict[str, Any]:
     from vptlab.attacks import ATTACKS
     from vptlab.backdoors.triggers import TRIGGERS
     from vptlab.data import DATASETS
+    from vptlab.defenses.detectors import DETECTORS
     from vptlab.defenses.repair import REPAIRERS
     from vptlab.engine.tasks import OBJECTIVES
     from vptlab.matrix.executors import EXECUTORS
@@ -169,7 +170,7 @@ def registries() -> dict[str, Any]:
     return {
         "models": MODELS, "datasets": DATASETS, "attacks": ATTACKS, "triggers": TRIGGERS,
         "objectives": OBJECTIVES, "pixel-prompts": PIXEL_PROMPTS, "defenses": REPAIRERS,
-        "executors": EXECUTORS,
+        "detectors": DETECTORS, "executors": EXECUTORS,
     }  # fmt: skip
 
 

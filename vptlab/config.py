@@ -94,7 +94,8 @@ class ModelConfig(Section):
     name: str = "simplenet"
     pretrained: bool | str = False
     keep_head: bool = Field(
-        False, description="keep a pretrained backbone's classifier (default: a fresh head)"
+        False, description="keep a weights file's classifier (published weights keep theirs "
+        "when the class count matches, as timm does)",
     )
     options: dict[str, Any] = Field(default_factory=dict, description="model keyword arguments")
 

@@ -1,6 +1,7 @@
-"""Backdoor detection: AUROC and precision/recall on hand-made cases; on a BadNets run, STRIP
-separates triggered from clean test digits and spectral signatures recall the poisoned training
-digits far above the poison rate; `vptlab detect` records both in detection.json."""
+"""Backdoor detection: AUROC and precision/recall on hand-made cases; on a BadNets run, every
+registered detector separates poisoned from clean better than chance (STRIP triggered from clean
+test digits, spectral signatures the poisoned training digits far above the poison rate);
+`vptlab detect` records both in detection.json."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 from vptlab.cli import main
-from vptlab.steps.detect import auroc, precision_recall, spectral_flags, spectral_scores
+from vptlab.defenses.detectors import DETECTORS, spectral_flags, spectral_scores
+from vptlab.errors import ConfigError
+from vptlab.steps.detect import auroc, precision_recall
 
 
 def test_auroc_on_hand_made_scores() -> None:
@@ -52,3 +55,26 @@ def test_detect_cli_on_a_badnets_run(poisoned_runs: dict[str, Path],
     assert "never poisoned" in capsys.readouterr().err
     assert main(["detect", str(run), "--detector", "nope"]) == 2
     assert "--detector" in capsys.readouterr().err
+
+
+def test_unknown_detector_is_a_config_error_naming_the_choices(
+    poisoned_runs: dict[str, Path],
+) -> None:
+    from vptlab.steps.detect import detect_run
+
+    with pytest.raises(ConfigError, match="unknown detector 'nope'; choose from: spectral, strip"):
+        detect_run(poisoned_runs["poisoned"], "nope")
+
+
+@pytest.mark.parametrize("name", DETECTORS.names())
+def test_every_detector_beats_chance(name: str, poisoned_runs: dict[str, Path]) -> None:
+    # Chance: AUROC 0.5 at inference; in training, precision at the poison rate (10%).
+    from vptlab.steps.detect import detect_run
+
+    result = detect_run(poisoned_runs["poisoned"], name, device="cpu", overlays=4)
+    setting = DETECTORS.meta(name)["setting"]
+    if setting == "inference":
+        assert result["auroc"] > 0.6
+    else:
+        assert setting == "training"
+        assert result["precision"] > 2 * 100 * result["poison_rate"]

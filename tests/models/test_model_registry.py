@@ -1,5 +1,7 @@
 """Every registered model honours the model contract: (B,3,H,W) in [0,1] in, logits out,
-timm's forward_features / forward_head split, a classifier for linear probing, gradients."""
+timm's forward_features / forward_head split, a classifier for linear probing, gradients, and
+timm's `forward_intermediates` (final features that feed the head, per-block maps, timm's
+`indices`, a gradient to the input), prompted (VPT tokens, a pixel prompt) or not."""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from vptlab.config import PixelConfig, PromptConfig
 from vptlab.errors import ConfigError, DataError, RegistryError
-from vptlab.models import ImageClassifier, create_model, list_models
+from vptlab.models import MODELS, ImageClassifier, create_model, list_models
+from vptlab.prompts.adapt import adapt, add_prompts
 
 NUM_CLASSES = 5
 IMG_SIZE = 32
@@ -88,3 +92,78 @@ def test_wrong_input_shape_is_a_clear_error(shape):
     model = create_model("simplenet", num_classes=3, img_size=32)
     with pytest.raises(DataError, match=r"\(B, 3, H, W\)"):
         model(torch.rand(shape))
+
+
+# The registry's own small settings, plus a small image-text tower for `clip` (ViT-B-32 by
+# default: the same code path, 30 times the parameters).
+TINY_CLIP = {"arch": "ViT-S-32"}
+
+
+def tiny_model(name: str) -> torch.nn.Module:
+    kwargs = {**small_kwargs(name), **(TINY_CLIP if name == "clip" else {})}
+    torch.manual_seed(0)
+    return create_model(name, num_classes=NUM_CLASSES, img_size=IMG_SIZE, **kwargs).eval()
+
+
+def check_intermediates(model: torch.nn.Module) -> None:
+    x = torch.rand(2, 3, IMG_SIZE, IMG_SIZE)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        assert maps
+        for m in maps:
+            assert m.ndim == 4 and m.shape[0] == 2 and m.shape[-1] <= IMG_SIZE
+        # The final features are forward_features' own: they feed the head to the logits.
+        torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+        torch.testing.assert_close(model.forward_head(final), model(x))
+        # timm's indices: an int is the last n, a list those blocks (negatives from the end).
+        last = model.forward_intermediates(x, indices=1, intermediates_only=True)
+        assert len(last) == 1
+        torch.testing.assert_close(last[0], maps[-1])
+        picked = model.forward_intermediates(x, indices=[-1, 0], intermediates_only=True)
+        torch.testing.assert_close(picked, [maps[0], maps[-1]] if len(maps) > 1 else maps)
+        early = model.forward_intermediates(x, indices=[0], stop_early=True)[1]
+        torch.testing.assert_close(early, [maps[0]])
+    # The input's gradient flows through every block the maps come from.
+    x.requires_grad_(True)
+    maps = model.forward_intermediates(x, intermediates_only=True)
+    sum(m.float().pow(2).mean() for m in maps).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_model_has_forward_intermediates(name: str) -> None:
+    check_intermediates(tiny_model(name))
+
+
+def test_a_cnn_stage_map_feeds_the_head() -> None:
+    # SimpleNet has no norm after its last stage: its last map is what the head pools.
+    model = tiny_model("simplenet")
+    x = torch.rand(2, 3, IMG_SIZE, IMG_SIZE)
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, intermediates_only=True)
+        assert [m.shape[1] for m in maps] == [64, 64, 192]
+        torch.testing.assert_close(model.forward_head(maps[-1]), model(x))
+
+
+@pytest.mark.parametrize("name", ["vit-scratch", "vit-tiny-test", "clip-tiny", "tiny_vit_5m_224"])
+def test_prompted_models_keep_forward_intermediates(name: str) -> None:
+    plain = tiny_model(name)
+    shapes = [m.shape for m in plain.forward_intermediates(
+        torch.rand(2, 3, IMG_SIZE, IMG_SIZE), intermediates_only=True)]  # fmt: skip
+    prompted = adapt(
+        plain, "full" if name == "clip-tiny" else "prompt", PromptConfig(num_prompts=3)
+    )
+    if name == "clip-tiny":  # image-text models take token prompts in their image tower only
+        add_prompts(prompted.net.clip.visual, PromptConfig(num_prompts=3))
+    prompted.eval()
+    check_intermediates(prompted)
+    got = prompted.forward_intermediates(
+        torch.rand(2, 3, IMG_SIZE, IMG_SIZE), intermediates_only=True
+    )
+    assert [m.shape for m in got] == shapes  # prompt tokens never reach the maps
+
+
+def test_pixel_prompted_model_keeps_forward_intermediates() -> None:
+    pixel = PixelConfig(size=4, source_classes=NUM_CLASSES)
+    model = adapt(tiny_model("simplenet"), "pixel", pixel=pixel, num_classes=3, img_size=IMG_SIZE)
+    check_intermediates(model.eval())

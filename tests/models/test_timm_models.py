@@ -12,6 +12,7 @@ from timm.layers import resample_patch_embed
 from vptlab.errors import ConfigError
 from vptlab.models import create_model
 from vptlab.models.timm_models import (
+    _fit_hub_head,
     efficientnet_lite0_state,
     lite0_key_to_timm,
     tiny_vit_window_sizes,
@@ -153,19 +154,44 @@ def test_lite0_key_mapping():
 
 def test_efficientnet_lite0_real_weights_load_offline():
     state = efficientnet_lite0_state()
-    model = create_model("tf_efficientnet_lite0", num_classes=1000, pretrained=True, keep_head=True)
+    model = create_model("tf_efficientnet_lite0", num_classes=1000, pretrained=True)
     own = model.net.state_dict()
     assert set(state) == set(own)
     for key, value in state.items():
         assert torch.equal(own[key], value), key
-    # Published weights keep their ImageNet head only when asked, even at 1000 classes.
-    fresh = create_model("tf_efficientnet_lite0", num_classes=1000, pretrained=True).net
-    assert not torch.equal(fresh.classifier.weight, state["classifier.weight"])
-    assert torch.equal(fresh.conv_head.weight, state["conv_head.weight"])
     # Fine-tuning to 10 classes keeps everything but the classifier.
     ten = create_model("tf_efficientnet_lite0", num_classes=10, img_size=32, pretrained=True)
     assert torch.equal(ten.net.conv_stem.weight, state["conv_stem.weight"])
     assert ten.net.classifier.weight.shape == (10, 1280)
+
+
+def test_published_weights_keep_their_head_at_its_class_count():
+    # timm's convention: ImageNet's classifier stays at 1000 classes, bit for bit, unasked.
+    state = efficientnet_lite0_state()
+    kept = create_model("tf_efficientnet_lite0", num_classes=1000, pretrained=True).net
+    assert torch.equal(kept.classifier.weight, state["classifier.weight"])
+    assert torch.equal(kept.classifier.bias, state["classifier.bias"])
+    # At another count the head is the fresh one a random init gives, drawn in the same RNG
+    # order (same seed, same head), and the backbone is the published one.
+    torch.manual_seed(0)
+    ten = create_model("tf_efficientnet_lite0", num_classes=10, img_size=32, pretrained=True).net
+    torch.manual_seed(0)
+    scratch = create_model("tf_efficientnet_lite0", num_classes=10, img_size=32).net
+    assert ten.classifier.weight.shape == (10, 1280)
+    assert torch.equal(ten.classifier.weight, scratch.classifier.weight)
+    assert torch.equal(ten.conv_head.weight, state["conv_head.weight"])
+    with pytest.raises(ConfigError, match="model.keep_head is set, but the classifier"):
+        create_model("tf_efficientnet_lite0", num_classes=10, pretrained=True, keep_head=True)
+
+
+def test_hub_head_follows_timm():
+    # Offline, the hub's side is what timm.create_model leaves: its head at the hub's count.
+    net = create_model("vit-tiny-test", num_classes=1000, img_size=32).net
+    head = net.head.weight.clone()
+    _fit_hub_head(net, "vit_tiny_patch16_224", 1000, keep_head=False)
+    assert torch.equal(net.head.weight, head)  # kept, not reset
+    with pytest.raises(ConfigError, match="model.keep_head is set, but the hub's"):
+        _fit_hub_head(net, "vit_tiny_patch16_224", 10, keep_head=True)
 
 
 def test_efficientnet_lite0_recognises_a_real_photo():

@@ -60,7 +60,7 @@ def extreme(prompt: torch.nn.Module, value: float) -> torch.nn.Module:
 
 def test_lite0_package_weights_load_in_order_and_see_a_cat() -> None:
     skimage_data = pytest.importorskip("skimage.data")
-    model = create_model(LITE0, num_classes=1000, pretrained=True, keep_head=True).eval()
+    model = create_model(LITE0, num_classes=1000, pretrained=True).eval()  # ImageNet head kept
     package = read_state_dict(efficientnet_lite0_file())  # the package's own key names
     own = model.net.state_dict()
     assert len(package) == len(own) == 296

@@ -63,8 +63,11 @@ def create_model(
 ) -> nn.Module:
     """Build model `name`; extra keyword arguments go to that model's factory (e.g. `depth=2`).
 
-    pretrained: False, True (published weights) or a weights file. The pretrained classifier is
-    replaced by a fresh one unless `keep_head` (then it must have `num_classes` outputs).
+    pretrained: False, True (published weights) or a weights file. Published weights keep their
+    classifier when `num_classes` is its class count and get a fresh one otherwise (timm's
+    convention); a weights file's classifier is kept only with `keep_head` (then it must have
+    `num_classes` outputs): a backbone trained on another of our datasets orders its classes its
+    own way, even when the counts match.
     """
     if name in MODELS:
         factory = MODELS.get(name)

@@ -25,7 +25,7 @@ from torch import nn
 
 from vptlab.errors import ConfigError
 from vptlab.models import MODELS, build_classifier
-from vptlab.models.base import ImageClassifier
+from vptlab.models.base import ImageClassifier, TokenIntermediates
 from vptlab.models.pretrained import StateDict, load_backbone_state, read_state_dict
 
 # CLIP clamps its learned temperature so logits are scaled by at most 100 (Radford et al. 2021).
@@ -72,7 +72,7 @@ class LinearProbeHead(ZeroShotHead):
         return super().forward(features) + self.bias.to(features.dtype)
 
 
-class CLIPNet(nn.Module):
+class CLIPNet(TokenIntermediates, nn.Module):
     """An open_clip model and its tokenizer, with timm's net conventions for the image side.
 
     Takes normalized images (the enclosing ImageClassifier normalizes). `forward(x)` gives
@@ -84,8 +84,10 @@ class CLIPNet(nn.Module):
         super().__init__()
         self.clip = clip
         self.tokenizer = tokenizer
-        self.embed_dim = int(clip.text_projection.shape[-1]) if _has_text_projection(clip) else (
-            int(clip.visual.output_dim)
+        self.embed_dim = (
+            int(clip.text_projection.shape[-1])
+            if _has_text_projection(clip)
+            else (int(clip.visual.output_dim))
         )
         self.head = ZeroShotHead(num_classes, self.embed_dim)
 
@@ -123,20 +125,10 @@ class CLIPNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Any] | tuple[torch.Tensor, list[Any]]:
-        """The image tower's block outputs in timm's signature (see vit_scratch's): patch tokens
-        as (B, D, H, W) or (B, N, D), paired with the class token if `return_prefix_tokens`;
-        `norm` applies the tower's final norm. Returns (image embeddings, intermediates), or the
-        intermediates alone. ViT towers only (open_clip's VisionTransformer)."""
+    # forward_intermediates (timm's signature) comes from TokenIntermediates, through these.
+    num_prefix_tokens = 1  # open_clip's ViT tower: one class token, always there
+
+    def _vit_tower(self) -> nn.Module:
         from open_clip.transformer import VisionTransformer
 
         visual = self.clip.visual
@@ -145,27 +137,39 @@ class CLIPNet(nn.Module):
                 f"forward_intermediates needs a ViT image tower, this CLIP has "
                 f"{type(visual).__name__}"
             )
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ConfigError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        out = visual.forward_intermediates(
-            x, indices=indices, stop_early=stop_early, normalize_intermediates=norm,
-            intermediates_only=intermediates_only, output_fmt=output_fmt,
-            output_extra_tokens=return_prefix_tokens,
-        )  # fmt: skip
-        taken: list[Any] = list(out["image_intermediates"])
-        if return_prefix_tokens:
-            taken = list(zip(taken, out["image_intermediates_prefix"], strict=True))
-        if intermediates_only:
-            return taken
-        return out["image_features"], taken
+        return visual
+
+    def intermediate_tokens(
+        self, x: torch.Tensor, indices: int | list[int] | None, stop_early: bool, final: bool
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        # The steps of open_clip's own VisionTransformer.forward_intermediates (and of its
+        # forward): embed, the transformer's blocks, pool, project.
+        visual = self._vit_tower()
+        tokens = visual._embeds(x)
+        tokens, taken = visual.transformer.forward_intermediates(
+            tokens, indices=indices, stop_early=stop_early
+        )
+        if not final:
+            return None, taken
+        pooled, _ = visual._pool(tokens)
+        return (pooled @ visual.proj if visual.proj is not None else pooled), taken
+
+    def token_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.clip.visual.ln_post(tokens)
+
+    def token_grid(self, x: torch.Tensor) -> tuple[int, int]:
+        patch = self._vit_tower().patch_size
+        return x.shape[-2] // patch[0], x.shape[-1] // patch[1]
 
     def forward(
         self, x: torch.Tensor, text: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if text is None:
             return self.head(self.encode_image(x))
-        return self.encode_image(x, normalize=True), self.encode_text(text, normalize=True), (
-            self.scale()
+        return (
+            self.encode_image(x, normalize=True),
+            self.encode_text(text, normalize=True),
+            (self.scale()),
         )
 
     def use_head(self, head: type[ZeroShotHead], num_classes: int) -> None:
@@ -366,7 +370,10 @@ def create_clip_tiny(
         image_size=img_size, pool_type=pool,
     )  # fmt: skip
     text = open_clip.CLIPTextCfg(
-        context_length=context_length, width=text_width, heads=heads, layers=text_layers,
+        context_length=context_length,
+        width=text_width,
+        heads=heads,
+        layers=text_layers,
         no_causal_mask=not causal,
     )
     clip = open_clip.CLIP(embed_dim, vision_cfg=vision, text_cfg=text)

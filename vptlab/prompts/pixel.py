@@ -233,7 +233,7 @@ class PixelPrompted(nn.Module):
     Example::
 
         net = create_model("tf_efficientnet_lite0", num_classes=1000, img_size=64,
-                           pretrained=True, keep_head=True)
+                           pretrained=True)  # 1000 classes: ImageNet's head kept
         model = PixelPrompted(net, PaddingPrompt(64, 8), LabelMapping("frequency", 1000, 10))
         model.remap(batches)  # the frozen model's predictions choose the mapping
     """

@@ -1,174 +1,31 @@
-"""Backdoor detection: a detector scores inputs (higher = more suspicious), and the scores are
-judged against what is known to be poisoned.
+"""Backdoor detection: a detector (vptlab/defenses/detectors.py, registered in `DETECTORS`)
+scores inputs (higher = more suspicious), and the scores are judged here against what is known
+to be poisoned, by the detector's setting:
 
-- `strip` (Gao et al. 2019, STRIP), at inference: an input is blended with N clean images,
-  x_i = clamp(0.5 x + 0.5 c_i); a trigger survives the blend and keeps the prediction on the
-  target, so the predictions' entropy stays low, while a clean input's blends are classified all
-  over the place. Score = - mean_i H(softmax(f(x_i))). Judged by the AUROC of triggered vs clean
-  test inputs.
-- `spectral` (Tran et al. 2018, spectral signatures), on the training set: within each label,
-  the penultimate features of the poisoned samples are shifted along one direction, which is then
-  the top singular vector of the centered features. Score = squared projection on it. Flagged:
-  the top 1.5 x rate x n_label samples of each label (Tran et al.; all-to-all poison), or for
-  all-to-one poison the top 1.5 x rate x N of the one label whose top direction dominates its
-  variance most (see `spectral_flags`). Judged by precision and recall of the flagged samples
-  against the saved poisoned indices.
-
-Both run batched on the model's device; N overlays (STRIP) are N batched passes.
+- "inference" (`strip`): scores of the trigger-stamped non-target test images against the same
+  images clean; judged by their AUROC.
+- "training" (`spectral`): scores of the training samples, the detector flags the suspects (for
+  spectral signatures: 1.5 x rate x n_label per label for all-to-all poison, or 1.5 x rate x N in
+  the one most suspect label for all-to-one; see `spectral_flags`); judged by precision and
+  recall of the flagged samples against the saved poisoned indices.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from vptlab.data.base import seeded_generator, split_labels
+from vptlab.data.base import split_labels
 from vptlab.data.loaders import make_loader
+from vptlab.defenses.detectors import DETECTORS
 from vptlab.errors import ConfigError
-from vptlab.models.base import ImageClassifier
 from vptlab.runs import atomic_write_text, folder_lock
 
 DETECTION_FILE = "detection.json"
-_STRIP_STREAM = 0x57219
-
-
-class Detector(Protocol):
-    """Scores a batch of model-ready inputs: higher = more likely to carry a backdoor trigger."""
-
-    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor: ...
-
-
-class Strip:
-    """STRIP with a pool of clean held-out images (see `strip_scores`)."""
-
-    def __init__(self, pool: torch.Tensor, overlays: int = 20, alpha: float = 0.5,
-                 seed: int = 0) -> None:  # fmt: skip
-        self.pool, self.overlays, self.alpha, self.seed = pool, overlays, alpha, seed
-
-    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return strip_scores(model, x, self.pool, self.overlays, self.alpha, self.seed)
-
-
-DETECTORS = ("strip", "spectral")
-
-
-def _batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
-    return [x[i : i + size] for i in range(0, len(x), size)]
-
-
-@torch.no_grad()
-def strip_scores(
-    model: nn.Module,
-    x: torch.Tensor,
-    pool: torch.Tensor,
-    overlays: int = 20,
-    alpha: float = 0.5,
-    seed: int = 0,
-    batch_size: int = 512,
-) -> torch.Tensor:
-    """Minus the mean prediction entropy of each input blended with `overlays` random images of
-    `pool` (clean held-out images): (N,) scores, higher for a likely triggered input."""
-    if overlays < 1 or not 0 < alpha < 1:
-        raise ValueError(f"strip needs overlays >= 1 and alpha in (0, 1), got {overlays}, {alpha}")
-    model.eval()
-    device = next(model.parameters()).device
-    g = seeded_generator(seed, _STRIP_STREAM)
-    picks = torch.randint(len(pool), (overlays, len(x)), generator=g)
-    scores = []
-    for start, chunk in zip(range(0, len(x), batch_size), _batches(x, batch_size), strict=True):
-        chunk = chunk.to(device)
-        entropy = torch.zeros(len(chunk), device=device)
-        for i in range(overlays):
-            other = pool[picks[i, start : start + len(chunk)]].to(device)
-            logits = model((alpha * chunk + (1 - alpha) * other).clamp(0, 1)).float()
-            p = F.softmax(logits, dim=1)
-            entropy += -(p * p.clamp_min(1e-12).log()).sum(dim=1)
-        scores.append(-(entropy / overlays).cpu())
-    return torch.cat(scores)
-
-
-def features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Penultimate features (before the classifier) of an ImageClassifier, batched, on the CPU."""
-    if not isinstance(model, ImageClassifier):
-        raise TypeError(f"spectral signatures need a vptlab ImageClassifier, got {type(model)}")
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    with torch.no_grad():
-        for chunk in _batches(x, batch_size):
-            f = model.forward_head(model.forward_features(chunk.to(device)), pre_logits=True)
-            out.append(f.float().flatten(1).cpu())
-    return torch.cat(out)
-
-
-def spectral_scores(feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per label: the squared projection of each centered feature on the top right singular
-    vector of that label's centered features. (N,) scores."""
-    return _spectral(feats, labels)[0]
-
-
-def _spectral(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[int, float]]:
-    """Scores, and per label the share of its variance along the top direction (sigma_1^2 over
-    the sum of sigma_i^2): a poisoned cluster inside a label makes that direction dominate."""
-    scores, share = torch.zeros(len(feats)), {}
-    for label in labels.unique().tolist():
-        members = (labels == label).nonzero().flatten()
-        if len(members) < 2:
-            continue
-        centered = (feats[members] - feats[members].mean(dim=0)).double()
-        _, sv, vh = torch.linalg.svd(centered, full_matrices=False)
-        scores[members] = (centered @ vh[0]).pow(2).float()
-        share[label] = float(sv[0] ** 2 / (sv**2).sum().clamp_min(1e-12))
-    return scores, share
-
-
-def spectral_flags(
-    scores: torch.Tensor,
-    labels: torch.Tensor,
-    rate: float,
-    factor: float = 1.5,
-    per_label: bool = True,
-    share: dict[int, float] | None = None,
-) -> torch.Tensor:
-    """Indices flagged as poisoned, sorted.
-
-    `per_label` (Tran et al.): the round(factor x rate x n) highest scores of each label, for
-    poison spread over the labels (all-to-all). Otherwise the whole budget, round(factor x rate
-    x N), goes to the one label whose top direction holds the largest `share` of its variance:
-    all-to-one poison lands in a single label, where it is far more than `rate` of the label's
-    samples (half of it at 10% poison on 10 balanced classes).
-    """
-    if per_label:
-        flagged = []
-        for label in labels.unique():
-            members = (labels == label).nonzero().flatten()
-            k = min(len(members), round(factor * rate * len(members)))
-            if k > 0:
-                flagged.append(members[scores[members].topk(k).indices])
-        return torch.cat(flagged).sort().values if flagged else torch.empty(0, dtype=torch.long)
-    if not share:
-        raise ValueError("spectral_flags(per_label=False) needs the labels' variance shares")
-    suspect = max(share, key=lambda label: share[label])
-    members = (labels == suspect).nonzero().flatten()
-    k = min(len(members), round(factor * rate * len(labels)))
-    return members[scores[members].topk(k).indices].sort().values
-
-
-class Spectral:
-    """Spectral signatures of inputs labelled `labels` (the labels they were trained with)."""
-
-    def __init__(self, labels: torch.Tensor) -> None:
-        self.labels = labels
-        self.share: dict[int, float] = {}
-
-    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        scores, self.share = _spectral(features(model, x), self.labels)
-        return scores
 
 
 def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
@@ -201,7 +58,6 @@ def precision_recall(flagged: torch.Tensor, poisoned: torch.Tensor) -> dict[str,
     }
 
 
-
 def model_inputs(split: Any, cfg: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole split as the model sees it (channels repeated, resized to `data.img_size`), on
     the CPU, with its labels; detection runs on small splits (mnist-5k, CIFAR-10 train)."""
@@ -213,18 +69,20 @@ def model_inputs(split: Any, cfg: Any, device: torch.device) -> tuple[torch.Tens
 
 def detect_run(run_dir: str | Path, detector: str, device: str = "auto",
                overlays: int = 20) -> dict[str, Any]:  # fmt: skip
-    """Run `detector` on a poisoned run and record the result in its `detection.json`.
+    """Run `detector` (a name in `DETECTORS`) on a poisoned run and record the result in its
+    `detection.json`.
 
-    strip: AUROC of the trigger-stamped non-target test images (positives) against the same
-    images clean (negatives), blended with the defender's clean images (5% of the clean train
-    split). spectral: precision / recall of the flagged training samples (1.5 x the poison rate
-    per label) against the poisoned indices the run saved.
+    inference detectors (strip): AUROC of the trigger-stamped non-target test images (positives)
+    against the same images clean (negatives); STRIP blends them with the defender's clean images
+    (5% of the clean train split). training detectors (spectral): precision / recall of the
+    flagged training samples against the poisoned indices the run saved. `overlays` goes to the
+    detectors that take it (STRIP).
     """
     from vptlab.steps.defend import parent_config
 
     if detector not in DETECTORS:
         raise ConfigError(f"--detector: unknown detector {detector!r}; choose from: "
-                          f"{', '.join(DETECTORS)}")  # fmt: skip
+                          f"{', '.join(DETECTORS.names())}")  # fmt: skip
     run_dir = Path(run_dir)
     parent_config(run_dir)  # a finished, poisoned run, or one clear error
     with folder_lock(run_dir, "detect"):
@@ -242,7 +100,11 @@ def _detect(run_dir: Path, detector: str, device: str, overlays: int) -> dict[st
     cfg, model, splits = load_run(run_dir, device=device)
     dev = next(model.parameters()).device
     record = load_poison_record(run_dir)
-    if detector == "strip":
+    factory = DETECTORS.get(detector)
+    taken = inspect.signature(factory).parameters
+    options = {k: v for k, v in {"overlays": overlays}.items() if k in taken}
+    setting = DETECTORS.meta(detector).get("setting")
+    if setting == "inference":
         data = clean_data(cfg)
         threat = threat_of(run_dir, cfg, data)
         cfg_p = record.config
@@ -251,18 +113,20 @@ def _detect(run_dir: Path, detector: str, device: str, overlays: int) -> dict[st
         x, y = model_inputs(test, cfg, dev)
         triggered = threat.transform(model, x.to(dev), y.to(dev)).cpu()
         pool, _ = model_inputs(clean_subset(data.train, 0.05, cfg.seed), cfg, dev)
-        strip = Strip(pool, overlays=overlays, seed=cfg.seed)
-        result = {"auroc": auroc(strip(model, triggered), strip(model, x)),
-                  "samples": len(x), "overlays": overlays}  # fmt: skip
-    else:
+        scorer = DETECTORS.create(detector, pool=pool, seed=cfg.seed, **options)
+        result = {"auroc": auroc(scorer(model, triggered), scorer(model, x)),
+                  "samples": len(x), **options}  # fmt: skip
+    elif setting == "training":
         x, y = model_inputs(splits.train, cfg, dev)
-        spectral = Spectral(y)
-        scores = spectral(model, x)
+        scorer = DETECTORS.create(detector, labels=y, **options)
+        scores = scorer(model, x)
         per_label = record.config.mode == "all2all"
-        flags = spectral_flags(scores, y, record.config.rate, per_label=per_label,
-                               share=spectral.share)  # fmt: skip
+        flags = scorer.flag(scores, record.config.rate, per_label=per_label)
         result = {**precision_recall(flags, record.poisoned), "poison_rate": record.config.rate,
                   "samples": len(x), "per_label": per_label}  # fmt: skip
+    else:
+        raise ConfigError(f"detector {detector!r} has setting {setting!r}; "
+                          "a detector works at 'inference' or in 'training'")  # fmt: skip
     path = run_dir / DETECTION_FILE
     saved = json.loads(path.read_text()) if path.is_file() else {}
     saved[detector] = result

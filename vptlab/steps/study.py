@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,6 +22,7 @@ from vptlab.config import (
     recipe_changes,
     run_key,
 )
+from vptlab.defenses.detectors import DETECTORS
 from vptlab.engine.distributed import is_main_process
 from vptlab.errors import ConfigError, TrainingDiverged, format_validation_error
 from vptlab.report.plots import plot_curves, plot_robust_accuracy
@@ -95,8 +96,9 @@ class StudyConfig(BaseModel):
     defenses: dict[str, StudyDefense] = Field(
         default_factory=dict, description="applied to every poisoned run: <run>-<label> folders"
     )
-    detectors: list[Literal["strip", "spectral"]] = Field(
-        default_factory=list, description="backdoor detectors run on every poisoned run"
+    detectors: list[str] = Field(
+        default_factory=list, description="backdoor detectors (vptlab.defenses.detectors."
+        "DETECTORS) run on every poisoned run"
     )
 
 
@@ -209,6 +211,8 @@ def run_study(
         raise ConfigError(format_validation_error(err)) from None
     for i, attack in enumerate(study.attacks):  # options checked before anything trains
         build_attack(attack, where=f"attacks.{i}")
+    for i, name in enumerate(study.detectors):
+        DETECTORS.require(name, f"detectors.{i}")
     out_dir = Path(study.output) / study.study
     device_overrides = [o for o in overrides if o.startswith("device=")]
     pretrained = None

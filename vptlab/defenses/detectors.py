@@ -1,0 +1,195 @@
+"""Backdoor detectors, registered by name in `DETECTORS`: `Detector(model, x) -> scores`, one per
+input, higher = more likely to carry (or to have been trained with) a trigger.
+
+A detector's registry entry says where it works, its `setting`:
+- "inference": it scores incoming inputs; judged by the AUROC of triggered against clean test
+  inputs. `strip` (Gao et al. 2019, STRIP): an input is blended with N clean images,
+  x_i = clamp(0.5 x + 0.5 c_i); a trigger survives the blend and keeps the prediction on the
+  target, so the predictions' entropy stays low, while a clean input's blends are classified all
+  over the place. Score = - mean_i H(softmax(f(x_i))).
+- "training": it scores the training samples and `flag`s the suspects; judged by precision and
+  recall of the flagged samples against the poisoned ones. `spectral` (Tran et al. 2018, spectral
+  signatures): within each label, the penultimate features of the poisoned samples are shifted
+  along one direction, which is then the top singular vector of the centered features. Score =
+  squared projection on it (see `spectral_flags` for what is flagged).
+
+Both run batched on the model's device; N overlays (STRIP) are N batched passes. The data a
+detector is built with (STRIP's clean pool, the labels the samples were trained with) are given
+by the detect step; its other keyword options are the user's.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vptlab.data.base import seeded_generator
+from vptlab.errors import ConfigError
+from vptlab.registry import Registry
+
+Setting = Literal["inference", "training"]
+_STRIP_STREAM = 0x57219
+
+
+class Detector(Protocol):
+    """Scores a batch of model-ready inputs: higher = more likely to carry a backdoor trigger."""
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor: ...
+
+
+DETECTORS = Registry[Detector]("detector")
+
+
+def _batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [x[i : i + size] for i in range(0, len(x), size)]
+
+
+# --- STRIP -------------------------------------------------------------------------------------
+
+
+@DETECTORS.register("strip", setting="inference")
+class Strip:
+    """STRIP with a pool of clean held-out images (see `strip_scores`)."""
+
+
+    def __init__(self, pool: torch.Tensor, overlays: int = 20, alpha: float = 0.5,
+                 seed: int = 0, batch_size: int = 512) -> None:  # fmt: skip
+        if overlays < 1 or not 0 < alpha < 1:
+            raise ConfigError(
+                f"strip needs overlays >= 1 and alpha in (0, 1), got {overlays}, {alpha}"
+            )
+        self.pool, self.overlays, self.alpha, self.seed = pool, overlays, alpha, seed
+        self.batch_size = batch_size
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return strip_scores(model, x, self.pool, self.overlays, self.alpha, self.seed,
+                            self.batch_size)  # fmt: skip
+
+
+@torch.no_grad()
+def strip_scores(
+    model: nn.Module,
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    overlays: int = 20,
+    alpha: float = 0.5,
+    seed: int = 0,
+    batch_size: int = 512,
+) -> torch.Tensor:
+    """Minus the mean prediction entropy of each input blended with `overlays` random images of
+    `pool` (clean held-out images): (N,) scores, higher for a likely triggered input."""
+    if overlays < 1 or not 0 < alpha < 1:
+        raise ValueError(f"strip needs overlays >= 1 and alpha in (0, 1), got {overlays}, {alpha}")
+    model.eval()
+    device = next(model.parameters()).device
+    g = seeded_generator(seed, _STRIP_STREAM)
+    picks = torch.randint(len(pool), (overlays, len(x)), generator=g)
+    scores = []
+    for start, chunk in zip(range(0, len(x), batch_size), _batches(x, batch_size), strict=True):
+        chunk = chunk.to(device)
+        entropy = torch.zeros(len(chunk), device=device)
+        for i in range(overlays):
+            other = pool[picks[i, start : start + len(chunk)]].to(device)
+            logits = model((alpha * chunk + (1 - alpha) * other).clamp(0, 1)).float()
+            p = F.softmax(logits, dim=1)
+            entropy += -(p * p.clamp_min(1e-12).log()).sum(dim=1)
+        scores.append(-(entropy / overlays).cpu())
+    return torch.cat(scores)
+
+
+# --- Spectral signatures -----------------------------------------------------------------------
+
+
+@DETECTORS.register("spectral", setting="training")
+class Spectral:
+    """Spectral signatures of inputs labelled `labels` (the labels they were trained with)."""
+
+
+    def __init__(self, labels: torch.Tensor, factor: float = 1.5, batch_size: int = 512) -> None:
+        if factor <= 0:
+            raise ConfigError(f"spectral needs factor > 0, got {factor}")
+        self.labels, self.factor, self.batch_size = labels, factor, batch_size
+        self.share: dict[int, float] = {}
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        scores, self.share = _spectral(penultimate_features(model, x, self.batch_size), self.labels)
+        return scores
+
+    def flag(self, scores: torch.Tensor, rate: float, per_label: bool) -> torch.Tensor:
+        """The samples flagged as poisoned (sorted indices), for poison `rate`: see
+        `spectral_flags`; after a call, which holds the labels' variance shares."""
+        return spectral_flags(scores, self.labels, rate, self.factor, per_label, self.share)
+
+
+def penultimate_features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The features the classifier reads (its pooled input), batched, on the CPU: the final
+    features of `forward_intermediates` through `forward_head(pre_logits=True)`."""
+    if not callable(getattr(model, "forward_intermediates", None)):
+        raise ConfigError(
+            f"spectral signatures need a model with forward_intermediates, got {type(model)}"
+        )
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for chunk in _batches(x, batch_size):
+            final, _ = model.forward_intermediates(chunk.to(device), indices=1)
+            f = model.forward_head(final, pre_logits=True)
+            out.append(f.float().flatten(1).cpu())
+    return torch.cat(out)
+
+
+def spectral_scores(feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per label: the squared projection of each centered feature on the top right singular
+    vector of that label's centered features. (N,) scores."""
+    return _spectral(feats, labels)[0]
+
+
+def _spectral(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[int, float]]:
+    """Scores, and per label the share of its variance along the top direction (sigma_1^2 over
+    the sum of sigma_i^2): a poisoned cluster inside a label makes that direction dominate."""
+    scores, share = torch.zeros(len(feats)), {}
+    for label in labels.unique().tolist():
+        members = (labels == label).nonzero().flatten()
+        if len(members) < 2:
+            continue
+        centered = (feats[members] - feats[members].mean(dim=0)).double()
+        _, sv, vh = torch.linalg.svd(centered, full_matrices=False)
+        scores[members] = (centered @ vh[0]).pow(2).float()
+        share[label] = float(sv[0] ** 2 / (sv**2).sum().clamp_min(1e-12))
+    return scores, share
+
+
+def spectral_flags(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    rate: float,
+    factor: float = 1.5,
+    per_label: bool = True,
+    share: dict[int, float] | None = None,
+) -> torch.Tensor:
+    """Indices flagged as poisoned, sorted.
+
+    `per_label` (Tran et al.): the round(factor x rate x n) highest scores of each label, for
+    poison spread over the labels (all-to-all). Otherwise the whole budget, round(factor x rate
+    x N), goes to the one label whose top direction holds the largest `share` of its variance:
+    all-to-one poison lands in a single label, where it is far more than `rate` of the label's
+    samples (half of it at 10% poison on 10 balanced classes).
+    """
+    if per_label:
+        flagged = []
+        for label in labels.unique():
+            members = (labels == label).nonzero().flatten()
+            k = min(len(members), round(factor * rate * len(members)))
+            if k > 0:
+                flagged.append(members[scores[members].topk(k).indices])
+        return torch.cat(flagged).sort().values if flagged else torch.empty(0, dtype=torch.long)
+    if not share:
+        raise ValueError("spectral_flags(per_label=False) needs the labels' variance shares")
+    suspect = max(share, key=lambda label: share[label])
+    members = (labels == suspect).nonzero().flatten()
+    k = min(len(members), round(factor * rate * len(labels)))
+    return members[scores[members].topk(k).indices].sort().values
