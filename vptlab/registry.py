@@ -20,20 +20,40 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps names to factories: `register("name")(factory)`, `create(name, **kwargs)`, `names()`."""
+    """Maps names to factories: `register("name", **metadata)(factory)`, `create(name, **kwargs)`,
+    `names(**filters)`, `meta(name)`.
 
-    def __init__(self, kind: str) -> None:
+    Metadata are what a caller needs to know about an entry without building it (timm's model
+    tags): `names(repairs_pixel_prompts=True)` lists the entries whose metadata say so. A
+    registry built with `required=(...)` refuses an entry that does not state each of those keys.
+    """
+
+    def __init__(self, kind: str, required: tuple[str, ...] = ()) -> None:
         self.kind = kind
+        self.required = required
         self._factories: dict[str, Callable[..., T]] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(
+        self, name: str, **metadata: Any
+    ) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        missing = [key for key in self.required if key not in metadata]
+        if missing:
+            raise ValueError(f"{self.kind} '{name}' is registered without {', '.join(missing)}")
+
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._factories:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
             self._factories[name] = factory
+            self._meta[name] = dict(metadata)
             return factory
 
         return decorator
+
+    def meta(self, name: str) -> dict[str, Any]:
+        """The metadata `name` was registered with (a copy)."""
+        self.get(name)  # an unknown name is the usual one-line error
+        return dict(self._meta[name])
 
     def get(self, name: str) -> Callable[..., T]:
         try:
@@ -46,8 +66,14 @@ class Registry(Generic[T]):
     def create(self, name: str, **kwargs: Any) -> T:
         return self.get(name)(**kwargs)
 
-    def names(self) -> list[str]:
-        return sorted(self._factories)
+    def names(self, **filters: Any) -> list[str]:
+        """The registered names, sorted; with `filters`, those whose metadata hold every value
+        (a key an entry did not state never matches)."""
+        return sorted(
+            name
+            for name, meta in self._meta.items()
+            if all(key in meta and meta[key] == value for key, value in filters.items())
+        )
 
     def check_options(
         self,
