@@ -24,6 +24,7 @@ from vptlab.defenses.prompt_defense import (
     _square_masks,
     project_capped_simplex,
 )
+from vptlab.defenses.repair import repair
 from vptlab.engine.checkpoint import load_model
 from vptlab.engine.loop import MODEL_FILE
 from vptlab.errors import ConfigError
@@ -61,7 +62,7 @@ def defended(poisoned_simplenet, measure_backdoor, tmp_path_factory) -> dict[str
         clean = DataSplits(p.data.name, clean_train, test, p.data.num_classes)
         run_dir = tmp_path_factory.mktemp("prompt-defense")
         start = time.perf_counter()
-        prompted = PromptDefense(size=28).repair(model, clean, recipe(run_dir), run_dir)
+        prompted = repair(PromptDefense(size=28), model, clean, recipe(run_dir), run_dir)
         seconds = time.perf_counter() - start
         after = measure_backdoor(prompted, p.data)
     finally:
