@@ -11,10 +11,11 @@ from torch import nn
 from vptlab.config import ExperimentConfig
 from vptlab.data.base import DataSplits
 from vptlab.data.loaders import Batch
-from vptlab.defenses.prompt_defense import PromptDefense, PromptedInput, UniversalPerturbation
+from vptlab.defenses.prompt_defense import PromptDefense, UniversalPerturbation, is_defended
 from vptlab.defenses.repair import REPAIRERS
 from vptlab.engine.tasks import caption_tokens, captions_retrieved, clip_loss
 from vptlab.models.clip import clip_net
+from vptlab.prompts.pixel import PixelPrompted
 
 
 class CLIPPromptDefenseTask:
@@ -31,8 +32,8 @@ class CLIPPromptDefenseTask:
     def loss(
         self, model: nn.Module, batch: Batch, raw_model: nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(raw_model, PromptedInput):
-            raise TypeError(f"the prompt defense trains a PromptedInput, got {type(raw_model)}")
+        if not is_defended(raw_model):
+            raise TypeError(f"the prompt defense trains a prompted_input, got {type(raw_model)}")
         text = self.tokens[batch.index.cpu()].to(batch.x.device)
         if self.lam == 0:
             images, texts, scale = model(batch.x, text=text)
@@ -58,7 +59,7 @@ class CLIPPromptDefense(PromptDefense):
 
     name = "clip-prompt"
 
-    def prepare(self, model: nn.Module) -> PromptedInput:
+    def prepare(self, model: nn.Module) -> PixelPrompted:
         clip_net(model)  # an image-text model, or one error line now
         return super().prepare(model)
 

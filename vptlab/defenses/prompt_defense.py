@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from vptlab.data.base import DataSplits
 from vptlab.data.loaders import Batch
 from vptlab.defenses.repair import REPAIRERS, TRAINS_PREPARED
 from vptlab.errors import ConfigError
-from vptlab.prompts.pixel import clamp_prompted
+from vptlab.prompts.pixel import FullPrompt, PixelPrompted
 
 Threat = Literal["patch", "linf"]
 Starts = Literal["both", "scan", "uniform"]
@@ -29,87 +29,22 @@ _SCAN_IMAGES = 8  # images the patch search's first placement is judged on
 _SCAN_CHUNK = 1024  # images per forward while scanning
 
 
-class PromptedInput(nn.Module):
-    """`model(clamp(x + P, 0, 1))` with a learnable pixel prompt P, |P| <= bound.
+def prompted_input(
+    model: nn.Module, size: int, bound: float = 1.0, frame: int | None = None
+) -> PixelPrompted:
+    """`model(clamp(x + P, 0, 1))` with a learnable pixel prompt P, |P| <= bound: the one
+    prompted-input wrapper (`PixelPrompted`, no label mapping) with a `FullPrompt` stored at
+    `size` x `size` and resized to inputs of another size; `frame`: P only on a border `frame`
+    input pixels wide. The model is frozen and kept in eval mode, except modules given a
+    trainable parameter of their own afterwards (VPT prompts)."""
+    normalize = getattr(model, "normalize", None)
+    channels = int(normalize.mean.shape[1]) if normalize is not None else 3
+    return PixelPrompted(model, FullPrompt(size, bound, channels, frame=frame, resize=True))
 
-    The prompt is stored at `size` x `size` and resized (bilinear, antialiased) to inputs of
-    another size. `frame`: the prompt lives only on a border `frame` input pixels wide (a padding
-    prompt, Bahng et al. 2022); None: the whole image. The wrapped model runs in eval mode
-    always, except modules that own a trainable parameter (VPT prompts made trainable). Its
-    `forward_features` / `forward_head` / `forward_intermediates` see the prompted input, so
-    feature-based defenses and detectors work on the defended model as on the bare one.
-    State dict: `prompt` plus the wrapped model's keys under `model.`.
-    """
 
-    def __init__(
-        self, model: nn.Module, size: int, bound: float = 1.0, frame: int | None = None
-    ) -> None:
-        super().__init__()
-        self.model = model
-        normalize = getattr(model, "normalize", None)
-        channels = int(normalize.mean.shape[1]) if normalize is not None else 3
-        weight = next(model.parameters(), None)
-        device = weight.device if weight is not None else None
-        self.prompt = nn.Parameter(torch.zeros(1, channels, size, size, device=device))
-        self.bound = bound
-        self.frame = frame
-        self.train(model.training)
-
-    @property
-    def backbone_file(self) -> str | None:
-        return getattr(self.model, "backbone_file", None)
-
-    @property
-    def backbone_sha256(self) -> str | None:
-        return getattr(self.model, "backbone_sha256", None)
-
-    def pixel_prompt(self, like: torch.Tensor) -> torch.Tensor:
-        """P at the size of the batch `like` (1, C, H, W), in [-bound, bound]."""
-        prompt = self.bound * torch.tanh(self.prompt)
-        size = tuple(like.shape[-2:])
-        if tuple(prompt.shape[-2:]) != size:
-            prompt = F.interpolate(prompt, size=size, mode="bilinear", antialias=True)
-        if self.frame is not None:
-            h, w = size
-            inner = torch.zeros(h, w, device=prompt.device, dtype=torch.bool)
-            inner[self.frame : h - self.frame, self.frame : w - self.frame] = True
-            prompt = prompt.masked_fill(inner, 0.0)
-        return prompt.to(like.dtype)
-
-    def prompted(self, x: torch.Tensor) -> torch.Tensor:
-        """The input the wrapped model sees: clamp(x + P, 0, 1)."""
-        return clamp_prompted(x, self.pixel_prompt(x))
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        # Extra arguments reach the model: an image-text model's `text=` tokens (models/clip.py).
-        return self.model(self.prompted(x), *args, **kwargs)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(self.prompted(x))
-
-    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.model.forward_head(features, pre_logits=pre_logits)
-
-    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        return self.model.forward_intermediates(self.prompted(x), *args, **kwargs)
-
-    def get_classifier(self) -> nn.Module:
-        return self.model.get_classifier()
-
-    def train(self, mode: bool = True) -> PromptedInput:
-        super().train(mode)
-        if mode:
-            # The backdoored model is frozen: no dropout, no BatchNorm statistic updates. Only
-            # modules with a trainable parameter of their own (VPT prompts) train.
-            self.model.train(False)
-            for module in self.model.modules():
-                if any(p.requires_grad for p in module.parameters(recurse=False)):
-                    module.train(True)
-        return self
-
-    def extra_repr(self) -> str:
-        size = tuple(self.prompt.shape[1:])
-        return f"prompt={size}, bound={self.bound:g}, frame={self.frame}"
+def is_defended(model: nn.Module) -> bool:
+    """Whether `model` is already behind a defensive prompt (`prompted_input`)."""
+    return isinstance(model, PixelPrompted) and model.mapping is None
 
 
 def model_input_size(model: nn.Module, default: int = DEFAULT_SIZE) -> int:
@@ -369,8 +304,8 @@ class PromptDefenseTask:
     def loss(
         self, model: nn.Module, batch: Batch, raw_model: nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(raw_model, PromptedInput):
-            raise TypeError(f"the prompt defense trains a PromptedInput, got {type(raw_model)}")
+        if not is_defended(raw_model):
+            raise TypeError(f"the prompt defense trains a prompted_input, got {type(raw_model)}")
         if self.lam == 0:
             logits = model(batch.x)
             return F.cross_entropy(logits.float(), batch.y), logits
@@ -452,11 +387,12 @@ class PromptDefense:
         self.bound, self.size, self.frame = bound, size, frame
         self.lr, self.token_prompts = lr, token_prompts
 
-    def prepare(self, model: nn.Module) -> PromptedInput:
+    def prepare(self, model: nn.Module) -> PixelPrompted:
         """Freeze `model` and wrap it with a zero prompt (deterministic; also used on reload)."""
-        if isinstance(model, PromptedInput):
+        if is_defended(model):
             raise ConfigError("the model already has a defensive prompt; prepare a fresh model")
-        model.requires_grad_(False)
+        size = self.size or model_input_size(model)
+        prompted = prompted_input(model, size, self.bound, self.frame)  # freezes `model`
         if self.token_prompts:
             from vptlab.prompts import prompt_parameters  # the prompts package imports timm
 
@@ -468,8 +404,8 @@ class PromptDefense:
                 )
             for param in tokens:
                 param.requires_grad_(True)
-        size = self.size or model_input_size(model)
-        return PromptedInput(model, size, self.bound, self.frame)
+            prompted.train(prompted.training)  # the token prompts' modules follow the mode
+        return prompted
 
     def perturbation(self, num_classes: int) -> UniversalPerturbation:
         """The inner search: targeted, one per class, or `candidates` untargeted."""

@@ -147,8 +147,9 @@ def pixel_prompt_refusal(name: str) -> str | None:
 
 
 def is_pixel_prompted(model: nn.Module) -> bool:
-    """Whether `model` is a pixel-prompted classifier (vptlab.prompts.PixelPrompted)."""
-    return getattr(model, "mode", None) == "pixel" and hasattr(model, "prompt")
+    """Whether `model` is a pixel-prompted classifier (vptlab.prompts.PixelPrompted with a label
+    mapping; the prompt defense's wrapper has none)."""
+    return getattr(model, "mode", None) == "pixel" and getattr(model, "mapping", None) is not None
 
 
 def backbone(model: nn.Module) -> nn.Module:
