@@ -20,22 +20,27 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps names to factories and their metadata: `register("name", **metadata)(factory)`,
-    `create(name, **kwargs)`, `names(**filter)`, `meta(name)`.
+    """Maps names to factories: `register("name", **metadata)(factory)`, `create(name, **kwargs)`,
+    `names(**filters)`, `meta(name)`.
 
-    Metadata says what an entry is without building one (timm's tags): `adversarial=True` on a
-    training objective, `repairs_pixel_prompts=True` on a repairer. `names(key=value)` keeps the
-    entries whose metadata has that value.
+    Metadata are what a caller needs to know about an entry without building it (timm's model
+    tags): `names(repairs_pixel_prompts=True)` lists the entries whose metadata say so. A
+    registry built with `required=(...)` refuses an entry that does not state each of those keys.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, required: tuple[str, ...] = ()) -> None:
         self.kind = kind
+        self.required = required
         self._factories: dict[str, Callable[..., T]] = {}
         self._meta: dict[str, dict[str, Any]] = {}
 
     def register(
         self, name: str, **metadata: Any
     ) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        missing = [key for key in self.required if key not in metadata]
+        if missing:
+            raise ValueError(f"{self.kind} '{name}' is registered without {', '.join(missing)}")
+
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._factories:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
@@ -46,8 +51,8 @@ class Registry(Generic[T]):
         return decorator
 
     def meta(self, name: str) -> dict[str, Any]:
-        """Entry `name`'s metadata (a copy)."""
-        self.get(name)
+        """The metadata `name` was registered with (a copy)."""
+        self.get(name)  # an unknown name is the usual one-line error
         return dict(self._meta[name])
 
     def get(self, name: str) -> Callable[..., T]:
@@ -61,14 +66,14 @@ class Registry(Generic[T]):
     def create(self, name: str, **kwargs: Any) -> T:
         return self.get(name)(**kwargs)
 
-    def names(self, **where: Any) -> list[str]:
-        """The registered names, sorted; with `key=value` filters, those whose metadata matches
-        (an entry without the key does not match)."""
-        missing = object()
+    def names(self, **filters: Any) -> list[str]:
+        """The registered names, sorted; with `filters`, those whose metadata hold every value
+        (a key an entry did not state never matches)."""
         return sorted(
-            n for n in self._factories
-            if all(self._meta[n].get(k, missing) == v for k, v in where.items())
-        )  # fmt: skip
+            name
+            for name, meta in self._meta.items()
+            if all(key in meta and meta[key] == value for key, value in filters.items())
+        )
 
     def require(self, name: str, where: str) -> None:
         """A ConfigError naming `where` (the config key) unless `name` is registered."""

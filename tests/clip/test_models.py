@@ -103,7 +103,7 @@ def test_named_architecture_goes_through_open_clip_with_its_tag(monkeypatch) -> 
 
 def test_intermediates_of_the_image_tower_and_nad_layers() -> None:
     from vptlab.defenses.nad import default_layers, patch_count
-    from vptlab.defenses.prompt_defense import PromptedInput
+    from vptlab.defenses.prompt_defense import prompted_input
 
     model = _tiny(layers=3, patch_size=4)
     x = torch.rand(2, 3, 16, 16)
@@ -121,4 +121,4 @@ def test_intermediates_of_the_image_tower_and_nad_layers() -> None:
     assert default_layers(model) == [f"net.clip.visual.transformer.resblocks.{i}" for i in (1, 2)]
     assert default_layers(_tiny(layers=3, pool="tok"))[-1].endswith("resblocks.1")
     assert patch_count(model) == 16
-    assert clip_net(PromptedInput(model, 16)) is model.net
+    assert clip_net(prompted_input(model, 16)) is model.net

@@ -141,8 +141,8 @@ def test_prompt_defense_goes_in_front_of_a_pixel_prompt(prompts: dict[str, Any])
     _, model, splits = runner.load_run(prompts["dir"], device="cpu")
     defended = create_repairer("prompt").prepare(model)
     trainable = {k for k, p in defended.named_parameters() if p.requires_grad}
-    assert trainable == {"prompt"}  # the attacker's prompt and head stay frozen too
-    assert tuple(defended.prompt.shape[-2:]) == (model.prompt.image_size,) * 2
+    assert trainable == {"prompt.delta"}  # the attacker's prompt and head stay frozen too
+    assert tuple(defended.prompt.delta.shape[-2:]) == (model.prompt.image_size,) * 2
     x = splits.test.x[:4].expand(-1, 3, -1, -1)
     with torch.no_grad():
         assert torch.equal(defended(x), model(x))  # the zero prompt changes nothing

@@ -18,11 +18,12 @@ from torch import nn
 from vptlab.data.base import DataSplits, TensorSplit, subset
 from vptlab.defenses.prompt_defense import (
     PromptDefense,
-    PromptedInput,
     UniversalPerturbation,
     _square_masks,
     project_capped_simplex,
+    prompted_input,
 )
+from vptlab.defenses.repair import repair
 from vptlab.engine.checkpoint import load_model
 from vptlab.errors import ConfigError
 from vptlab.models import create_model
@@ -61,7 +62,7 @@ def defended(poisoned_simplenet, measure_backdoor, tmp_path_factory) -> dict[str
         clean = DataSplits(p.data.name, clean_train, test, p.data.num_classes)
         run_dir = tmp_path_factory.mktemp("prompt-defense")
         start = time.perf_counter()
-        prompted = PromptDefense(size=28).repair(model, clean, recipe(run_dir), run_dir)
+        prompted = repair(PromptDefense(size=28), model, clean, recipe(run_dir), run_dir)
         seconds = time.perf_counter() - start
         after = measure_backdoor(prompted, p.data)
     finally:
@@ -81,11 +82,11 @@ def test_prompt_defense_removes_the_backdoor_and_keeps_clean_accuracy(defended) 
 
 def test_the_backdoored_model_stays_frozen(defended, poisoned_simplenet) -> None:
     prompted = defended["model"]
-    assert [n for n, p in prompted.named_parameters() if p.requires_grad] == ["prompt"]
+    assert [n for n, p in prompted.named_parameters() if p.requires_grad] == ["prompt.delta"]
     original = poisoned_simplenet.model.state_dict()
     for key, value in prompted.model.state_dict().items():
         torch.testing.assert_close(value, original[key], rtol=0, atol=0)
-    assert prompted.pixel_prompt(torch.zeros(1, 3, 28, 28)).abs().max() > 0.1  # it did learn
+    assert prompted.prompt.perturbation(torch.zeros(1, 3, 28, 28)).abs().max() > 0.1  # it did learn
 
 
 def test_the_defended_model_is_broken_at_a_budget_that_grays_out_any_image(
@@ -127,13 +128,13 @@ def test_prompted_inputs_stay_in_the_unit_interval(
     seed: int, bound: float, scale: float, frame: int | None
 ) -> None:
     g = torch.Generator().manual_seed(seed)
-    prompted = PromptedInput(nn.Identity(), size=12, bound=bound, frame=frame)
+    prompted = prompted_input(nn.Identity(), size=12, bound=bound, frame=frame)
     with torch.no_grad():
-        prompted.prompt.copy_(torch.randn(prompted.prompt.shape, generator=g) * scale)
+        prompted.prompt.delta.copy_(torch.randn(prompted.prompt.delta.shape, generator=g) * scale)
     x = torch.rand(4, 3, 16, 16, generator=g)  # another size: the prompt is resized
-    out = prompted.prompted(x)
+    out = prompted.prompt(x)
     assert out.min() >= 0 and out.max() <= 1
-    assert (prompted.pixel_prompt(x).abs() <= bound + 1e-6).all()
+    assert (prompted.prompt.perturbation(x).abs() <= bound + 1e-6).all()
     if frame is not None:  # inside the frame the image is untouched
         inner = (slice(None), slice(None), slice(frame, 16 - frame), slice(frame, 16 - frame))
         torch.testing.assert_close(out[inner], x[inner])
@@ -145,7 +146,7 @@ def test_zero_prompt_is_the_bare_model_and_prepare_is_structure_only(poisoned_si
     first = defense.prepare(copy.deepcopy(poisoned_simplenet.model)).eval()
     second = defense.prepare(copy.deepcopy(poisoned_simplenet.model)).eval()
     assert first.state_dict().keys() == second.state_dict().keys()
-    assert "prompt" in first.state_dict() and not first.prompt.any()
+    assert "prompt.delta" in first.state_dict() and not first.prompt.delta.any()
     with torch.no_grad():
         torch.testing.assert_close(first(x), poisoned_simplenet.model(x), rtol=0, atol=0)
     with pytest.raises(ConfigError, match="already has a defensive prompt"):
@@ -161,16 +162,16 @@ def tiny_vit() -> nn.Module:
 def test_prompted_vit_trains_the_pixel_prompt_only_and_keeps_the_backbone_in_eval() -> None:
     adapted = adapt(tiny_vit(), "prompt")  # the attacker's prompts and head
     prompted = PromptDefense().prepare(adapted).train()  # size from the ViT: 16
-    assert tuple(prompted.prompt.shape) == (1, 3, 16, 16)
-    assert [n for n, p in prompted.named_parameters() if p.requires_grad] == ["prompt"]
+    assert tuple(prompted.prompt.delta.shape) == (1, 3, 16, 16)
+    assert [n for n, p in prompted.named_parameters() if p.requires_grad] == ["prompt.delta"]
     assert not any(m.training for m in prompted.model.modules())  # no dropout, frozen
     x = torch.rand(2, 3, 16, 16)
     prompted(x).sum().backward()
-    assert prompted.prompt.grad is not None and prompted.prompt.grad.abs().sum() > 0
+    assert prompted.prompt.delta.grad is not None and prompted.prompt.delta.grad.abs().sum() > 0
 
     tokens = PromptDefense(token_prompts=True).prepare(adapt(tiny_vit(), "prompt"))
     trainable = {p for p in tokens.parameters() if p.requires_grad}
-    assert trainable == {tokens.prompt, *prompt_parameters(tokens.model)}
+    assert trainable == {tokens.prompt.delta, *prompt_parameters(tokens.model)}
     with pytest.raises(ConfigError, match="token_prompts needs a VPT-adapted model"):
         PromptDefense(token_prompts=True).prepare(create_model("simplenet", num_classes=10))
 

@@ -15,6 +15,9 @@ from torch.utils.data import Dataset, Subset
 
 from vptlab.config import recipe, run_key
 from vptlab.data.base import DataSplits, TensorSplit
+from vptlab.data.captions import CaptionSplit
+from vptlab.defenses import repair as repair_module
+from vptlab.defenses.features import LayerOutputs
 from vptlab.defenses.fine_pruning import (
     FinePruning,
     mean_activations,
@@ -23,7 +26,6 @@ from vptlab.defenses.fine_pruning import (
 )
 from vptlab.defenses.nad import (
     AttentionDistillation,
-    FeatureCapture,
     attention_map,
     default_layers,
 )
@@ -33,6 +35,9 @@ from vptlab.defenses.repair import (
     clean_splits,
     clean_subset,
     create_repairer,
+    pixel_prompt_refusal,
+    pixel_repairers,
+    repair,
 )
 from vptlab.engine.checkpoint import load_model
 from vptlab.errors import ConfigError, DataError
@@ -51,7 +56,7 @@ def run_metrics(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / METRICS_FILE).read_text())
 
 
-def repair(
+def run_repair(
     backdoored: Any,
     tmp_path: Path,
     name: str,
@@ -66,7 +71,7 @@ def repair(
     repairer = create_repairer(name, **cfg.defense.options)
     run_dir = tmp_path / name
     start = time.perf_counter()
-    model = repairer.repair(backdoored.copy(), clean, cfg, run_dir, backdoored.evaluators())
+    model = repair(repairer, backdoored.copy(), clean, cfg, run_dir, backdoored.evaluators())
     metrics = run_metrics(run_dir) | {"seconds": time.perf_counter() - start}
     after = metrics["final"]
     print(f"{name}: CA {backdoored.ca:.1f} -> {after['test_top1']:.1f}, ASR {backdoored.asr:.1f} "
@@ -180,7 +185,7 @@ def test_defense_config_is_validated_and_keyed() -> None:
 
 def _model_for(repairer: Repairer) -> torch.nn.Module:
     """A small model the repairer applies to: a tiny CLIP for image-text repairers."""
-    if getattr(repairer, "image_text", False):
+    if REPAIRERS.meta(repairer.name)["needs_image_text"]:
         return create_model("clip-tiny", num_classes=10, img_size=28, layers=1, text_layers=1,
                             width=32, text_width=32, embed_dim=16)  # fmt: skip
     return create_model("simplenet", num_classes=10, img_size=28)
@@ -216,7 +221,7 @@ def test_prepare_is_structure_only_and_deterministic(name: str) -> None:
 
 
 def test_fine_tuning_lowers_asr(backdoored: Any, tmp_path: Path) -> None:
-    model, run_dir, metrics = repair(backdoored, tmp_path, "ft", {"epochs": 5, "lr": 5e-3})
+    model, run_dir, metrics = run_repair(backdoored, tmp_path, "ft", {"epochs": 5, "lr": 5e-3})
     assert_repaired(backdoored, metrics)
     assert metrics["status"] == "complete" and (run_dir / MODEL_FILE).is_file()
     assert all(p.requires_grad for p in model.parameters())
@@ -228,7 +233,7 @@ def test_fine_tuning_lowers_asr(backdoored: Any, tmp_path: Path) -> None:
 def test_fine_pruning_prunes_dormant_channels_lowers_asr_and_reloads(
     backdoored: Any, tmp_path: Path
 ) -> None:
-    model, run_dir, metrics = repair(backdoored, tmp_path, "fp", {"epochs": 5, "lr": 1e-3})
+    model, run_dir, metrics = run_repair(backdoored, tmp_path, "fp", {"epochs": 5, "lr": 1e-3})
     assert_repaired(backdoored, metrics)
     pruning = metrics["fine_pruning"]
     mask = pruning_mask(model)
@@ -316,7 +321,7 @@ def test_nad_default_layers_and_unknown_layers() -> None:
 def test_nad_lowers_asr_and_distills_the_teachers_attention(
     backdoored: Any, tmp_path: Path
 ) -> None:
-    model, run_dir, metrics = repair(backdoored, tmp_path, "nad", {"epochs": 5, "lr": 3e-3},
+    model, run_dir, metrics = run_repair(backdoored, tmp_path, "nad", {"epochs": 5, "lr": 3e-3},
                                      {"teacher_epochs": 2})  # fmt: skip
     assert_repaired(backdoored, metrics)
     teacher_metrics = run_metrics(run_dir / "teacher")
@@ -332,7 +337,7 @@ def test_nad_lowers_asr_and_distills_the_teachers_attention(
     x = backdoored.data.test.x[:128].expand(-1, 3, -1, -1)
 
     def distance(student: nn.Module) -> float:
-        with FeatureCapture(student.eval(), layers) as capture, torch.no_grad():
+        with LayerOutputs(student.eval(), layers) as capture, torch.no_grad():
             student(x)
             return float(task.distillation(capture.take(), task.teacher_forward(x)))
 
@@ -350,7 +355,7 @@ def test_clean_splits_keep_the_test_split(backdoored: Any) -> None:
 
 # Image-text repairers (cleanclip, clip-prompt) need captions: tests/clip/test_clip_defenses.py
 # repairs a poisoned tiny CLIP with each and reloads its run.
-IMAGE_ONLY = [n for n in REPAIRERS.names() if not getattr(create_repairer(n), "image_text", False)]
+IMAGE_ONLY = REPAIRERS.names(needs_image_text=False)
 
 
 @pytest.mark.parametrize("name", IMAGE_ONLY)
@@ -368,8 +373,51 @@ def test_every_repairer_repairs_a_tiny_vit_whose_run_reloads(name: str, tmp_path
     cfg = resolved({**raw, "defense": {"name": name, "clean_fraction": 0.05}})
     clean = clean_splits(data, cfg.defense.clean_fraction, cfg.seed)
     run_dir = tmp_path / name
-    repaired = create_repairer(name).repair(model, clean, cfg, run_dir)
+    repaired = repair(create_repairer(name), model, clean, cfg, run_dir)
     assert run_metrics(run_dir)["status"] == "complete"
     _, reloaded, _ = load_run(run_dir, device="cpu")
     x = data.test.x[:16].expand(-1, 3, -1, -1)
     assert torch.allclose(reloaded(x), repaired.eval()(x), atol=1e-5)
+
+
+# --- every repairer is a task of the one loop ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", REPAIRERS.names())
+def test_registry_metadata_exist_for_every_repairer(name: str) -> None:
+    meta = REPAIRERS.meta(name)
+    assert isinstance(meta["repairs_pixel_prompts"], bool)
+    assert isinstance(meta["needs_image_text"], bool)
+    assert (name in pixel_repairers()) == meta["repairs_pixel_prompts"]
+    assert (pixel_prompt_refusal(name) is None) == meta["repairs_pixel_prompts"]
+
+
+@pytest.mark.parametrize("name", REPAIRERS.names())
+def test_every_repairer_goes_through_the_one_fit(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`repair` calls `fit` once for the defended run, with the repairer's task; no repairer
+    trains its model another way (NAD's teacher is `ft` on a copy, through the same `repair`)."""
+    calls: list[tuple[Path, Any]] = []
+
+    def recording_fit(model: nn.Module, data: Any, cfg: Any, run_dir: Any, **kw: Any) -> dict:
+        calls.append((Path(run_dir), kw["task"]))
+        return {}
+
+    monkeypatch.setattr(repair_module, "fit", recording_fit)
+    repairer = create_repairer(name)
+    torch.manual_seed(0)
+    model = _model_for(repairer)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(20, 3, 28, 28, generator=g), torch.arange(20) % 10
+    split = (CaptionSplit(x, y, [f"a photo of {i}" for i in y.tolist()])
+             if REPAIRERS.meta(name)["needs_image_text"] else TensorSplit(x, y))  # fmt: skip
+    clean = DataSplits("tiny", split, split, 10)
+    cfg = resolved({"name": name, "device": "cpu", "data": {"name": "digits", "num_workers": 0},
+                    "output": {"dir": str(tmp_path), "tensorboard": False,
+                               "progress": False}})  # fmt: skip
+    run_dir = tmp_path / name
+    repair(repairer, model, clean, cfg, run_dir)
+    assert [path for path, _ in calls if path == run_dir] == [run_dir]
+    assert all(path == run_dir / "teacher" for path, _ in calls if path != run_dir)
+    assert callable(getattr(calls[-1][1], "loss", None))

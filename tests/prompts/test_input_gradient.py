@@ -22,7 +22,7 @@ from torch import nn
 
 from vptlab.attacks import create_attack
 from vptlab.data import load_dataset
-from vptlab.defenses.prompt_defense import PromptedInput
+from vptlab.defenses.prompt_defense import prompted_input
 from vptlab.models import create_model, list_models
 from vptlab.prompts.label_mapping import LabelMapping
 from vptlab.prompts.pixel import PIXEL_PROMPTS, PixelPrompted, clamp_prompted, create_pixel_prompt
@@ -68,9 +68,9 @@ def pixel_prompted(model: nn.Module, kind: str, scale: float = 0.0) -> nn.Module
 
 def defense_prompted(model: nn.Module, frame: int | None = None, scale: float = 0.0) -> nn.Module:
     """`model` behind the prompt defense's wrapper (a zero prompt, or a random one)."""
-    wrapped = PromptedInput(model, SIZE, bound=0.5, frame=frame)
+    wrapped = prompted_input(model, SIZE, bound=0.5, frame=frame)
     with torch.no_grad():
-        wrapped.prompt.normal_(0.0, scale) if scale else wrapped.prompt.zero_()
+        wrapped.prompt.delta.normal_(0.0, scale) if scale else wrapped.prompt.delta.zero_()
     return wrapped.eval()
 
 
@@ -198,7 +198,7 @@ def test_every_model_behind_a_zero_prompt_is_attacked_as_the_bare_one(name: str)
     wrapped = {
         "pixel-full": PixelPrompted(model, prompt, LabelMapping("fixed", MODEL_CLASSES,
                                                                 MODEL_CLASSES)).eval(),
-        "defense": PromptedInput(model, IMG, bound=0.5).eval(),
+        "defense": prompted_input(model, IMG, bound=0.5).eval(),
     }  # fmt: skip
 
     def input_gradient(net: nn.Module) -> torch.Tensor:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated
 
 import torch
@@ -37,8 +36,7 @@ from vptlab.config import ExperimentConfig
 from vptlab.data.base import DataSplits
 from vptlab.data.captions import split_captions
 from vptlab.data.loaders import Batch
-from vptlab.defenses.repair import REPAIRERS, fit_whole_model
-from vptlab.engine.evaluators import Evaluator
+from vptlab.defenses.repair import REPAIRERS, TRAINS_MODEL
 from vptlab.engine.tasks import captions_retrieved, clip_loss
 from vptlab.errors import ConfigError
 from vptlab.models.clip import clip_net
@@ -130,8 +128,7 @@ class CleanCLIP:
     clean pairs, as the recipe (`train`) says."""
 
     name = "cleanclip"
-    repairs_pixel_prompts = False  # it trains the image tower's weights
-    image_text = True  # applies to image-text (CLIP) models only
+    trains = TRAINS_MODEL
 
     def __init__(self, options: CleanCLIPOptions) -> None:
         if options.lam_mm + options.lam_ss <= 0:
@@ -142,21 +139,11 @@ class CleanCLIP:
         clip_net(model)  # an image-text model, or one error line now
         return model
 
-    def repair(
-        self,
-        model: nn.Module,
-        clean: DataSplits,
-        cfg: ExperimentConfig,
-        run_dir: Path,
-        evaluators: list[Evaluator] | None = None,
-    ) -> nn.Module:
-        model = self.prepare(model)
-        task = CleanCLIPTask(model, split_captions(clean.train), self.options)
-        fit_whole_model(model, clean, cfg, run_dir, task=task, evaluators=evaluators)
-        return model
+    def task(self, model: nn.Module, clean: DataSplits, cfg: ExperimentConfig) -> CleanCLIPTask:
+        return CleanCLIPTask(model, split_captions(clean.train), self.options)
 
 
-@REPAIRERS.register("cleanclip")
+@REPAIRERS.register("cleanclip", repairs_pixel_prompts=False, needs_image_text=True)
 def cleanclip(
     lam_mm: Annotated[float, Field(ge=0)] = 1.0,
     lam_ss: Annotated[float, Field(ge=0)] = 1.0,

@@ -34,9 +34,11 @@ from torch.utils.data import Dataset
 from vptlab.config import ExperimentConfig
 from vptlab.data.base import DataSplits, TensorSplit
 from vptlab.data.loaders import StreamLoader, TensorLoader, make_loader
-from vptlab.defenses.repair import REPAIRERS, backbone, fit_whole_model, record_metrics
+from vptlab.defenses.features import has_intermediates
+from vptlab.defenses.repair import REPAIRERS, TRAINS_MODEL, backbone, clean_task
 from vptlab.engine.evaluators import Evaluator
 from vptlab.engine.loop import resolve_device
+from vptlab.engine.tasks import Task
 from vptlab.errors import ConfigError, VptlabError
 from vptlab.metrics.accuracy import predict
 
@@ -96,28 +98,49 @@ def pruning_mask(model: nn.Module) -> torch.Tensor:
 def mean_activations(
     model: nn.Module, split: TensorSplit | Dataset, cfg: ExperimentConfig
 ) -> torch.Tensor:
-    """Each unit's mean |activation| at the pruning site over `split`, in eval mode (float64)."""
+    """Each unit's mean |activation| at the pruning site over `split`, in eval mode (float64).
+
+    A CNN's last feature map is the last of `forward_intermediates` where the family provides
+    it; a ViT's MLP hidden units (which it does not return) and the families without it are
+    read by a forward hook on the site (defenses/features.py's fallback).
+    """
     name, dim, units = pruning_site(model)
     device = next(model.parameters()).device
     total = torch.zeros(units, dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
 
-    def record(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+    def record(output: torch.Tensor) -> None:
         nonlocal count
         a = output.detach().double().abs().movedim(dim, -1).reshape(-1, units)
         total.add_(a.sum(0))
         count = count + a.shape[0]
 
     loader = _eval_loader(split, cfg, device)
-    handle = model.get_submodule(name).register_forward_hook(record)
+    from_intermediates = dim == 1 and has_intermediates(model)
+    handle = None
+    if not from_intermediates:
+        handle = model.get_submodule(name).register_forward_hook(
+            lambda module, args, output: record(output)
+        )
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for batch in loader:
-                model(batch.x)
+                if from_intermediates:
+                    last = model.forward_intermediates(batch.x, indices=1,
+                                                       intermediates_only=True)[-1]  # fmt: skip
+                    if last.ndim != 4 or last.shape[1] != units:
+                        raise VptlabError(
+                            f"fine-pruning: the last intermediate of {type(model).__name__} has "
+                            f"shape {tuple(last.shape)}, not the {units} channels of {name}"
+                        )
+                    record(last)
+                else:
+                    model(batch.x)
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
         model.train(was_training)
     return (total / count).cpu()
 
@@ -135,7 +158,7 @@ class FinePruning:
     then fine-tune. See the module docstring for the sites and the mask."""
 
     name = "fp"
-    repairs_pixel_prompts = False  # it prunes the backbone's channels
+    trains = TRAINS_MODEL
 
     def __init__(self, max_ratio: float = 0.8, acc_drop: float = 4.0, step: float = 0.05) -> None:
         self.max_ratio, self.acc_drop, self.step = max_ratio, acc_drop, step
@@ -196,22 +219,22 @@ class FinePruning:
             "curve": curve,
         }
 
-    def repair(
+    def before_fit(
         self,
         model: nn.Module,
         clean: DataSplits,
         cfg: ExperimentConfig,
         run_dir: Path,
         evaluators: list[Evaluator] | None = None,
-    ) -> nn.Module:
-        model = self.prepare(model)
-        summary = self.prune(model, clean.train, cfg)
-        fit_whole_model(model, clean, cfg, run_dir, evaluators=evaluators)
-        record_metrics(run_dir, "fine_pruning", summary)
-        return model
+    ) -> dict[str, Any]:
+        """Prune on the clean subset; what was done goes into metrics.json as `fine_pruning`."""
+        return {"fine_pruning": self.prune(model, clean.train, cfg)}
+
+    def task(self, model: nn.Module, clean: DataSplits, cfg: ExperimentConfig) -> Task:
+        return clean_task(model, clean, cfg)  # fine-tuning, the mask kept
 
 
-@REPAIRERS.register("fp")
+@REPAIRERS.register("fp", repairs_pixel_prompts=False, needs_image_text=False)
 def fine_pruning(
     max_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.8,
     acc_drop: Annotated[float, Field(ge=0, le=100)] = 4.0,

@@ -12,9 +12,11 @@ the backdoor from its own student.
    squared distance is averaged over positions and batch, as in the authors' code (their
    `AT` loss: an MSE of the maps); the paper's beta for CIFAR-10 is 5000 per layer.
 
-The distillation is a Task of the one loop (`AttentionDistillation`): the student's features
-come from forward hooks on the bare model (they fire whether the step runs it wrapped in DDP or
-not), the teacher's from hooks on the frozen teacher, run without gradients.
+The distillation is a Task of the one loop (`AttentionDistillation`). The frozen teacher's
+features come from its `forward_intermediates` where the model family provides the layers
+(defenses/features.py, hooks otherwise), run without gradients; the student's from forward hooks
+on the bare model, so that its loss comes from the step's one forward (through DDP when the loop
+wraps it).
 
 Default layers (`layers=None`), "the last feature stages": SimpleNet-style `features`, the outputs
 of its last two activations; ResNets, `layer3` and `layer4`; staged CNNs, the last two `stages`;
@@ -30,9 +32,9 @@ the clean pairs, for the teacher's fine-tuning and beside the student's distilla
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +44,9 @@ from torch import nn
 from vptlab.config import ExperimentConfig
 from vptlab.data.base import DataSplits
 from vptlab.data.loaders import Batch
-from vptlab.defenses.repair import REPAIRERS, backbone, clean_task, fit_whole_model
+from vptlab.defenses.features import LayerOutputs, check_layers, layer_features
+from vptlab.defenses.finetune import FineTuning
+from vptlab.defenses.repair import REPAIRERS, TRAINS_MODEL, backbone, clean_task, repair
 from vptlab.engine.evaluators import Evaluator
 from vptlab.engine.tasks import Task
 from vptlab.errors import ConfigError
@@ -50,54 +54,6 @@ from vptlab.models.clip import CLIPNet
 
 TEACHER_DIR = "teacher"
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish)
-
-
-class FeatureCapture:
-    """Forward hooks that keep the outputs of the named modules of `model`; `take()` hands over
-    those of the last forward. Also a context manager that removes its hooks on exit."""
-
-    def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
-        modules = dict(model.named_modules())
-        check_layers(model, layers)
-        self.layers = list(layers)
-        self.outputs: dict[str, torch.Tensor] = {}
-        self._handles = [
-            modules[name].register_forward_hook(self._keeper(name)) for name in self.layers
-        ]
-
-    def _keeper(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
-        def keep(module: nn.Module, args: Any, output: Any) -> None:
-            self.outputs[name] = output[0] if isinstance(output, tuple) else output
-
-        return keep
-
-    def take(self) -> list[torch.Tensor]:
-        missing = [name for name in self.layers if name not in self.outputs]
-        if missing:
-            raise ConfigError(f"defense.options.layers: {missing[0]} did not run in the forward")
-        return [self.outputs.pop(name) for name in self.layers]
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self.outputs.clear()
-
-    def __enter__(self) -> FeatureCapture:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def check_layers(model: nn.Module, layers: Sequence[str]) -> None:
-    names = {name for name, _ in model.named_modules()}
-    for layer in layers:
-        if layer not in names:
-            raise ConfigError(
-                f"defense.options.layers: the model has no module {layer!r}; give names as in "
-                "model.named_modules() (e.g. net.features.9, net.blocks.2)"
-            )
 
 
 def default_layers(model: nn.Module) -> list[str]:
@@ -175,7 +131,7 @@ def attention_map(
 class AttentionDistillation:
     """The NAD objective as a task: CE + beta x sum over layers of the mean squared difference
     between the student's and the frozen teacher's attention maps. Call `close()` when done:
-    it removes the hooks from both models."""
+    it removes the hooks from the student."""
 
     def __init__(
         self,
@@ -194,16 +150,15 @@ class AttentionDistillation:
         self.beta, self.p = beta, p
         self.label_smoothing = label_smoothing
         self.num_patches = num_patches
-        self.teacher_features = FeatureCapture(teacher, self.layers)
-        self._student: FeatureCapture | None = None
+        self._student: LayerOutputs | None = None
         self._student_model: nn.Module | None = None
 
-    def student_features(self, raw_model: nn.Module) -> FeatureCapture:
+    def student_features(self, raw_model: nn.Module) -> LayerOutputs:
         """Hooks on the bare student, attached at its first step (the loop hands it over)."""
         if self._student_model is not raw_model:
             if self._student is not None:
                 self._student.close()
-            self._student, self._student_model = FeatureCapture(raw_model, self.layers), raw_model
+            self._student, self._student_model = LayerOutputs(raw_model, self.layers), raw_model
         assert self._student is not None
         return self._student
 
@@ -222,8 +177,7 @@ class AttentionDistillation:
 
     def teacher_forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         with torch.no_grad():
-            self.teacher(x)
-        return self.teacher_features.take()
+            return layer_features(self.teacher, x, self.layers)
 
     def loss(
         self, model: nn.Module, batch: Batch, raw_model: nn.Module
@@ -246,7 +200,6 @@ class AttentionDistillation:
         return (logits.detach().argmax(1) == batch.y).sum()
 
     def close(self) -> None:
-        self.teacher_features.close()
         if self._student is not None:
             self._student.close()
         self._student = self._student_model = None
@@ -268,7 +221,7 @@ class NeuralAttentionDistillation:
     model (see the module docstring)."""
 
     name = "nad"
-    repairs_pixel_prompts = False  # it distils into the backbone's layers
+    trains = TRAINS_MODEL
 
     def __init__(
         self,
@@ -279,6 +232,7 @@ class NeuralAttentionDistillation:
     ) -> None:
         self.beta, self.layers, self.p = beta, layers, p
         self.teacher_epochs = teacher_epochs
+        self.teacher: nn.Module | None = None  # set by before_fit
 
     def layers_of(self, model: nn.Module) -> list[str]:
         layers = list(self.layers) if self.layers else default_layers(model)
@@ -289,50 +243,36 @@ class NeuralAttentionDistillation:
         self.layers_of(model)  # no structure to add; an unknown layer fails here, early
         return model
 
-    def train_teacher(
+    def before_fit(
         self,
         model: nn.Module,
         clean: DataSplits,
         cfg: ExperimentConfig,
         run_dir: Path,
         evaluators: list[Evaluator] | None = None,
-    ) -> nn.Module:
-        """A copy of `model` fine-tuned on the clean subset into `run_dir/teacher`."""
-        teacher = copy.deepcopy(model)
+    ) -> None:
+        """The teacher: a copy of `model` fine-tuned (`ft`) on the clean subset into
+        `run_dir/teacher`."""
         teacher_cfg = cfg.model_copy(deep=True)
         teacher_cfg.name = f"{cfg.name}-{TEACHER_DIR}"
         if self.teacher_epochs is not None:
             teacher_cfg.train.epochs = self.teacher_epochs
-        fit_whole_model(teacher, clean, teacher_cfg, Path(run_dir) / TEACHER_DIR,
-                        evaluators=evaluators)  # fmt: skip
-        return teacher
+        self.teacher = repair(FineTuning(), copy.deepcopy(model), clean, teacher_cfg,
+                              Path(run_dir) / TEACHER_DIR, evaluators)  # fmt: skip
 
-    def repair(
-        self,
-        model: nn.Module,
-        clean: DataSplits,
-        cfg: ExperimentConfig,
-        run_dir: Path,
-        evaluators: list[Evaluator] | None = None,
-    ) -> nn.Module:
-        model = self.prepare(model)
-        layers = self.layers_of(model)
-        teacher = self.train_teacher(model, clean, cfg, run_dir, evaluators)
+    def task(self, model: nn.Module, clean: DataSplits, cfg: ExperimentConfig) -> Task:
+        if self.teacher is None:
+            raise RuntimeError("nad: before_fit trains the teacher the task distils from")
         # The student's own objective beside the distillation: cross-entropy, or CLIP's loss
         # for an image-text model (`clean_task`).
         base = clean_task(model, clean, cfg) if cfg.train.objective == "clip" else None
-        task = AttentionDistillation(
-            teacher, layers, self.beta, self.p, label_smoothing=cfg.train.label_smoothing,
-            num_patches=patch_count(model), base=base,
+        return AttentionDistillation(
+            self.teacher, self.layers_of(model), self.beta, self.p,
+            label_smoothing=cfg.train.label_smoothing, num_patches=patch_count(model), base=base,
         )  # fmt: skip
-        try:
-            fit_whole_model(model, clean, cfg, run_dir, task=task, evaluators=evaluators)
-        finally:
-            task.close()
-        return model
 
 
-@REPAIRERS.register("nad")
+@REPAIRERS.register("nad", repairs_pixel_prompts=False, needs_image_text=False)
 def neural_attention_distillation(
     beta: Annotated[float, Field(ge=0)] = 5000.0,
     layers: Annotated[list[str], Field(min_length=1)] | None = None,

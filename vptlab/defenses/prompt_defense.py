@@ -1,114 +1,13 @@
-"""Our prompt defense: the backdoored model stays frozen; a small defensive *pixel prompt* placed in
-front of it is trained on a little clean data against worst-case universal perturbations that
-stand in for the unknown trigger.
-
-Method. The defended model is `PromptedInput(model)`:
-
-    f_P(x) = f(clamp(x + P, 0, 1)),   P = bound * tanh(theta) (* a frame mask), |P| <= bound
-
-with f the backdoored classifier (every weight frozen, run in eval mode) and theta one learnable
-image. Training alternates, per batch, as in adversarial unlearning (I-BAU, Zeng et al. 2022) but
-with only the prompt learning:
-
-    inner:  u* = a universal perturbation in U that f_P is weakest to   ONE u for the whole batch
-    outer:  min_theta  CE(f_P(x), y) + lam * CE(f_P(T_u*(x)), y)
-
-A backdoor trigger is, by definition, a universal perturbation that sends almost every input to
-one class. The inner search (default `targeted`) therefore looks for exactly that, as Neural
-Cleanse (Wang et al. 2019) does: one search per class t, each maximizing the mean
-log p_t(f_P(T_u(x))) over the batch's samples of other classes, and the stand-in is the search
-that sends most of them to its class. Asking f_P to classify T_u*(x) correctly teaches the
-prompt to cancel what the trigger does. Every search is warm-started from the previous batch's
-(it continues rather than restarts, so one step per batch suffices) and keeps tracking the
-backdoor as the prompt changes. Patch searches start twice per class (`starts="both"`): from a
-mask spread evenly over the image, where the gradient leads (it found the CNN's backdoor), and
-from the best-placed white or black square of a scan over the image (a ViT's backdoor answers
-to exact pixel positions inside a patch token; gradient steps from anywhere else never got
-there). `targeted=False` maximizes the cross-entropy instead (`candidates` searches), as I-BAU
-does; that search often settles on patches that smudge digits rather than on the backdoor
-(measured below).
-
-The perturbation set U (option `threat`):
-
-- "patch" (default; Neural Cleanse's): T_u(x) = (1 - m) x + m p, with a pattern p in
-  [0,1]^(C,H,W) and a mask m in [0,1]^(H,W) whose area sum(m) <= area * H * W. Why it is the
-  default: patch triggers (BadNets and its kin) are local and of full amplitude; an Linf ball
-  small enough to leave clean images readable cannot express a white 3x3 square, so an Linf
-  stand-in does not switch such a backdoor on, while an area-bounded mask reaches any local pattern
-  at any amplitude. The mask takes normalized-gradient steps (under an L1 budget the pixels with
-  the largest gradient should move most) projected back onto the capped simplex
-  (sum(m) <= k, 0 <= m <= 1); the pattern takes signed steps.
-- "linf": T_u(x) = clamp(x + d, 0, 1) with ||d||_inf <= eps, signed steps (universal PGD). For
-  global, low-amplitude triggers (blended, SIG) that a small patch cannot express (not measured
-  here yet).
-
-Why the prompt can cancel a trigger without touching the weights: the clamp makes an additive
-prompt more than a shift. Where P = -1, every pixel value is mapped to 0: the prompt can blank a
-region (and a white patch in it) at the cost of whatever clean images have there; values in
-between dim, brighten or saturate pixels. Images stay in [0, 1], so the frozen model sees inputs
-of its own domain. The clamp is `clamp_prompted` (prompts/pixel.py): P's gradient is one-sided
-on the faces of [0, 1] (with torch.clamp's zero gradient there, P, starting at 0, would never
-learn to dim a saturated trigger pixel), while the input's is the true one, so attacks on the
-defended model and the inner search see the function as it is.
-
-Recipe. cfg.train trains the prompt (the `lr` option overrides its lr). Use SGD with gradient
-clipping (`optimizer: sgd, grad_clip: 1, weight_decay: 0`), as pixel prompts usually are
-(Bahng et al. 2022 use SGD, lr 40); lr 3 suited SimpleNet, 0.3 the ViT below (at 3 its CA fell
-to 47%: models differ in how much a pixel moves them). Adam works too, but its per-coordinate
-normalization blows the clean gradient's noise on pixels that do not matter up to full-size
-steps, and that noise alone can knock a fragile trigger out: with lam = 0 (plain prompt tuning)
-Adam took ASR to 11-85% on the CNNs below, SGD left it at 99.8-100%, so with SGD what removes
-the backdoor is the adversarial term.
-
-Measured on mnist-5k (BadNets: a 3x3 white patch near the corner -> class 0). SimpleNet trained
-on poisoned data; a vit-scratch (patch 7, dim 64, depth 4) trained on 2,000 clean images, then
-VPT-deep prompts and head trained by the attacker on the other 2,000 with 10% poisoned. The
-defense: 200 clean train images, 3 epochs, SGD, grad_clip 1, defaults otherwise (lam = 1,
-area 0.03, one step per batch); CA / ASR in %, test split; about 20 s (SimpleNet) on one CPU
-core shared with other jobs:
-
-    backdoored model              before       defended     lam = 0      untargeted
-    SimpleNet, 5% poison, 2 ep.   92.6 / 100   91.4 / 1.1   93.5 / 99.8  91.1 / 3.9
-    SimpleNet, 10% poison, 2 ep.  94.3 / 100   94.0 / 0.4   94.5 / 100   90.1 / 100
-    SimpleNet, 10% poison, 1 ep.  89.8 / 99.6  92.0 / 0.9   93.9 / 99.9  90.9 / 89.1
-    VPT vit-scratch (lr 0.3)      84.0 / 85.6  79.4 / 4.0   84.1 / 84.1  82.5 / 85.3
-
-(untargeted: 4 candidates. On the under-trained third model prompt tuning alone raises CA. On
-the ViT, uniform starts only reach 80.2 / 75.4: the scan is what finds its trigger.)
-
-Threat model. The defender holds the trained (backdoored) model and a small clean set (5% of the
-train split by default) with true labels, and knows neither the trigger, nor the target, nor the
-poisoned samples. It does not change the model's weights (a frozen or served backbone; the
-attacker's VPT prompts and head included), only what goes into it. The attacker does not adapt to
-the defense (the prompt is trained after the attack).
-
-Limits. (1) Only triggers that U can stand in for are targeted: sample-specific or warping
-triggers (WaNet, input-aware) are not universal additive/patch perturbations, and a trigger
-larger than `area` or stronger than `eps` may be out of reach. (2) The prompt is one image for all
-inputs: blanking or changing a region costs clean accuracy wherever clean images carry
-information there; `lam` trades ASR against CA. (3) An attacker who knows the deployed prompt can
-search a new trigger against f_P; the defense raises the bar, it does not certify. (4) The
-targeted search costs two forward/backward passes per class per step (one with
-`starts="scan"` or `"uniform"`): with hundreds of classes use `targeted=False`, which costs
-`candidates`. The scan costs one forward of 8 images per place, once. (5) The CA cost grows
-with how much a pixel moves the model: 4.6 points on the small ViT, against 0.3-1.2 (or a gain)
-on SimpleNet. (6) A resumed run restarts the warm-started searches (they live in the task, not
-in the checkpoint): a run is deterministic from its seed, but an interrupted one is not
-bit-identical to an uninterrupted one.
-
-Models: the prompt is input-side, so every registered model works (CNNs, ViTs, prompted ViTs),
-and a pixel-prompted one (adapt.mode pixel): the defensive prompt goes in front of the attacker's
-pixel prompt, at its input size, and both the attacker's prompt and the backbone stay frozen.
-With `token_prompts=True`, a VPT-adapted model's own prompt tokens are trained as well (the
-attacker's prompts are then repaired too; the backbone and head stay frozen; not measured).
+"""Our prompt defense (`prompt`): the backdoored model stays frozen, and a defensive pixel prompt
+in front of it is trained on a little clean data against universal perturbations that stand in
+for the unknown trigger. Method, recipe, measurements and limits: docs/prompt_defense_notes.md.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -118,11 +17,9 @@ from vptlab.attacks import frozen_parameters
 from vptlab.config import ExperimentConfig
 from vptlab.data.base import DataSplits
 from vptlab.data.loaders import Batch
-from vptlab.defenses.repair import REPAIRERS
-from vptlab.engine.evaluators import Evaluator
-from vptlab.engine.loop import fit
+from vptlab.defenses.repair import REPAIRERS, TRAINS_PREPARED
 from vptlab.errors import ConfigError
-from vptlab.prompts.pixel import clamp_prompted
+from vptlab.prompts.pixel import FullPrompt, PixelPrompted
 
 Threat = Literal["patch", "linf"]
 Starts = Literal["both", "scan", "uniform"]
@@ -132,87 +29,22 @@ _SCAN_IMAGES = 8  # images the patch search's first placement is judged on
 _SCAN_CHUNK = 1024  # images per forward while scanning
 
 
-class PromptedInput(nn.Module):
-    """`model(clamp(x + P, 0, 1))` with a learnable pixel prompt P, |P| <= bound.
+def prompted_input(
+    model: nn.Module, size: int, bound: float = 1.0, frame: int | None = None
+) -> PixelPrompted:
+    """`model(clamp(x + P, 0, 1))` with a learnable pixel prompt P, |P| <= bound: the one
+    prompted-input wrapper (`PixelPrompted`, no label mapping) with a `FullPrompt` stored at
+    `size` x `size` and resized to inputs of another size; `frame`: P only on a border `frame`
+    input pixels wide. The model is frozen and kept in eval mode, except modules given a
+    trainable parameter of their own afterwards (VPT prompts)."""
+    normalize = getattr(model, "normalize", None)
+    channels = int(normalize.mean.shape[1]) if normalize is not None else 3
+    return PixelPrompted(model, FullPrompt(size, bound, channels, frame=frame, resize=True))
 
-    The prompt is stored at `size` x `size` and resized (bilinear, antialiased) to inputs of
-    another size. `frame`: the prompt lives only on a border `frame` input pixels wide (a padding
-    prompt, Bahng et al. 2022); None: the whole image. The wrapped model runs in eval mode
-    always, except modules that own a trainable parameter (VPT prompts made trainable). Its
-    `forward_features` / `forward_head` / `forward_intermediates` see the prompted input, so
-    feature-based defenses and detectors work on the defended model as on the bare one.
-    State dict: `prompt` plus the wrapped model's keys under `model.`.
-    """
 
-    def __init__(
-        self, model: nn.Module, size: int, bound: float = 1.0, frame: int | None = None
-    ) -> None:
-        super().__init__()
-        self.model = model
-        normalize = getattr(model, "normalize", None)
-        channels = int(normalize.mean.shape[1]) if normalize is not None else 3
-        weight = next(model.parameters(), None)
-        device = weight.device if weight is not None else None
-        self.prompt = nn.Parameter(torch.zeros(1, channels, size, size, device=device))
-        self.bound = bound
-        self.frame = frame
-        self.train(model.training)
-
-    @property
-    def backbone_file(self) -> str | None:
-        return getattr(self.model, "backbone_file", None)
-
-    @property
-    def backbone_sha256(self) -> str | None:
-        return getattr(self.model, "backbone_sha256", None)
-
-    def pixel_prompt(self, like: torch.Tensor) -> torch.Tensor:
-        """P at the size of the batch `like` (1, C, H, W), in [-bound, bound]."""
-        prompt = self.bound * torch.tanh(self.prompt)
-        size = tuple(like.shape[-2:])
-        if tuple(prompt.shape[-2:]) != size:
-            prompt = F.interpolate(prompt, size=size, mode="bilinear", antialias=True)
-        if self.frame is not None:
-            h, w = size
-            inner = torch.zeros(h, w, device=prompt.device, dtype=torch.bool)
-            inner[self.frame : h - self.frame, self.frame : w - self.frame] = True
-            prompt = prompt.masked_fill(inner, 0.0)
-        return prompt.to(like.dtype)
-
-    def prompted(self, x: torch.Tensor) -> torch.Tensor:
-        """The input the wrapped model sees: clamp(x + P, 0, 1)."""
-        return clamp_prompted(x, self.pixel_prompt(x))
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        # Extra arguments reach the model: an image-text model's `text=` tokens (models/clip.py).
-        return self.model(self.prompted(x), *args, **kwargs)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(self.prompted(x))
-
-    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.model.forward_head(features, pre_logits=pre_logits)
-
-    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        return self.model.forward_intermediates(self.prompted(x), *args, **kwargs)
-
-    def get_classifier(self) -> nn.Module:
-        return self.model.get_classifier()
-
-    def train(self, mode: bool = True) -> PromptedInput:
-        super().train(mode)
-        if mode:
-            # The backdoored model is frozen: no dropout, no BatchNorm statistic updates. Only
-            # modules with a trainable parameter of their own (VPT prompts) train.
-            self.model.train(False)
-            for module in self.model.modules():
-                if any(p.requires_grad for p in module.parameters(recurse=False)):
-                    module.train(True)
-        return self
-
-    def extra_repr(self) -> str:
-        size = tuple(self.prompt.shape[1:])
-        return f"prompt={size}, bound={self.bound:g}, frame={self.frame}"
+def is_defended(model: nn.Module) -> bool:
+    """Whether `model` is already behind a defensive prompt (`prompted_input`)."""
+    return isinstance(model, PixelPrompted) and model.mapping is None
 
 
 def model_input_size(model: nn.Module, default: int = DEFAULT_SIZE) -> int:
@@ -472,8 +304,8 @@ class PromptDefenseTask:
     def loss(
         self, model: nn.Module, batch: Batch, raw_model: nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(raw_model, PromptedInput):
-            raise TypeError(f"the prompt defense trains a PromptedInput, got {type(raw_model)}")
+        if not is_defended(raw_model):
+            raise TypeError(f"the prompt defense trains a prompted_input, got {type(raw_model)}")
         if self.lam == 0:
             logits = model(batch.x)
             return F.cross_entropy(logits.float(), batch.y), logits
@@ -487,7 +319,7 @@ class PromptDefenseTask:
         return loss + self.lam * robust, logits
 
 
-@REPAIRERS.register("prompt")
+@REPAIRERS.register("prompt", repairs_pixel_prompts=True, needs_image_text=False)
 class PromptDefense:
     """Repairer `prompt`: a defensive pixel prompt trained against universal perturbations.
 
@@ -508,7 +340,7 @@ class PromptDefense:
     """
 
     name = "prompt"
-    repairs_pixel_prompts = True  # its prompt goes in front of the attacker's
+    trains = TRAINS_PREPARED  # its own prompt (and token prompts): what `prepare` made trainable
 
     def __init__(
         self,
@@ -555,11 +387,12 @@ class PromptDefense:
         self.bound, self.size, self.frame = bound, size, frame
         self.lr, self.token_prompts = lr, token_prompts
 
-    def prepare(self, model: nn.Module) -> PromptedInput:
+    def prepare(self, model: nn.Module) -> PixelPrompted:
         """Freeze `model` and wrap it with a zero prompt (deterministic; also used on reload)."""
-        if isinstance(model, PromptedInput):
+        if is_defended(model):
             raise ConfigError("the model already has a defensive prompt; prepare a fresh model")
-        model.requires_grad_(False)
+        size = self.size or model_input_size(model)
+        prompted = prompted_input(model, size, self.bound, self.frame)  # freezes `model`
         if self.token_prompts:
             from vptlab.prompts import prompt_parameters  # the prompts package imports timm
 
@@ -571,8 +404,8 @@ class PromptDefense:
                 )
             for param in tokens:
                 param.requires_grad_(True)
-        size = self.size or model_input_size(model)
-        return PromptedInput(model, size, self.bound, self.frame)
+            prompted.train(prompted.training)  # the token prompts' modules follow the mode
+        return prompted
 
     def perturbation(self, num_classes: int) -> UniversalPerturbation:
         """The inner search: targeted, one per class, or `candidates` untargeted."""
@@ -581,24 +414,12 @@ class PromptDefense:
             self.threat, self.area, self.eps, self.alpha, self.candidates, targets, self.starts
         )
 
-    def task(self, num_classes: int) -> PromptDefenseTask:
-        """The training step: the search, then the clean and the perturbed cross-entropy."""
-        return PromptDefenseTask(self.perturbation(num_classes), self.steps, self.lam)
+    def recipe(self, cfg: ExperimentConfig) -> ExperimentConfig:
+        """The defense's recipe with the prompt's own `lr`, when the options give one."""
+        if self.lr is None:
+            return cfg
+        return cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": self.lr})})
 
-    def repair(
-        self,
-        model: nn.Module,
-        clean: DataSplits,
-        cfg: ExperimentConfig,
-        run_dir: Path,
-        evaluators: list[Evaluator] | None = None,
-    ) -> PromptedInput:
-        """prepare(model), then train the prompt on `clean.train` through `fit` into `run_dir`
-        (the full model saved); returns the prompted model in eval mode."""
-        prompted = self.prepare(model)
-        if self.lr is not None:
-            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": self.lr})})
-        task = self.task(clean.num_classes)
-        fit(prompted, clean, cfg, run_dir, task=task, evaluators=evaluators,
-            trainable_only=False)  # fmt: skip
-        return prompted.eval()
+    def task(self, model: nn.Module, clean: DataSplits, cfg: ExperimentConfig) -> PromptDefenseTask:
+        """The training step: the search, then the clean and the perturbed cross-entropy."""
+        return PromptDefenseTask(self.perturbation(clean.num_classes), self.steps, self.lam)

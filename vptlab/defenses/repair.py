@@ -1,22 +1,18 @@
-"""Backdoor repairers: `(model, clean subset) -> model`, each trained through the one loop.
+"""Backdoor repairers: `(model, clean subset) -> model`, each a task of the one loop.
 
-A repairer has two halves. `prepare(model)` adds structure only (a pruning mask, say) and is
-deterministic, so that a defended run is rebuilt as `build model -> prepare -> load weights`.
-`repair(model, clean, cfg, run_dir)` prepares the model and trains it with `fit` into `run_dir`,
-saving the whole model. `clean.train` is the defender's clean data (`clean_subset` of the train
-split), `clean.test` the split evaluated after each epoch, `cfg.train` the defense's recipe.
+A repairer says what to train and how; `repair` trains it, with the one `fit` call every
+repairer goes through. `prepare(model)` adds structure only (a pruning mask, a defensive prompt)
+and is deterministic, so a defended run is rebuilt as `build model -> prepare -> load weights`;
+an optional `before_fit` does what comes before training (pruning, a NAD teacher); `task` is the
+loss `fit` optimises; `trains` says which parameters train. `clean.train` is the defender's clean
+data (`clean_subset` of the train split), `clean.test` the split evaluated after each epoch,
+`cfg.train` the defense's recipe.
 
-Registered: `ft` (fine-tuning), `fp` (fine-pruning, Liu et al. 2018), `nad` (Neural Attention
-Distillation, Li et al. 2021), `prompt` (ours, a defensive pixel prompt), and for image-text
-models `cleanclip` (Bansal et al. 2023) and `clip-prompt` (ours for CLIP);
-`create_repairer(name, **options)` builds one, and a config's `defense.options` are checked
-against the factory's signature like `model.options`.
-
-A pixel-prompted model (adapt.mode pixel, vptlab/prompts/pixel.py) is a frozen, shared backbone
-behind what the attacker trained: its prompt (and label-mapping head). A repairer that says
-`repairs_pixel_prompts` repairs that part alone (`ft` fine-tunes the prompt and head, `prompt`
-puts its own prompt in front); the others work on the backbone's layers and are refused for such
-a run at config time (`pixel_prompt_refusal`).
+Registry entries carry metadata (`REPAIRERS.meta(name)`): `repairs_pixel_prompts`, whether it
+repairs a pixel-prompted run (adapt.mode pixel, vptlab/prompts/pixel.py: a frozen, shared
+backbone behind the attacker's prompt and head) without touching that backbone, and
+`needs_image_text`, whether it applies to image-text (CLIP) models only. The others are refused
+for a pixel-prompted run at config time (`pixel_prompt_refusal`).
 """
 
 from __future__ import annotations
@@ -47,34 +43,39 @@ from vptlab.runs import METRICS_FILE, atomic_write_text
 _CLEAN_STREAM = 0xC1EA
 
 
+# What a repairer trains (its `trains`): the whole model (a pixel-prompted one: its prompt and
+# label-mapping head, what the attacker trained), or what `prepare` left trainable (a defensive
+# prompt), with the whole model saved.
+TRAINS_MODEL = "model"
+TRAINS_PREPARED = "prepared"
+
+
 @runtime_checkable
 class Repairer(Protocol):
-    """A backdoor defense that repairs a model with clean data."""
+    """A backdoor defense that repairs a model with clean data, through `repair`.
+
+    Optional members: `before_fit(model, clean, cfg, run_dir, evaluators) -> dict | None` runs
+    on the prepared model before training and returns metrics for the run's metrics.json (under
+    their keys); `recipe(cfg) -> cfg` adjusts the training recipe (a prompt's own lr). A task
+    with a `close()` method is closed after training.
+    """
 
     name: str
-    # Whether it repairs a pixel-prompted model without touching its frozen backbone.
-    repairs_pixel_prompts: bool
+    trains: str  # TRAINS_MODEL or TRAINS_PREPARED
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Structure only (pruning-mask buffers, prompt modules...), no training, deterministic:
         also applied when a defended run is reloaded, before its saved weights are loaded."""
         ...
 
-    def repair(
-        self,
-        model: nn.Module,
-        clean: DataSplits,
-        cfg: ExperimentConfig,
-        run_dir: Path,
-        evaluators: list[Evaluator] | None = None,
-    ) -> nn.Module:
-        """prepare(model), then train through vptlab.engine.loop.fit into run_dir (full model
-        saved, trainable_only=False); clean.train is the defender's clean subset, clean.test the
-        test split for per-epoch evaluation, cfg.train the defense's recipe (epochs, lr, ...)."""
+    def task(self, model: nn.Module, clean: DataSplits, cfg: ExperimentConfig) -> Task:
+        """The loss the one loop optimises on `clean.train` for the prepared `model`."""
         ...
 
 
-REPAIRERS = Registry[Repairer]("defense")
+REPAIRERS = Registry[Repairer](
+    "defense", required=("repairs_pixel_prompts", "needs_image_text")
+)
 
 
 def create_repairer(name: str, **options: Any) -> Repairer:
@@ -132,12 +133,12 @@ def clean_splits(data: DataSplits, fraction: float, seed: int) -> DataSplits:
 
 def pixel_repairers() -> list[str]:
     """The registered repairers that repair a pixel-prompted model (`repairs_pixel_prompts`)."""
-    return [n for n in REPAIRERS.names() if REPAIRERS.create(n).repairs_pixel_prompts]
+    return REPAIRERS.names(repairs_pixel_prompts=True)
 
 
 def pixel_prompt_refusal(name: str) -> str | None:
     """Why repairer `name` cannot repair a pixel-prompted run (adapt.mode pixel), or None."""
-    if name not in REPAIRERS or REPAIRERS.create(name).repairs_pixel_prompts:
+    if name not in REPAIRERS or REPAIRERS.meta(name)["repairs_pixel_prompts"]:
         return None
     return (
         f"defense {name} works on the backbone's layers, which a pixel-prompted run "
@@ -146,8 +147,9 @@ def pixel_prompt_refusal(name: str) -> str | None:
 
 
 def is_pixel_prompted(model: nn.Module) -> bool:
-    """Whether `model` is a pixel-prompted classifier (vptlab.prompts.PixelPrompted)."""
-    return getattr(model, "mode", None) == "pixel" and hasattr(model, "prompt")
+    """Whether `model` is a pixel-prompted classifier (vptlab.prompts.PixelPrompted with a label
+    mapping; the prompt defense's wrapper has none)."""
+    return getattr(model, "mode", None) == "pixel" and getattr(model, "mapping", None) is not None
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -159,39 +161,56 @@ def backbone(model: nn.Module) -> nn.Module:
     return model.net
 
 
-def fit_whole_model(
+def repair(
+    repairer: Repairer,
     model: nn.Module,
     clean: DataSplits,
     cfg: ExperimentConfig,
     run_dir: str | Path,
-    task: Task | None = None,
     evaluators: list[Evaluator] | None = None,
-) -> dict[str, Any]:
-    """`fit` with every parameter trained (a frozen prompt-tuned backbone included) and the whole
-    model saved; the task defaults to `clean_task`."""
+) -> nn.Module:
+    """`repairer` applied to `model`: prepare, `before_fit`, then the one `fit` of its task into
+    `run_dir`; returns the repaired (prepared) model in eval mode."""
+    model = repairer.prepare(model)
+    recipe = getattr(repairer, "recipe", None)
+    if recipe is not None:
+        cfg = recipe(cfg)
+    before_fit = getattr(repairer, "before_fit", None)
+    extra = before_fit(model, clean, cfg, Path(run_dir), evaluators) if before_fit else None
+    trainable_only = select_trainable(model, repairer.trains)
+    task = repairer.task(model, clean, cfg)
+    try:
+        fit(model, clean, cfg, run_dir, task=task, evaluators=evaluators,
+            trainable_only=trainable_only)  # fmt: skip
+    finally:
+        close = getattr(task, "close", None)
+        if close is not None:
+            close()
+    for key, values in (extra or {}).items():
+        record_metrics(run_dir, key, values)
+    return model.eval()
+
+
+def select_trainable(model: nn.Module, trains: str) -> bool:
+    """Set which parameters of the prepared `model` train; returns `fit`'s `trainable_only`.
+
+    TRAINS_MODEL: every parameter (a frozen prompt-tuned backbone included), the whole model
+    saved; for a pixel-prompted model its prompt and label-mapping head alone, the backbone
+    frozen and bit-identical, so only the trained tensors are saved, pinned to the backbone file
+    like the parent's. TRAINS_PREPARED: as `prepare` left them, the whole model saved.
+    """
+    if trains == TRAINS_PREPARED:
+        return False
+    if trains != TRAINS_MODEL:
+        raise ValueError(f"repairers train {TRAINS_MODEL!r} or {TRAINS_PREPARED!r}, not {trains!r}")
+    if is_pixel_prompted(model):
+        model.model.requires_grad_(False)
+        model.prompt.requires_grad_(True)
+        model.mapping.requires_grad_(True)
+        return True
     for param in model.parameters():
         param.requires_grad_(True)
-    task = task or clean_task(model, clean, cfg)
-    return fit(model, clean, cfg, run_dir, task=task, evaluators=evaluators, trainable_only=False)
-
-
-def fit_pixel_prompt(
-    model: nn.Module,
-    clean: DataSplits,
-    cfg: ExperimentConfig,
-    run_dir: str | Path,
-    evaluators: list[Evaluator] | None = None,
-) -> dict[str, Any]:
-    """`fit` of a pixel-prompted model's prompt and label-mapping head alone (what the attacker
-    trained); the backbone stays frozen and in eval mode, bit-identical, so only the trained
-    tensors (and the label mapping) are saved, pinned to the backbone file like the parent's."""
-    if not is_pixel_prompted(model):
-        raise TypeError(f"fit_pixel_prompt expects a PixelPrompted model, got {type(model)}")
-    model.model.requires_grad_(False)
-    model.prompt.requires_grad_(True)
-    model.mapping.requires_grad_(True)
-    task = ClassificationTask(cfg.train.label_smoothing)
-    return fit(model, clean, cfg, run_dir, task=task, evaluators=evaluators, trainable_only=True)
+    return False
 
 
 def clean_task(model: nn.Module, clean: DataSplits, cfg: ExperimentConfig) -> Task:
@@ -221,10 +240,12 @@ __all__ = [
     "clean_subset",
     "clean_task",
     "create_repairer",
-    "fit_pixel_prompt",
-    "fit_whole_model",
+    "TRAINS_MODEL",
+    "TRAINS_PREPARED",
     "is_pixel_prompted",
     "pixel_prompt_refusal",
     "pixel_repairers",
     "record_metrics",
+    "repair",
+    "select_trainable",
 ]

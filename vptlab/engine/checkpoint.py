@@ -77,6 +77,10 @@ def load_model(model: nn.Module, path: str | Path) -> nn.Module:
     if not path.is_file():
         raise VptlabError(f"checkpoint not found: {path}")
     state = _read_tensors(path, str(next(model.parameters()).device))
+    # Keys an older version of the model's class saved under another name (`legacy_keys`).
+    for old, new in (getattr(model, "legacy_keys", None) or {}).items():
+        if old in state and new not in state:
+            state[new] = state.pop(old)
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
     if unexpected:

@@ -170,24 +170,52 @@ class PatchPrompt(PixelPrompt):
 
 
 class FullPrompt(PixelPrompt):
-    """clamp(x + eps * tanh(theta), 0, 1) over the whole image (`clamp_prompted`)."""
+    """clamp(x + eps * tanh(theta), 0, 1) over the whole image (`clamp_prompted`).
 
-    def __init__(self, image_size: int, eps: float, channels: int = 3) -> None:
+    `frame`: the perturbation only on a border `frame` input pixels wide (a padding prompt,
+    Bahng et al. 2022). `resize`: inputs of any size are taken, the stored `image_size` x
+    `image_size` perturbation resized to theirs (bilinear, antialiased): the prompt defense's
+    prompt (defenses/prompt_defense.py).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        eps: float,
+        channels: int = 3,
+        frame: int | None = None,
+        resize: bool = False,
+    ) -> None:
         super().__init__(image_size, channels)
         if not 0 < eps <= 1:
             raise ConfigError(f"adapt.pixel.eps must be in (0, 1], got {eps}")
-        self.eps = eps
+        self.eps, self.frame, self.resize = eps, frame, resize
         self.delta = nn.Parameter(torch.zeros(1, channels, image_size, image_size))
 
-    def perturbation(self) -> torch.Tensor:
-        return self.eps * torch.tanh(self.delta)
+    def perturbation(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """eps * tanh(theta), (1, C, H, W); with `like`, at its size and in its dtype."""
+        prompt = self.eps * torch.tanh(self.delta)
+        if like is None:
+            return prompt
+        size = tuple(like.shape[-2:])
+        if tuple(prompt.shape[-2:]) != size:
+            prompt = F.interpolate(prompt, size=size, mode="bilinear", antialias=True)
+        if self.frame is not None:
+            h, w = size
+            inner = torch.zeros(h, w, device=prompt.device, dtype=torch.bool)
+            inner[self.frame : h - self.frame, self.frame : w - self.frame] = True
+            prompt = prompt.masked_fill(inner, 0.0)
+        return prompt.to(like.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        return clamp_prompted(x, self.perturbation().to(x.dtype))
+        if not self.resize:
+            self.check_input(x)
+        return clamp_prompted(x, self.perturbation(x))
 
     def extra_repr(self) -> str:
-        return f"image_size={self.image_size}, eps={self.eps}"
+        frame = f", frame={self.frame}" if self.frame is not None else ""
+        resize = ", resize=True" if self.resize else ""
+        return f"image_size={self.image_size}, eps={self.eps:g}{frame}{resize}"
 
 
 def create_pixel_prompt(
@@ -222,11 +250,16 @@ def _full(image_size: int, size: int, eps: float, channels: int) -> PixelPrompt:
 class PixelPrompted(nn.Module):
     """`mapping(model(prompt(x)))` around a frozen classifier that takes pixels in [0,1].
 
-    The wrapped model is frozen here (requires_grad False) and kept in eval mode by `train()`:
-    only the prompt and a linear mapping's head train. `forward_features` and
-    `forward_intermediates` see the prompted input and the model's features; `forward_head`
-    maps the model's logits; `get_classifier()` is the mapping. State dict: `model.*` (the
-    backbone, unchanged), `prompt.*`, `mapping.*`.
+    The one prompted-input wrapper: an attacker's or user's pixel prompt (adapt.mode pixel,
+    with a label mapping) and the prompt defense's (`mapping=None`: the model's own outputs).
+    The wrapped model is frozen here (requires_grad False) and kept in eval mode by `train()`,
+    except modules given a trainable parameter of their own afterwards (VPT prompts the
+    defense trains): only those, the prompt and a linear mapping's head train.
+    `forward_features` and `forward_intermediates` see the prompted input and the model's
+    features; `forward_head` maps the model's logits; `get_classifier()` is the mapping (the
+    model's classifier without one). Extra forward arguments reach the model (an image-text
+    model's `text=` tokens). State dict: `model.*` (the backbone, unchanged), `prompt.*`,
+    `mapping.*`.
 
     Shape: x (B, C, S, S) in [0,1] with S the prompt's `image_size` -> (B, num_classes) logits.
 
@@ -240,7 +273,9 @@ class PixelPrompted(nn.Module):
 
     mode = "pixel"
 
-    def __init__(self, model: nn.Module, prompt: PixelPrompt, mapping: LabelMapping) -> None:
+    def __init__(
+        self, model: nn.Module, prompt: PixelPrompt, mapping: LabelMapping | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.prompt = prompt
@@ -249,7 +284,8 @@ class PixelPrompted(nn.Module):
         weight = next(model.parameters(), None)
         if weight is not None:
             prompt.to(weight.device)
-            mapping.to(weight.device)
+            if mapping is not None:
+                mapping.to(weight.device)
         self.train(model.training)
 
     @property
@@ -264,31 +300,46 @@ class PixelPrompted(nn.Module):
     def normalize(self) -> nn.Module:
         return self.model.normalize
 
+    @property
+    def legacy_keys(self) -> dict[str, str]:
+        """Checkpoint keys of older versions -> today's (engine/checkpoint.py `load_model`): the
+        prompt defense's wrapper kept its prompt as one tensor, `prompt`."""
+        if isinstance(self.prompt, FullPrompt) and self.prompt.resize:
+            return {"prompt": "prompt.delta"}
+        return {}
+
     def train(self, mode: bool = True) -> PixelPrompted:
         super().train(mode)
-        self.model.train(False)  # the frozen model: no dropout, no BatchNorm statistic updates
+        # The frozen model: no dropout, no BatchNorm statistic updates. Only modules with a
+        # trainable parameter of their own (VPT prompts made trainable) train.
+        self.model.train(False)
+        if mode:
+            for module in self.model.modules():
+                if any(p.requires_grad for p in module.parameters(recurse=False)):
+                    module.train(True)
         return self
 
-    def source_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen model's own logits on the prompted input (B, source_classes)."""
-        return self.model(self.prompt(x))
+    def source_logits(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The frozen model's own outputs on the prompted input (B, source_classes)."""
+        return self.model(self.prompt(x), *args, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mapping(self.source_logits(x))
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self.source_logits(x, *args, **kwargs)
+        return out if self.mapping is None else self.mapping(out)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(self.prompt(x))
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         out = self.model.forward_head(features, pre_logits=pre_logits)
-        return out if pre_logits else self.mapping(out)
+        return out if pre_logits or self.mapping is None else self.mapping(out)
 
     def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """The model's `forward_intermediates` (timm's signature) on the prompted input."""
         return self.model.forward_intermediates(self.prompt(x), *args, **kwargs)
 
     def get_classifier(self) -> nn.Module:
-        return self.mapping
+        return self.model.get_classifier() if self.mapping is None else self.mapping
 
     @torch.no_grad()
     def prediction_counts(
@@ -296,6 +347,8 @@ class PixelPrompted(nn.Module):
     ) -> torch.Tensor:
         """counts[j, s] over `batches` of (x, y, ...): how many images of label j the prompted
         frozen model predicts as its class s. Run in eval mode; the mode is restored."""
+        if self.mapping is None:
+            raise ConfigError("prediction_counts needs a label mapping; this prompt has none")
         was_training = self.training
         self.eval()
         m = self.mapping
@@ -313,7 +366,9 @@ class PixelPrompted(nn.Module):
         """Choose a frequency mapping from `batches` (the train split): `LabelMapping.assign` on
         `prediction_counts`. The engine calls this through `LabelRemap` (vptlab/engine/hooks.py)
         before the first epoch (`frequency`) or before every epoch (`iterative`)."""
-        return self.mapping.assign(self.prediction_counts(batches))
+        counts = self.prediction_counts(batches)
+        assert self.mapping is not None  # prediction_counts checked it
+        return self.mapping.assign(counts)
 
 
 def pixel_prompted(

@@ -205,7 +205,7 @@ def defend(
 def _defend_locked(parent: Path, parent_cfg: ExperimentConfig, cfg: ExperimentConfig, run_dir: Path,
             fresh: bool) -> dict[str, Any]:  # fmt: skip
     """`defend` with the defended run's folder locked."""
-    from vptlab.defenses.repair import clean_splits, create_repairer
+    from vptlab.defenses.repair import clean_splits, create_repairer, repair
 
     parent_key = run_key(parent_cfg)
     if not fresh and (reused := _reusable(run_dir, cfg, parent_key)) is not None:
@@ -222,7 +222,7 @@ def _defend_locked(parent: Path, parent_cfg: ExperimentConfig, cfg: ExperimentCo
     clean = clean_splits(data, cfg.defense.clean_fraction, cfg.seed)
     evaluators = [clean_evaluator(cfg, data), BackdoorAccuracy(data.test, threat)]
     torch.manual_seed(cfg.seed)
-    repaired = repairer.repair(model, clean, cfg, run_dir, evaluators).eval()
+    repaired = repair(repairer, model, clean, cfg, run_dir, evaluators)  # the one `fit`
     after = suite(repaired, data, threat, cfg, progress)
     metrics = json.loads((run_dir / METRICS_FILE).read_text())
     metrics["defense"] = {
