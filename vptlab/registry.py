@@ -8,8 +8,10 @@ names its key before anything is built.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+import pkgutil
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
@@ -99,6 +101,13 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def import_plugins(package: str, path: Iterable[str]) -> None:
+    """Import every module of `package` (its `__path__`), so that each registers its entries:
+    adding a plug-in is one file with its `@REGISTRY.register(...)` line, no import to add."""
+    for module in pkgutil.iter_modules(path, prefix=f"{package}."):
+        importlib.import_module(module.name)
 
 
 def check_factory_options(

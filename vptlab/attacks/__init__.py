@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-# Imported for their registrations: fgsm, pgd, autoattack, square.
 from vptlab.attacks import autoattack, pgd, square  # noqa: F401
 from vptlab.attacks.autoattack import AutoAttack
 from vptlab.attacks.base import ATTACKS, Attack, frozen_parameters
 from vptlab.attacks.pgd import FGSM, PGD, check_budget
 from vptlab.attacks.square import Square
+
+# Imported for their registrations: fgsm, pgd, autoattack, square.
+from vptlab.registry import import_plugins
 
 
 def create_attack(name: str, **options: Any) -> Attack:
@@ -27,6 +29,9 @@ def create_attack(name: str, **options: Any) -> Attack:
     checked = ATTACKS.check_options(name, options, where="attack")
     return ATTACKS.create(name, **checked)
 
+
+# Every module registers its plug-ins on import: a new file here is found without an edit.
+import_plugins(__name__, __path__)
 
 __all__ = [
     "ATTACKS",

@@ -11,6 +11,10 @@ from vptlab.backdoors.poison import (
     save_poison,
 )
 from vptlab.backdoors.triggers import TRIGGERS, Trigger, create_trigger
+from vptlab.registry import import_plugins
+
+# Every module registers its plug-ins on import: a new file here is found without an edit.
+import_plugins(__name__, __path__)
 
 __all__ = [
     "TRIGGERS",

@@ -19,7 +19,7 @@ from torch import nn
 from vptlab.errors import DataError, RegistryError
 from vptlab.models.base import ImageClassifier
 from vptlab.models.pretrained import file_sha256
-from vptlab.registry import Registry, check_factory_options
+from vptlab.registry import Registry, check_factory_options, import_plugins
 
 MODELS = Registry[nn.Module]("model")
 # Parameters the engine passes to the factories itself, and where a user sets them instead.
@@ -112,6 +112,9 @@ def _timm_knows(name: str) -> bool:
 
 # Imported last: each submodule registers its models into MODELS defined above.
 from vptlab.models import clip, simplenet, timm_models, vit_scratch  # noqa: E402
+
+# Every module registers its plug-ins on import: a new file here is found without an edit.
+import_plugins(__name__, __path__)
 
 __all__ = [
     "MODELS",
