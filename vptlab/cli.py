@@ -28,6 +28,19 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _poisoned_run_parser(
+    sub: Any, verb: str, func: Any, help: str, flag: str, flag_help: str
+) -> argparse.ArgumentParser:
+    """The parser of a verb on a poisoned run folder (defend, detect), with its required plug-in
+    flag (--defense, --detector) and the device flags."""
+    p = sub.add_parser(verb, help=help)
+    p.add_argument("run_dir", help="a finished run trained with data.poison")
+    p.add_argument(flag, required=True, help=flag_help)
+    _add_device(p)
+    p.set_defaults(func=func)
+    return p
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from vptlab.config import load_yaml
     from vptlab.steps.resolve import resolved
@@ -240,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         "attack", help="robust accuracy of a run folder under evasion attacks (robustness.json)"
     )
     p.add_argument("run_dir")
-    p.add_argument("--attack", help="fgsm, pgd, square or autoattack (default pgd)")
+    p.add_argument("--attack", help="a registered attack (`vptlab list attacks`): fgsm, pgd, "
+                   "square or autoattack (default pgd)")
     p.add_argument("--norm", help="linf or l2 (default linf)")
     p.add_argument("--eps", help="budgets in [0,1] pixel units, comma-separated: 0.1,0.2,0.3")
     p.add_argument("--steps", type=int, help="PGD steps (default 10)")
@@ -264,31 +278,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.set_defaults(func=cmd_attack)
 
-    p = sub.add_parser(
-        "defend", help="repair a poisoned run with clean data into a new run folder (parent: it)"
-    )
-    p.add_argument("run_dir", help="a finished run trained with data.poison")
-    p.add_argument("--defense", required=True,
-                   help="ft, fp, nad or prompt; for CLIP runs ft, nad, cleanclip or clip-prompt")
+    p = _poisoned_run_parser(
+        sub, "defend", cmd_defend,
+        "repair a poisoned run with clean data into a new run folder (parent: it)",
+        "--defense", "a registered defense (`vptlab list defenses`): ft, fp, nad or prompt; for "
+        "CLIP runs ft, nad, cleanclip or clip-prompt",
+    )  # fmt: skip
     p.add_argument("--clean-fraction", type=float, default=None,
                    help="share of the clean train split the defender holds (default 0.05)")
     p.add_argument("--fresh", action="store_true", help="redo a finished defended run")
     p.add_argument("overrides", nargs="*",
                    help="key.sub=value: the defense's recipe (train.epochs=5, train.lr=0.01), "
                    "its options (defense.options.beta=1000), name=...")
-    _add_device(p)
-    p.set_defaults(func=cmd_defend)
 
-    p = sub.add_parser(
-        "detect", help="backdoor detection on a poisoned run (detection.json in its folder)"
-    )
-    p.add_argument("run_dir", help="a finished run trained with data.poison")
-    p.add_argument("--detector", required=True,
-                   help="strip (AUROC, triggered vs clean test images) or spectral (precision / "
-                   "recall of flagged training samples)")
+    p = _poisoned_run_parser(
+        sub, "detect", cmd_detect,
+        "backdoor detection on a poisoned run (detection.json in its folder)",
+        "--detector", "a registered detector (`vptlab list detectors`): strip (AUROC, triggered "
+        "vs clean test images) or spectral (precision / recall of flagged samples)",
+    )  # fmt: skip
     p.add_argument("--overlays", type=int, default=20, help="STRIP: clean images blended in")
-    _add_device(p)
-    p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("models", help="list the registered models")
     p.set_defaults(func=cmd_models)

@@ -163,6 +163,16 @@ def captioned(
     )
 
 
+def _digit_captions(
+    name: str, splits: DataSplits, templates: list[str] | None, seed: int
+) -> DataSplits:
+    """A digit dataset with captions drawn from `templates` (default DIGIT_CAPTIONS)."""
+    return captioned(
+        name, splits, DIGIT_WORDS, templates or DIGIT_CAPTIONS, DIGIT_ZERO_SHOT, seed,
+        symbols=[str(d) for d in range(10)],
+    )
+
+
 @register_captioned("mnist-captions")
 def load_mnist_captions(
     root: str | None = None, seed: int = 0, templates: list[str] | None = None
@@ -170,10 +180,7 @@ def load_mnist_captions(
     """mnist-5k with one caption per train image ("a handwritten 7", "the number seven written
     by hand" ...), drawn by the seed from `templates` (default: DIGIT_CAPTIONS); the test split
     is mnist-5k's, evaluated zero-shot over the class words."""
-    return captioned(
-        "mnist-captions", load_mnist_5k(seed=seed), DIGIT_WORDS, templates or DIGIT_CAPTIONS,
-        DIGIT_ZERO_SHOT, seed, symbols=[str(d) for d in range(10)],
-    )  # fmt: skip
+    return _digit_captions("mnist-captions", load_mnist_5k(seed=seed), templates, seed)
 
 
 @register_captioned("digits-captions")
@@ -182,10 +189,7 @@ def load_digits_captions(
 ) -> DataSplits:
     """scikit-learn's 8x8 digits with captions as `mnist-captions` draws them: the tiny
     image-text set of the unit tests (1,437 train pairs)."""
-    return captioned(
-        "digits-captions", load_digits(seed=seed), DIGIT_WORDS, templates or DIGIT_CAPTIONS,
-        DIGIT_ZERO_SHOT, seed, symbols=[str(d) for d in range(10)],
-    )  # fmt: skip
+    return _digit_captions("digits-captions", load_digits(seed=seed), templates, seed)
 
 
 @register_captioned("fashion-captions")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -185,9 +185,9 @@ def _label(text: str, num_classes: int) -> int | None:
     return int(text)
 
 
-def read_list_file(path: Path, images: Path, num_classes: int) -> list[tuple[Path, int]]:
-    """`relative/path.jpg label` lines -> (images/relative/path.jpg, label)."""
-    samples = []
+def _labelled_lines(path: Path, num_classes: int, form: str) -> Iterator[tuple[str, int]]:
+    """(text, label) of each `text label` line of a MiniPlaces list file; blank lines skipped,
+    a malformed line or a label outside 0..num_classes-1 is one DataError naming its line."""
     for number, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
@@ -195,10 +195,18 @@ def read_list_file(path: Path, images: Path, num_classes: int) -> list[tuple[Pat
         label = _label(parts[1], num_classes) if len(parts) == 2 else None
         if label is None:
             raise DataError(
-                f"miniplaces: {path}:{number}: expected 'relative/path.jpg label' with a label "
-                f"in 0..{num_classes - 1}, got {line.strip()!r}"
+                f"miniplaces: {path}:{number}: expected '{form}' with a label in "
+                f"0..{num_classes - 1}, got {line.strip()!r}"
             )
-        samples.append((images / parts[0], label))
+        yield parts[0], label
+
+
+def read_list_file(path: Path, images: Path, num_classes: int) -> list[tuple[Path, int]]:
+    """`relative/path.jpg label` lines -> (images/relative/path.jpg, label)."""
+    samples = [
+        (images / text, label)
+        for text, label in _labelled_lines(path, num_classes, "relative/path.jpg label")
+    ]
     if not samples:
         raise DataError(f"miniplaces: {path} lists no images")
     # Checking every file costs a stat per image; the first one catches a wrong images/ folder,
@@ -216,18 +224,9 @@ def read_categories(list_dir: Path, train: list[tuple[Path, int]], images: Path)
     names = [str(i) for i in range(MINIPLACES_CLASSES)]
     path = list_dir / "categories.txt"
     if path.is_file():
-        for number, line in enumerate(_read_lines(path), start=1):
-            if not line.strip():
-                continue
-            parts = line.rsplit(maxsplit=1)
-            label = _label(parts[1], MINIPLACES_CLASSES) if len(parts) == 2 else None
-            if label is None:
-                raise DataError(
-                    f"miniplaces: {path}:{number}: expected '/a/abbey 0' with a label in "
-                    f"0..{MINIPLACES_CLASSES - 1}, got {line.strip()!r}"
-                )
+        for text, label in _labelled_lines(path, MINIPLACES_CLASSES, "/a/abbey 0"):
             # '/b/bakery/shop' -> 'bakery/shop': drop the leading letter folder.
-            names[label] = parts[0].strip("/").split("/", 1)[-1]
+            names[label] = text.strip("/").split("/", 1)[-1]
         return names
     for file, label in train:  # train/a/abbey/00000001.jpg
         folders = file.relative_to(images).parts[2:-1]

@@ -166,3 +166,19 @@ def load_pretrained_file(
     if adapt is not None:
         state = adapt(state, net)
     return load_backbone_state(net, state, str(path), keep_head=keep_head)
+
+
+def load_own_weights(
+    name: str,
+    net: nn.Module,
+    pretrained: bool | str | Path,
+    keep_head: bool = False,
+    adapt: Callable[[StateDict, nn.Module], StateDict] | None = None,
+) -> nn.Module:
+    """A model of ours (`name`) has no published weights: `pretrained=True` is an error naming
+    it, a path is loaded (`load_pretrained_file`), False leaves `net` at its initialisation."""
+    if pretrained is True:
+        raise ConfigError(f"{name} has no published weights; pass pretrained=path/to/file")
+    if pretrained:
+        load_pretrained_file(net, pretrained, adapt=adapt, keep_head=keep_head)
+    return net

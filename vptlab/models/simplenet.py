@@ -18,7 +18,7 @@ from vptlab.errors import ConfigError
 from vptlab.models import MODELS, build_classifier
 from vptlab.models.base import Intermediates, check_output_fmt, intermediates_result, run_blocks
 from vptlab.models.custom_conv import CustomConv2d
-from vptlab.models.pretrained import load_pretrained_file
+from vptlab.models.pretrained import load_own_weights
 
 ConvKind = Literal["torch", "custom"]
 # Scratch models see gray digits and scenes alike; 0.5/0.5 maps [0,1] to [-1,1] and BatchNorm
@@ -127,10 +127,7 @@ def _simplenet(
         batch_norm=batch_norm,
         drop_rate=drop_rate,
     )
-    if pretrained is True:
-        raise ConfigError("simplenet has no published weights; pass pretrained=path/to/file")
-    if pretrained:
-        load_pretrained_file(net, pretrained, keep_head=keep_head)
+    load_own_weights("simplenet", net, pretrained, keep_head)
     return build_classifier(net, SCRATCH_MEAN, SCRATCH_STD)
 
 

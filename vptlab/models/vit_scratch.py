@@ -15,7 +15,7 @@ from torch import nn
 from vptlab.errors import ConfigError, DataError
 from vptlab.models import MODELS, build_classifier
 from vptlab.models.base import TokenIntermediates, run_blocks
-from vptlab.models.pretrained import load_pretrained_file, resample_vit_state
+from vptlab.models.pretrained import load_own_weights, resample_vit_state
 from vptlab.models.simplenet import SCRATCH_MEAN, SCRATCH_STD
 
 
@@ -266,8 +266,5 @@ def vit_scratch(
         global_pool=global_pool,
         use_sdpa=use_sdpa,
     )
-    if pretrained is True:
-        raise ConfigError("vit-scratch has no published weights; pass pretrained=path/to/file")
-    if pretrained:
-        load_pretrained_file(net, pretrained, adapt=resample_vit_state, keep_head=keep_head)
+    load_own_weights("vit-scratch", net, pretrained, keep_head, adapt=resample_vit_state)
     return build_classifier(net, SCRATCH_MEAN, SCRATCH_STD)

@@ -84,6 +84,22 @@ def _series(
                 color=color, marker="o" if len(rows) < 15 else None)  # fmt: skip
 
 
+def _show(ax: Any, image: torch.Tensor, ylabel: str | None) -> None:
+    """One (C,H,W) image in [0,1] in a grid cell, no ticks; the row's name on its first cell."""
+    ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if ylabel is not None:
+        ax.set_ylabel(ylabel, fontsize=8)
+
+
+def _finish_grid(fig: Any, path: str | Path, title: str) -> None:
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _save(fig: Any, path: str | Path) -> None:
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
@@ -183,21 +199,14 @@ def plot_adversarial_grid(
     for r, (name, images) in enumerate(rows):
         for c in range(count):
             ax = axes[r][c]
-            ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _show(ax, images[c], name if c == 0 else None)
             if r == 0:
                 ax.set_title(f"true {labels[c]}\npred {clean_pred[c]}", fontsize=8)
             elif r == 1:
                 wrong = adversarial_pred[c] != labels[c]
                 ax.set_title(f"pred {adversarial_pred[c]}", fontsize=8,
                              color="red" if wrong else "black")  # fmt: skip
-            if c == 0:
-                ax.set_ylabel(name, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    _save(fig, path)
+    _finish_grid(fig, path, title)
 
 
 def plot_backdoor_examples(
@@ -216,16 +225,9 @@ def plot_backdoor_examples(
     for r, (name, images) in enumerate((("clean", clean), ("triggered", triggered))):
         for c in range(count):
             ax = axes[r][c]
-            ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _show(ax, images[c], name if c == 0 else None)
             said = [f"{model} {p[r][c]}" for model, p in preds.items()]
             wrong = any(p[r][c] != labels[c] for p in preds.values())
             head = f"true {labels[c]}\n" if r == 0 else ""
             ax.set_title(head + "\n".join(said), fontsize=7, color="red" if wrong else "black")
-            if c == 0:
-                ax.set_ylabel(name, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    _save(fig, path)
+    _finish_grid(fig, path, title)

@@ -52,6 +52,11 @@ class Column:
         return self.fmt(value) + (self.mark(row) if self.mark is not None else "")
 
 
+def percent(title: str, *path: str) -> Column:
+    """A right-aligned column of the number at `path`, two decimals (a percentage)."""
+    return Column(title, at(*path), decimals(2), "right")
+
+
 def overfitting(metrics: Row | None) -> str | None:
     """A run's catastrophic-overfitting mark: `epoch E (B -> P)` (its best probe B fell to P at
     epoch E), `no` when the robust probe ran without a fall, None (n/a) without a probe."""
@@ -81,10 +86,10 @@ RUN_COLUMNS: tuple[Column, ...] = (
     Column("dataset", at("dataset")),
     Column("trainable params", at("params", "trainable"), thousands, "right"),
     Column("total params", at("params", "total"), thousands, "right"),
-    Column("top-1", at("final", "test_top1"), decimals(2), "right"),
-    Column("top-5", at("final", "test_top5"), decimals(2), "right"),
+    percent("top-1", "final", "test_top1"),
+    percent("top-5", "final", "test_top5"),
     overfitting_column(),
-    Column("s / epoch", at("seconds_per_epoch"), decimals(2), "right"),
+    percent("s / epoch", "seconds_per_epoch"),
     Column("wall s", at("wall_seconds"), decimals(1), "right"),
 )
 
@@ -99,9 +104,9 @@ BACKDOOR_COLUMNS: tuple[Column, ...] = (
     Column("label", at("backdoor", "label")),
     Column("poisoned", at("backdoor", "poisoned"), thousands, "right"),
     Column("cross", at("backdoor", "cross"), thousands, "right"),
-    Column("CA %", at("backdoor", "ca"), decimals(2), "right"),
-    Column("ASR %", at("backdoor", "asr"), decimals(2), "right"),
-    Column("RA %", at("backdoor", "ra"), decimals(2), "right"),
+    percent("CA %", "backdoor", "ca"),
+    percent("ASR %", "backdoor", "asr"),
+    percent("RA %", "backdoor", "ra"),
 )
 BACKDOOR_NOTE = (
     "CA: clean test top-1; ASR: test samples not of the target class, with the trigger, "
@@ -112,12 +117,12 @@ DEFENSE_COLUMNS: tuple[Column, ...] = (
     Column("run", at("name")),
     Column("defense", at("defense", "name")),
     Column("trigger", at("defense", "trigger")),
-    Column("CA before %", at("defense", "ca_before"), decimals(2), "right"),
-    Column("CA after %", at("defense", "ca_after"), decimals(2), "right"),
-    Column("ASR before %", at("defense", "asr_before"), decimals(2), "right"),
-    Column("ASR after %", at("defense", "asr_after"), decimals(2), "right"),
-    Column("RA after %", at("defense", "ra_after"), decimals(2), "right"),
-    Column("ASR drop", at("defense", "asr_drop"), decimals(2), "right"),
+    percent("CA before %", "defense", "ca_before"),
+    percent("CA after %", "defense", "ca_after"),
+    percent("ASR before %", "defense", "asr_before"),
+    percent("ASR after %", "defense", "asr_after"),
+    percent("RA after %", "defense", "ra_after"),
+    percent("ASR drop", "defense", "asr_drop"),
     Column("DER", at("defense", "der"), decimals(3), "right"),
 )
 DEFENSE_NOTE = (
@@ -191,7 +196,7 @@ ATTACK_COLUMNS: tuple[Column, ...] = (
     Column("restarts", at("restarts"), str, "right"),
     Column("targeted", at("targeted"), lambda v: {True: "yes", False: "no"}.get(v, str(v))),
     Column("top-1 %", at("acc"), decimals(2), "right", unreliable_mark("unreliable")),
-    Column("top-5 %", at("top5"), decimals(2), "right"),
+    percent("top-5 %", "top5"),
 )
 
 
@@ -201,7 +206,7 @@ def robust_columns(metrics: Sequence[str]) -> tuple[Column, ...]:
     attack's robust top-1, titled by the attack's metric name and marked where unreliable."""
     return (
         Column("run", at("name")),
-        Column("clean top-1", at("robustness", "clean/top1"), decimals(2), "right"),
+        percent("clean top-1", "robustness", "clean/top1"),
         *(Column(m, at("robustness", f"{m}/acc"), decimals(2), "right",
                  unreliable_mark("unreliable", m)) for m in metrics),
     )
