@@ -250,3 +250,14 @@ def test_state_file_with_code_is_refused(tmp_path: Path) -> None:
     torch.save({"epoch": Evil()}, path)
     with pytest.raises(VptlabError, match="refused unread: it references .*print"):
         load_state(path)
+
+
+def test_training_off_a_terminal_logs_one_line_per_epoch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runner.train(digits_config(tmp_path, "train.epochs=2", "output.progress=true"))
+    lines = capsys.readouterr().out.splitlines()
+    assert "" not in lines
+    epochs = [line for line in lines if line.startswith("digits epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["digits epoch 1/2", "digits epoch 2/2"]
+    assert all(" 100% 23/23 " in line for line in epochs), epochs
