@@ -16,6 +16,7 @@ from vptlab.errors import ConfigError
 from vptlab.metrics.suite import evaluate_suite
 
 
+@pytest.mark.slow
 def test_pretrained_tiny_clip_beats_chance_zero_shot(tmp_path: Path) -> None:
     cfg = build_config({
         "name": "clip", "seed": 0, "device": "cpu",
