@@ -54,6 +54,7 @@ def _same_weights(a_dir: Path, b_dir: Path) -> bool:
 RESUME_OPTS = ("data.augment.crop_pad=1", "train.epochs=3", "model.options.drop_rate=0.3")
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     full = runner.train(digits_config(tmp_path / "a", *RESUME_OPTS))
     stopped = runner.train(digits_config(tmp_path / "b", *RESUME_OPTS), stop_after_epochs=1)
@@ -64,6 +65,7 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert _same_weights(tmp_path / "a" / "digits", tmp_path / "b" / "digits")
 
 
+@pytest.mark.slow
 def test_resume_without_rng_restore_would_differ(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -101,6 +103,7 @@ def _killed_run(cfg: ExperimentConfig, steps: int) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_mid_epoch_checkpoints_resume_exactly(tmp_path: Path) -> None:
     # digits: 1,438 train images / 64 = 23 steps an epoch; killed in epoch 2 at step 30,
     # checkpoints every 4 steps: resumes at step 28 of 69.
@@ -125,6 +128,7 @@ def test_folder_killed_before_its_first_checkpoint_resumes_from_the_start(
     assert _strip(resumed["history"]) == _strip(full["history"])
 
 
+@pytest.mark.slow
 def test_kill_between_model_and_state_write_is_repaired(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -153,6 +157,7 @@ def test_kill_between_model_and_state_write_is_repaired(
     assert _same_weights(tmp_path / "a" / "digits", run_dir)
 
 
+@pytest.mark.slow
 def test_mismatched_model_and_state_are_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -172,6 +177,7 @@ def test_mismatched_model_and_state_are_refused(
         runner.resume(run_dir)
 
 
+@pytest.mark.slow
 def test_resume_takes_only_overrides_that_keep_the_results(tmp_path: Path) -> None:
     runner.train(digits_config(tmp_path, "train.epochs=2"), stop_after_epochs=1)
     run_dir = tmp_path / "digits"
