@@ -29,6 +29,7 @@ def test_without_pyautoattack_is_one_config_error(monkeypatch, name):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_vptlab_imports_without_pyautoattack():
     code = (
         "import sys; sys.modules['pyautoattack'] = None; sys.modules['torchattacks'] = None\n"

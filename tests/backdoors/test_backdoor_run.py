@@ -42,6 +42,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"out": out, "poisoned": poisoned, "clean": clean}
 
 
+@pytest.mark.slow
 def test_badnets_run_plants_the_backdoor_at_little_cost(runs: dict[str, Any]) -> None:
     final, clean = runs["poisoned"]["final"], runs["clean"]["final"]
     assert final["badnets/asr"] > 90.0
@@ -50,6 +51,7 @@ def test_badnets_run_plants_the_backdoor_at_little_cost(runs: dict[str, Any]) ->
     assert "badnets/asr" not in clean
 
 
+@pytest.mark.slow
 def test_run_folder_holds_the_poisoning_and_the_metrics(runs: dict[str, Any]) -> None:
     run_dir = runs["out"] / "backdoor-mnist-badnets"
     assert (run_dir / POISON_FILE).is_file() and (run_dir / POISON_INDICES_FILE).is_file()
@@ -81,6 +83,7 @@ def test_the_test_split_stays_clean(tmp_path: Path) -> None:
     assert int(changed.sum()) == 400
 
 
+@pytest.mark.slow
 def test_curves_show_asr_beside_accuracy(runs: dict[str, Any], tmp_path: Path) -> None:
     histories = {"badnets": runs["poisoned"]["history"], "clean": runs["clean"]["history"]}
     assert curve_panels(histories)[-1] == BACKDOOR_PANEL
@@ -89,6 +92,7 @@ def test_curves_show_asr_beside_accuracy(runs: dict[str, Any], tmp_path: Path) -
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_study_report_tables_the_poisoned_runs(runs: dict[str, Any], tmp_path: Path) -> None:
     from vptlab.steps.study import StudyConfig, write_study_report
 

@@ -16,6 +16,7 @@ from vptlab.steps.resolve import resolved
 from vptlab.steps.train import load_run, train
 
 
+@pytest.mark.slow
 def test_pretrained_tiny_clip_beats_chance_zero_shot(tmp_path: Path) -> None:
     cfg = resolved({
         "name": "clip", "seed": 0, "device": "cpu",

@@ -1,6 +1,8 @@
 """One torch thread per test: the tiny models here run several times faster on one thread than on
-two that wait for each other on a busy machine. And the backdoored SimpleNet the repairers repair
-(`backdoored`, built once per session), with the trigger and an ASR evaluator."""
+two that wait for each other on a busy machine. And the suite's one backdoored SimpleNet
+(`backdoored`, built once per session through `vptlab.backdoors.poison` and the one loop), which
+the repairers and the prompt defense repair and the trigger search looks into, with the trigger
+and an ASR evaluator. Tests must not change its model: take `backdoored.copy()`."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from vptlab.backdoors.poison import poison_data, poison_trigger
 from vptlab.config import ExperimentConfig, PoisonConfig
 from vptlab.data import load_dataset
 from vptlab.data.base import DataSplits, TensorSplit
+from vptlab.data.loaders import to_rgb
 from vptlab.engine.evaluators import Evaluator, TestAccuracy
 from vptlab.engine.loop import fit
 from vptlab.models import create_model
@@ -94,6 +97,27 @@ class Backdoored:
 
     def evaluators(self) -> list[Evaluator]:
         return [TestAccuracy(self.data.test), AttackSuccessRate(self.data.test)]
+
+    def test_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean test split, 3 channels."""
+        return to_rgb(self.data.test.x).contiguous(), self.data.test.y
+
+    def triggered_test(self) -> torch.Tensor:
+        """The stamped test images whose true label is not the target (what the ASR counts)."""
+        x, y = self.test_images()
+        return stamp(x[y != self.target])
+
+    def measure(self, model: nn.Module) -> tuple[float, float]:
+        """(clean accuracy, attack success rate) in % of `model` on the test split, as
+        `evaluators()` count them."""
+        x, y = self.test_images()
+        training = model.training
+        model.eval()
+        with torch.no_grad():
+            ca = (model(x).argmax(1) == y).float().mean()
+            asr = (model(self.triggered_test()).argmax(1) == self.target).float().mean()
+        model.train(training)
+        return 100.0 * float(ca), 100.0 * float(asr)
 
 
 @pytest.fixture(scope="session")

@@ -258,6 +258,7 @@ def _pgd_accuracy(run_dir: Path, eps: float) -> float:
         return float((model(x_adv).argmax(1) == y).float().mean())
 
 
+@pytest.mark.slow
 def test_pgd_training_is_more_robust_than_standard_training(tmp_path: Path) -> None:
     common = ("train.epochs=4", "train.attack.eps=0.1", "train.attack.steps=3")
     runner.train(digits_config(tmp_path / "std", *common))
@@ -428,6 +429,7 @@ def _strip(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if "seconds" not in k} for row in history]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["fgsm_rs", "trades"])
 def test_resume_of_an_adversarial_run_is_exact(tmp_path: Path, objective: str) -> None:
     opts = (f"train.objective={objective}", "train.attack.eps=0.1", "train.attack.steps=2",

@@ -30,6 +30,7 @@ def defended(runs: dict[str, Path]) -> dict[str, Any]:
     return defend(runs["poisoned"], {"name": "ft", "clean_fraction": 0.1}, RECIPE)
 
 
+@pytest.mark.slow
 def test_fine_tuning_lowers_the_attack_success(defended: dict[str, Any]) -> None:
     d = defended["defense"]
     assert d["asr_before"] > 90.0
@@ -44,6 +45,7 @@ def test_fine_tuning_lowers_the_attack_success(defended: dict[str, Any]) -> None
     assert "badnets/asr" in defended["history"][-1]  # the loop measured ASR every epoch
 
 
+@pytest.mark.slow
 def test_defended_run_folder_names_its_parent(runs: dict[str, Path], defended: dict) -> None:
     run_dir = runs["poisoned"].parent / "backdoor-mnist-badnets-ft"
     cfg = load_yaml(run_dir / "config.yaml")
@@ -57,6 +59,7 @@ def test_defended_run_folder_names_its_parent(runs: dict[str, Path], defended: d
     assert not list(runs["poisoned"].glob("examples.png"))
 
 
+@pytest.mark.slow
 def test_finished_defense_is_reused(runs: dict[str, Path], defended: dict) -> None:
     model = runs["poisoned"].parent / "backdoor-mnist-badnets-ft" / "model.safetensors"
     before = model.stat().st_mtime_ns
@@ -64,6 +67,7 @@ def test_finished_defense_is_reused(runs: dict[str, Path], defended: dict) -> No
     assert model.stat().st_mtime_ns == before and again["defense"] == defended["defense"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -38,6 +38,7 @@ def test_spectral_signature_finds_a_shifted_cluster() -> None:
     assert len(flags) == 30 and set(range(20)) <= set(flags.tolist())
 
 
+@pytest.mark.slow
 def test_detect_cli_on_a_badnets_run(poisoned_runs: dict[str, Path],
                                      capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     run = poisoned_runs["poisoned"]

@@ -28,6 +28,9 @@ from vptlab.steps.defend import defend, defended_config
 from vptlab.steps.resolve import resolved
 
 POISON = {"trigger": "badnets", "options": {"size": 3, "location": "bottom-right"}, "rate": 0.2}
+# Every test here stands on the module's trained backbone and prompts.
+pytestmark = pytest.mark.slow
+
 PIXEL = {"kind": "full", "eps": 1.0, "mapping": "linear", "source_classes": 10}
 
 

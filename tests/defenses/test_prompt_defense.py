@@ -50,12 +50,12 @@ def recipe(tmp_path: Path, **train: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def defended(poisoned_simplenet, measure_backdoor, tmp_path_factory) -> dict[str, Any]:
+def defended(backdoored, tmp_path_factory) -> dict[str, Any]:
     """One defense run on 5% of the clean train split, shared by the tests below."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        p = poisoned_simplenet
+        p = backdoored
         model = copy.deepcopy(p.model)
         clean_train = subset(p.data.train, round(CLEAN_FRACTION * len(p.data.train)), seed=1)
         test = TensorSplit(p.data.test.x[:100], p.data.test.y[:100])  # per-epoch evaluation
@@ -64,10 +64,10 @@ def defended(poisoned_simplenet, measure_backdoor, tmp_path_factory) -> dict[str
         start = time.perf_counter()
         prompted = repair(PromptDefense(size=28), model, clean, recipe(run_dir), run_dir)
         seconds = time.perf_counter() - start
-        after = measure_backdoor(prompted, p.data)
+        after = p.measure(prompted)
     finally:
         torch.set_num_threads(threads)
-    before = (p.clean_accuracy, p.attack_success)
+    before = (p.ca, p.asr)
     print(f"prompt defense on {len(clean_train)} clean images: CA {before[0]:.1f} -> "
           f"{after[0]:.1f}, ASR {before[1]:.1f} -> {after[1]:.1f} ({seconds:.1f} s)")  # fmt: skip
     return {"model": prompted, "run_dir": run_dir, "before": before, "after": after}
@@ -80,24 +80,24 @@ def test_prompt_defense_removes_the_backdoor_and_keeps_clean_accuracy(defended) 
     assert ca_after > ca_before - 4
 
 
-def test_the_backdoored_model_stays_frozen(defended, poisoned_simplenet) -> None:
+def test_the_backdoored_model_stays_frozen(defended, backdoored) -> None:
     prompted = defended["model"]
     assert [n for n, p in prompted.named_parameters() if p.requires_grad] == ["prompt.delta"]
-    original = poisoned_simplenet.model.state_dict()
+    original = backdoored.model.state_dict()
     for key, value in prompted.model.state_dict().items():
         torch.testing.assert_close(value, original[key], rtol=0, atol=0)
     assert prompted.prompt.perturbation(torch.zeros(1, 3, 28, 28)).abs().max() > 0.1  # it did learn
 
 
 def test_the_defended_model_is_broken_at_a_budget_that_grays_out_any_image(
-    defended, poisoned_simplenet
+    defended, backdoored
 ) -> None:
     """No gradient masking through the defense's clamp: PGD-20 at Linf 0.5 (enough to gray out
     any digit) leaves under 5% robust accuracy on the trained, prompt-defended model."""
     from vptlab.attacks import create_attack
     from vptlab.metrics import evaluate_suite
 
-    test = poisoned_simplenet.data.test
+    test = backdoored.data.test
     split = TensorSplit(test.x[:200], test.y[:200])
     attack = create_attack("pgd", eps=0.5, alpha=0.05, steps=20)
     suite = evaluate_suite(defended["model"], split, [attack], progress=False)
@@ -105,9 +105,9 @@ def test_the_defended_model_is_broken_at_a_budget_that_grays_out_any_image(
     assert suite[f"{attack.name}/acc"] < 5.0
 
 
-def test_save_prepare_load_gives_identical_outputs(defended, poisoned_simplenet) -> None:
-    x = poisoned_simplenet.triggered_test()[:32]
-    reloaded = PromptDefense(size=28).prepare(copy.deepcopy(poisoned_simplenet.model))
+def test_save_prepare_load_gives_identical_outputs(defended, backdoored) -> None:
+    x = backdoored.triggered_test()[:32]
+    reloaded = PromptDefense(size=28).prepare(copy.deepcopy(backdoored.model))
     load_model(reloaded, defended["run_dir"] / MODEL_FILE)
     reloaded.eval()
     with torch.no_grad():
@@ -140,15 +140,15 @@ def test_prompted_inputs_stay_in_the_unit_interval(
         torch.testing.assert_close(out[inner], x[inner])
 
 
-def test_zero_prompt_is_the_bare_model_and_prepare_is_structure_only(poisoned_simplenet) -> None:
-    x = poisoned_simplenet.triggered_test()[:16]
+def test_zero_prompt_is_the_bare_model_and_prepare_is_structure_only(backdoored) -> None:
+    x = backdoored.triggered_test()[:16]
     defense = PromptDefense(size=28)
-    first = defense.prepare(copy.deepcopy(poisoned_simplenet.model)).eval()
-    second = defense.prepare(copy.deepcopy(poisoned_simplenet.model)).eval()
+    first = defense.prepare(copy.deepcopy(backdoored.model)).eval()
+    second = defense.prepare(copy.deepcopy(backdoored.model)).eval()
     assert first.state_dict().keys() == second.state_dict().keys()
     assert "prompt.delta" in first.state_dict() and not first.prompt.delta.any()
     with torch.no_grad():
-        torch.testing.assert_close(first(x), poisoned_simplenet.model(x), rtol=0, atol=0)
+        torch.testing.assert_close(first(x), backdoored.model(x), rtol=0, atol=0)
     with pytest.raises(ConfigError, match="already has a defensive prompt"):
         defense.prepare(first)
 
@@ -199,8 +199,8 @@ def test_capped_simplex_projection() -> None:
 
 
 @pytest.mark.parametrize("starts", ["scan", "uniform"])
-def test_targeted_search_finds_the_backdoor_target(poisoned_simplenet, starts: str) -> None:
-    p = poisoned_simplenet
+def test_targeted_search_finds_the_backdoor_target(backdoored, starts: str) -> None:
+    p = backdoored
     x, y = p.test_images()
     torch.manual_seed(0)
     search = UniversalPerturbation(
@@ -234,8 +234,8 @@ def test_both_starts_search_every_target_twice() -> None:
     assert linf.candidates == 3 and linf.scanned == 0
 
 
-def test_linf_search_stays_in_its_ball_and_raises_the_loss(poisoned_simplenet) -> None:
-    p = poisoned_simplenet
+def test_linf_search_stays_in_its_ball_and_raises_the_loss(backdoored) -> None:
+    p = backdoored
     x, y = p.test_images()
     x, y = x[:64], y[:64]
     torch.manual_seed(0)

@@ -55,6 +55,7 @@ def _same_weights(a_dir: Path, b_dir: Path) -> bool:
 RESUME_OPTS = ("data.augment.crop_pad=1", "train.epochs=3", "model.options.drop_rate=0.3")
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     full = runner.train(digits_config(tmp_path / "a", *RESUME_OPTS))
     stopped = runner.train(digits_config(tmp_path / "b", *RESUME_OPTS), stop_after_epochs=1)
@@ -65,6 +66,7 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert _same_weights(tmp_path / "a" / "digits", tmp_path / "b" / "digits")
 
 
+@pytest.mark.slow
 def test_resume_without_rng_restore_would_differ(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -102,6 +104,7 @@ def _killed_run(cfg: ExperimentConfig, steps: int) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_mid_epoch_checkpoints_resume_exactly(tmp_path: Path) -> None:
     # digits: 1,438 train images / 64 = 23 steps an epoch; killed in epoch 2 at step 30,
     # checkpoints every 4 steps: resumes at step 28 of 69.
@@ -126,6 +129,7 @@ def test_folder_killed_before_its_first_checkpoint_resumes_from_the_start(
     assert _strip(resumed["history"]) == _strip(full["history"])
 
 
+@pytest.mark.slow
 def test_kill_between_model_and_state_write_is_repaired(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -154,6 +158,7 @@ def test_kill_between_model_and_state_write_is_repaired(
     assert _same_weights(tmp_path / "a" / "digits", run_dir)
 
 
+@pytest.mark.slow
 def test_mismatched_model_and_state_are_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -173,6 +178,7 @@ def test_mismatched_model_and_state_are_refused(
         runner.resume(run_dir)
 
 
+@pytest.mark.slow
 def test_resume_takes_only_overrides_that_keep_the_results(tmp_path: Path) -> None:
     runner.train(digits_config(tmp_path, "train.epochs=2"), stop_after_epochs=1)
     run_dir = tmp_path / "digits"
@@ -251,3 +257,14 @@ def test_state_file_with_code_is_refused(tmp_path: Path) -> None:
     torch.save({"epoch": Evil()}, path)
     with pytest.raises(VptlabError, match="refused unread: it references .*print"):
         load_state(path)
+
+
+def test_training_off_a_terminal_logs_one_line_per_epoch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runner.train(digits_config(tmp_path, "train.epochs=2", "output.progress=true"))
+    lines = capsys.readouterr().out.splitlines()
+    assert "" not in lines
+    epochs = [line for line in lines if line.startswith("digits epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["digits epoch 1/2", "digits epoch 2/2"]
+    assert all(" 100% 23/23 " in line for line in epochs), epochs

@@ -68,7 +68,7 @@ def ray_executor() -> Iterator[RayExecutor]:
     ray.cloudpickle.unregister_pickle_by_value(module)
 
 
-@pytest.fixture(params=["local", "ray"])
+@pytest.fixture(params=["local", pytest.param("ray", marks=pytest.mark.slow)])  # Ray starts slowly
 def executor(request: pytest.FixtureRequest) -> Executor:
     if request.param == "ray":
         return request.getfixturevalue("ray_executor")
@@ -84,6 +84,7 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_local_and_ray_agree_on_a_torch_step(ray_executor: RayExecutor, one_thread: None) -> None:
     items = [(f"seed{seed}", seed) for seed in range(4)]
     local = LocalExecutor().map(train_step, items, Resources())
@@ -108,6 +109,7 @@ def test_a_failing_item_is_one_line_and_the_others_finish(executor: Executor) ->
     assert {id(o) for o in done} == {id(o) for o in outcomes}
 
 
+@pytest.mark.slow
 def test_a_dead_ray_worker_is_a_failed_item(ray_executor: RayExecutor) -> None:
     outcomes = ray_executor.map(dies, [("a", "live"), ("b", "die")], Resources())
     assert outcomes[0].ok and outcomes[0].value == "live"
@@ -124,11 +126,13 @@ def test_ctrl_c_stops_a_local_run() -> None:
         LocalExecutor().map(interrupted, [("a", 0)], Resources())
 
 
+@pytest.mark.slow
 def test_a_cell_bigger_than_the_local_ray_is_refused(ray_executor: RayExecutor) -> None:
     with pytest.raises(ConfigError, match="a cell needs 3 CPUs and 0 GPUs but the local Ray has 2"):
         ray_executor.map(odd_fails, [("a", 0)], Resources(num_cpus=3))
 
 
+@pytest.mark.slow
 def test_a_running_ray_is_joined_and_left_running(ray_executor: RayExecutor) -> None:
     import ray
 

@@ -175,6 +175,7 @@ def test_failed_training_fails_only_its_cells(tmp_path: Path, one_thread: Any) -
     assert "## Failed cells" in md and failed["error"] in md
 
 
+@pytest.mark.slow
 def test_pixel_prompt_adaptation_runs_in_a_matrix(tmp_path: Path, one_thread: Any) -> None:
     """A pixel-prompt adaptation of the small matrix: PGD on the prompted model and a prompt
     backdoor repaired by ft run to the end (example grids at data.img_size); fine-pruning the
@@ -201,6 +202,7 @@ def test_pixel_prompt_adaptation_runs_in_a_matrix(tmp_path: Path, one_thread: An
     assert "backbone's layers" in skipped["simplenet/pixel/badnets/fp"]
 
 
+@pytest.mark.slow
 def test_killed_matrix_finishes_with_the_same_tables(
     tmp_path: Path, finished: Path
 ) -> None:
@@ -231,6 +233,7 @@ def test_killed_matrix_finishes_with_the_same_tables(
     assert cell_metrics(out) == cell_metrics(finished)
 
 
+@pytest.mark.slow
 def test_ray_executor_gives_the_local_table(tmp_path: Path, finished: Path) -> None:
     """The same matrix on a local Ray (2 CPUs, one task per training run and per cell, one
     thread each): the same tables as the local executor's."""

@@ -50,6 +50,7 @@ def test_accuracy_rising_with_eps_is_flagged() -> None:
     assert above_clean[0]["passed"] is False and "(clean)" in above_clean[0]["reason"]
 
 
+@pytest.mark.slow
 def test_honest_model_passes_every_check(trained) -> None:
     _, model, _ = trained
     # converged at these budgets on digits: the stronger re-run finds nothing more; the largest
@@ -67,6 +68,7 @@ def test_honest_model_passes_every_check(trained) -> None:
     assert result["samples"] == FAST.samples and result["settings"] == FAST.model_dump()
 
 
+@pytest.mark.slow
 def test_masked_gradients_are_flagged(trained, gradient_masked) -> None:
     _, model, _ = trained
     masked = gradient_masked(model)

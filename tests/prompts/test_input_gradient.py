@@ -184,7 +184,13 @@ def small_model(name: str) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("name", list_models())
+# The big ones take 10 s or more each on 2 cores: the quick loop (-m "not slow") leaves them out.
+BIG = ("vit_base_patch16_224", "vit_small_patch16_224", "clip")
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in BIG else n for n in list_models()]
+)
 def test_every_model_behind_a_zero_prompt_is_attacked_as_the_bare_one(name: str) -> None:
     """The zero pixel prompt and the defense's zero prompt pass the bare model's exact input
     gradient on binary images and leave PGD-20 at Linf 0.5 the bare model's robust accuracy,

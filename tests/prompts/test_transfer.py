@@ -26,6 +26,7 @@ VIT = {
 QUIET = {"tensorboard": False, "progress": False}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FASHION.exists(), reason="apt-get install dataset-fashion-mnist")
 def test_prompt_transfer_beats_chance_and_reloads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

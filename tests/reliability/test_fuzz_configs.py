@@ -408,6 +408,7 @@ def test_bad_matrix_is_refused_before_anything_runs(
         assert _files(folder) == {"matrix.yaml"}, "a matrix or run folder was created"
 
 
+@pytest.mark.slow
 def test_cli_process_exits_2_with_one_line(tmp_path: Path) -> None:
     """The real entry point (one process: starting one costs seconds of imports)."""
     config = {**BASE, "data": {**BASE["data"], "augment": {"bogus": {"deep": 1}}}}

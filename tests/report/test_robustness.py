@@ -51,6 +51,7 @@ def run(trained_run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(trained_run, tmp_path / "digits"))
 
 
+@pytest.mark.slow
 def test_attack_writes_results_into_the_run_folder(run: Path, tmp_path: Path, capsys) -> None:
     neighbour = Path(shutil.copytree(run, tmp_path / "other"))
     before = {p.name: p.read_bytes() for p in neighbour.iterdir() if p.is_file()}
@@ -151,6 +152,7 @@ def test_replace_section_keeps_the_rest() -> None:
     )
 
 
+@pytest.mark.slow
 def test_a_number_that_fails_a_check_is_marked_everywhere(run: Path, capsys) -> None:
     """One PGD step of a tiny alpha has not converged: robustness.json says why, the report's
     table marks the number and footnotes the reason, the CLI prints it."""
@@ -194,6 +196,7 @@ def test_a_number_that_fails_a_check_is_marked_everywhere(run: Path, capsys) -> 
     assert "†" not in report and "Sanity checks: off" in report
 
 
+@pytest.mark.slow
 def test_masked_model_is_unreliable_in_json_and_tables(
     trained_run: Path, tmp_path: Path, gradient_masked
 ) -> None:

@@ -26,6 +26,7 @@ BASE = {
 }
 
 
+@pytest.mark.slow
 def test_study_report_and_backbone_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -159,6 +160,7 @@ def test_a_diverged_run_is_reported_and_not_retried(tmp_path: Path, counted: lis
     assert counted == ["bad", "good"]  # neither retrained nor resumed into the same NaN
 
 
+@pytest.mark.slow
 def test_study_attacks_every_run_and_tables_robust_accuracy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -207,6 +209,7 @@ def test_study_attack_errors_name_the_key(tmp_path: Path) -> None:
         run_study(raw)
 
 
+@pytest.mark.slow
 def test_backdoor_study_defends_and_detects_every_poisoned_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
