@@ -22,7 +22,7 @@ from vptlab.attacks import Attack
 from vptlab.data.base import TensorSplit
 from vptlab.data.loaders import Batch, make_loader
 from vptlab.metrics.accuracy import Predictions, predict
-from vptlab.progress import new_progress
+from vptlab.progress import PlainProgress, new_progress
 
 CLEAN = "clean"
 
@@ -149,7 +149,7 @@ class _Bar:
 
     """
 
-    def __init__(self, progress: Progress | None, total: int | None) -> None:
+    def __init__(self, progress: Progress | PlainProgress | None, total: int | None) -> None:
         self.progress = progress
         self.task = progress.add_task("evaluating", total=total) if progress else None
 
