@@ -198,8 +198,8 @@ class _CountingOs:
 class Faults:
     """Counts this process's optimizer steps and atomic writes; dies at `point` when given.
 
-    Writes are seen through vptlab.engine.checkpoint's `os` (every atomic write of vptlab goes
-    through `atomic_write` there), steps through a step hook on every optimizer the loop builds.
+    Writes are seen through vptlab.runs's `os` (every atomic write of vptlab goes through
+    `atomic_write` there), steps through a step hook on every optimizer the loop builds.
     """
 
     def __init__(self, point: KillPoint | None = None) -> None:
@@ -208,7 +208,8 @@ class Faults:
         self.writes: list[str] = []  # file names, in order
 
     def install(self, patch: pytest.MonkeyPatch) -> None:
-        from vptlab.engine import checkpoint, loop
+        from vptlab import runs
+        from vptlab.engine import loop
 
         build = loop.build_optimizer
 
@@ -218,7 +219,7 @@ class Faults:
             return optimizer
 
         patch.setattr(loop, "build_optimizer", build_counted)
-        patch.setattr(checkpoint, "os", _CountingOs(self))
+        patch.setattr(runs, "os", _CountingOs(self))
 
     def points(self) -> list[KillPoint]:
         """Every kill point of the counted run."""
