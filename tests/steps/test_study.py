@@ -28,17 +28,10 @@ BASE = {
 
 @pytest.mark.slow
 def test_study_report_and_backbone_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counted: list[str]
 ) -> None:
     monkeypatch.setenv("VPTLAB_CACHE", str(tmp_path / "cache"))
-    trained: list[str] = []
-    real_train = runner.train
-
-    def counting_train(cfg, **kwargs):
-        trained.append(cfg.name)
-        return real_train(cfg, **kwargs)
-
-    monkeypatch.setattr(study_mod, "train", counting_train)
+    trained = counted
     raw = {
         "study": "s",
         "output": str(tmp_path / "runs"),

@@ -223,11 +223,7 @@ def create_pixel_prompt(
 ) -> PixelPrompt:
     """The registered pixel prompt `kind` (`PIXEL_PROMPTS`): `padding` (frame width `size`),
     `patch` (side `size`) or `full` (bound `eps`)."""
-    if kind not in PIXEL_PROMPTS:
-        raise ConfigError(
-            f"adapt.pixel.kind: unknown pixel prompt {kind!r}; "
-            f"choose from: {', '.join(PIXEL_PROMPTS.names())}"
-        )
+    PIXEL_PROMPTS.require(kind, "adapt.pixel.kind")
     return PIXEL_PROMPTS.create(kind, image_size=image_size, size=size, eps=eps, channels=channels)
 
 
