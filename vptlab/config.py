@@ -274,16 +274,41 @@ class OutputConfig(Section):
     progress: bool = True
 
 
+class SelectConfig(Section):
+    """The one recipe-selection rule of the defense protocol (docs/defense_protocol.md), the
+    same for every defense: a validation slice (`val_fraction`) of the defender's clean subset
+    is held out; the defense is trained at its recipe's learning rate times each of `lr_scales`,
+    largest first, and the first whose clean top-1 on the slice is at most `max_drop` points
+    below the undefended model's is kept (the smallest when none is). It reads nothing but the
+    defender's own data."""
+
+    lr_scales: list[float] = Field(
+        default_factory=lambda: [1.0, 0.3, 0.1], min_length=1,
+        description="multipliers of the recipe's lr, tried largest first",
+    )  # fmt: skip
+    max_drop: float = Field(2.0, ge=0, le=100, description="points of validation top-1")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="of the defender's clean subset")
+
+    @field_validator("lr_scales")
+    @classmethod
+    def _positive(cls, scales: list[float]) -> list[float]:
+        if any(s <= 0 for s in scales) or len(set(scales)) != len(scales):
+            raise ValueError(f"must be distinct and > 0, got {scales}")
+        return sorted(scales, reverse=True)
+
+
 class DefenseConfig(Section):
     """A backdoor repairer (`vptlab.defenses.repair.REPAIRERS`) applied to a parent run's model.
 
     The defender holds `clean_fraction` of the clean train split (stratified, seeded by the
-    run's seed); `train` of the defended run's config is the defense's recipe.
+    run's seed); `train` of the defended run's config is the defense's recipe, its learning rate
+    chosen by `select` when given.
     """
 
     name: str
     clean_fraction: float = Field(0.05, gt=0, le=1, description="share of the clean train split")
     options: dict[str, Any] = Field(default_factory=dict, description="repairer keyword arguments")
+    select: SelectConfig | None = Field(None, description="the recipe-selection rule, if any")
 
 
 class ExperimentConfig(Section):

@@ -105,23 +105,31 @@ def strip_scores(
 
 @DETECTORS.register("spectral", setting="training")
 class Spectral:
-    """Spectral signatures of inputs labelled `labels` (the labels they were trained with)."""
+    """Spectral signatures of inputs labelled `labels` (the labels they were trained with).
 
+    Blind to the attack (docs/defense_protocol.md): `rate` is the defender's assumed upper bound
+    on the poisoned share (Tran et al. remove 1.5 x such a bound), fixed up front, never the
+    attack's rate; `per_label` chooses, up front too, between flagging in every label (poison
+    spread over the labels) and in the one most suspect label (see `spectral_flags`).
+    """
 
-    def __init__(self, labels: torch.Tensor, factor: float = 1.5, batch_size: int = 512) -> None:
-        if factor <= 0:
-            raise ConfigError(f"spectral needs factor > 0, got {factor}")
+    def __init__(self, labels: torch.Tensor, factor: float = 1.5, rate: float = 0.1,
+                 per_label: bool = False, batch_size: int = 512) -> None:  # fmt: skip
+        if factor <= 0 or not 0 < rate < 1:
+            raise ConfigError(f"spectral needs factor > 0 and rate in (0, 1), got {factor}, {rate}")
         self.labels, self.factor, self.batch_size = labels, factor, batch_size
+        self.rate, self.per_label = rate, per_label
         self.share: dict[int, float] = {}
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         scores, self.share = _spectral(penultimate_features(model, x, self.batch_size), self.labels)
         return scores
 
-    def flag(self, scores: torch.Tensor, rate: float, per_label: bool) -> torch.Tensor:
-        """The samples flagged as poisoned (sorted indices), for poison `rate`: see
-        `spectral_flags`; after a call, which holds the labels' variance shares."""
-        return spectral_flags(scores, self.labels, rate, self.factor, per_label, self.share)
+    def flag(self, scores: torch.Tensor) -> torch.Tensor:
+        """The samples flagged as poisoned (sorted indices): see `spectral_flags`; after a call,
+        which holds the labels' variance shares."""
+        return spectral_flags(scores, self.labels, self.rate, self.factor, self.per_label,
+                              self.share)  # fmt: skip
 
 
 def penultimate_features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

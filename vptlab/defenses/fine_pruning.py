@@ -36,7 +36,6 @@ from vptlab.data.base import DataSplits, TensorSplit
 from vptlab.data.loaders import StreamLoader, TensorLoader, make_loader
 from vptlab.defenses.features import has_intermediates
 from vptlab.defenses.repair import REPAIRERS, TRAINS_MODEL, backbone, clean_task
-from vptlab.engine.evaluators import Evaluator
 from vptlab.engine.loop import resolve_device
 from vptlab.engine.tasks import Task
 from vptlab.errors import ConfigError, VptlabError
@@ -225,7 +224,6 @@ class FinePruning:
         clean: DataSplits,
         cfg: ExperimentConfig,
         run_dir: Path,
-        evaluators: list[Evaluator] | None = None,
     ) -> dict[str, Any]:
         """Prune on the clean subset; what was done goes into metrics.json as `fine_pruning`."""
         return {"fine_pruning": self.prune(model, clean.train, cfg)}

@@ -47,7 +47,6 @@ from vptlab.data.loaders import Batch
 from vptlab.defenses.features import LayerOutputs, check_layers, layer_features
 from vptlab.defenses.finetune import FineTuning
 from vptlab.defenses.repair import REPAIRERS, TRAINS_MODEL, backbone, clean_task, repair
-from vptlab.engine.evaluators import Evaluator
 from vptlab.engine.tasks import Task
 from vptlab.errors import ConfigError
 from vptlab.models.clip import CLIPNet
@@ -249,7 +248,6 @@ class NeuralAttentionDistillation:
         clean: DataSplits,
         cfg: ExperimentConfig,
         run_dir: Path,
-        evaluators: list[Evaluator] | None = None,
     ) -> None:
         """The teacher: a copy of `model` fine-tuned (`ft`) on the clean subset into
         `run_dir/teacher`."""
@@ -257,8 +255,9 @@ class NeuralAttentionDistillation:
         teacher_cfg.name = f"{cfg.name}-{TEACHER_DIR}"
         if self.teacher_epochs is not None:
             teacher_cfg.train.epochs = self.teacher_epochs
+        # Its curves: clean top-1 on the defender's own validation data (`clean.test`).
         self.teacher = repair(FineTuning(), copy.deepcopy(model), clean, teacher_cfg,
-                              Path(run_dir) / TEACHER_DIR, evaluators)  # fmt: skip
+                              Path(run_dir) / TEACHER_DIR)  # fmt: skip
 
     def task(self, model: nn.Module, clean: DataSplits, cfg: ExperimentConfig) -> Task:
         if self.teacher is None:

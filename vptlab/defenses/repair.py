@@ -4,9 +4,14 @@ A repairer says what to train and how; `repair` trains it, with the one `fit` ca
 repairer goes through. `prepare(model)` adds structure only (a pruning mask, a defensive prompt)
 and is deterministic, so a defended run is rebuilt as `build model -> prepare -> load weights`;
 an optional `before_fit` does what comes before training (pruning, a NAD teacher); `task` is the
-loss `fit` optimises; `trains` says which parameters train. `clean.train` is the defender's clean
-data (`clean_subset` of the train split), `clean.test` the split evaluated after each epoch,
-`cfg.train` the defense's recipe.
+loss `fit` optimises; `trains` says which parameters train.
+
+Defenders are blind (docs/defense_protocol.md): a repairer's methods see the model, the
+defender's clean data and its own recipe, nothing else. `clean.train` is the defender's clean
+data (`clean_subset` of the train split, or its training part when a validation slice is held
+out), `clean.test` the defender's own validation data (`defender_splits`: never the test split),
+and `cfg` the defended config seen through `blind_config` (no `data.poison`, no `parent`). The
+test-split evaluators that draw a defended run's curves go to `fit` alone.
 
 Registry entries carry metadata (`REPAIRERS.meta(name)`): `repairs_pixel_prompts`, whether it
 repairs a pixel-prompted run (adapt.mode pixel, vptlab/prompts/pixel.py: a frozen, shared
@@ -39,8 +44,9 @@ from vptlab.registry import Registry
 from vptlab.runs import METRICS_FILE, atomic_write_text
 
 # Mixed into the clean subset's seed, so that it is drawn independently of anything else the
-# run's seed draws (shuffling, the poisoned indices).
+# run's seed draws (shuffling, the poisoned indices); the validation slice's seed likewise.
 _CLEAN_STREAM = 0xC1EA
+_VAL_STREAM = 0x5A1
 
 
 # What a repairer trains (its `trains`): the whole model (a pixel-prompted one: its prompt and
@@ -54,7 +60,7 @@ TRAINS_PREPARED = "prepared"
 class Repairer(Protocol):
     """A backdoor defense that repairs a model with clean data, through `repair`.
 
-    Optional members: `before_fit(model, clean, cfg, run_dir, evaluators) -> dict | None` runs
+    Optional members: `before_fit(model, clean, cfg, run_dir) -> dict | None` runs
     on the prepared model before training and returns metrics for the run's metrics.json (under
     their keys); `recipe(cfg) -> cfg` adjusts the training recipe (a prompt's own lr). A task
     with a `close()` method is closed after training.
@@ -96,7 +102,12 @@ def clean_subset(
     """
     if not 0 < fraction <= 1:
         raise ConfigError(f"defense.clean_fraction must be in (0, 1], got {fraction!r}")
-    labels = split_labels(split).cpu()
+    return take(split, stratified_index(split_labels(split).cpu(), fraction, seed, _CLEAN_STREAM))
+
+
+def stratified_index(labels: torch.Tensor, fraction: float, seed: int, stream: int) -> torch.Tensor:
+    """Sorted indices of round(fraction x N) of `labels`, each class giving its share (the
+    largest remainders get the extra samples), drawn from (`seed`, `stream`) alone."""
     n = len(labels)
     total = round(fraction * n)
     if total < 1:
@@ -106,16 +117,20 @@ def clean_subset(
         )
     classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     quota = counts.double() * total / n
-    take = quota.floor().long()
-    extra = torch.argsort(quota - take, descending=True, stable=True)[: total - int(take.sum())]
-    take[extra] += 1
+    count = quota.floor().long()
+    extra = torch.argsort(quota - count, descending=True, stable=True)[: total - int(count.sum())]
+    count[extra] += 1
     # A random order, then grouped by class (stable): each class's members in random order; a
     # sample is kept when its rank inside its class is below the class's quota.
-    order = torch.randperm(n, generator=seeded_generator(seed, _CLEAN_STREAM))
+    order = torch.randperm(n, generator=seeded_generator(seed, stream))
     order = order[torch.argsort(inverse[order], stable=True)]
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(n) - starts[inverse[order]]
-    index = order[rank < take[inverse[order]]].sort().values
+    return order[rank < count[inverse[order]]].sort().values
+
+
+def take(split: TensorSplit | Dataset, index: torch.Tensor) -> TensorSplit | Dataset:
+    """The samples `index` of `split`, in that order (see `clean_subset` for the types)."""
     if isinstance(split, CaptionSplit):  # image-text data: the pairs keep their captions
         captions = [split.captions[i] for i in index.tolist()]
         index = index.to(split.y.device)
@@ -127,8 +142,38 @@ def clean_subset(
 
 
 def clean_splits(data: DataSplits, fraction: float, seed: int) -> DataSplits:
-    """`data` with its train split cut to the defender's `clean_subset`; the test split kept."""
+    """`data` with its train split cut to the defender's `clean_subset`; the test split kept
+    (for tests and evaluation: a repairer gets `defender_splits`)."""
     return replace(data, train=clean_subset(data.train, fraction, seed))
+
+
+def defender_splits(
+    data: DataSplits, fraction: float, seed: int, val_fraction: float = 0.0
+) -> DataSplits:
+    """What the defender holds, as the splits a repairer gets: its `clean_subset` of the train
+    split; with `val_fraction`, a stratified validation slice of that subset (drawn apart from
+    the subset's draw) is held out as `test` and the rest is `train`; without, `test` is the
+    clean subset itself. The test split is never in it."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"defense.clean_fraction must be in (0, 1], got {fraction!r}")
+    labels = split_labels(data.train).cpu()
+    index = stratified_index(labels, fraction, seed, _CLEAN_STREAM)
+    if not val_fraction:
+        clean = take(data.train, index)
+        return replace(data, train=clean, test=clean)
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"defense.select.val_fraction must be in (0, 1), got {val_fraction!r}")
+    val = stratified_index(labels[index], val_fraction, seed, _VAL_STREAM)
+    rest = torch.ones(len(index), dtype=torch.bool)
+    rest[val] = False
+    return replace(data, train=take(data.train, index[rest]), test=take(data.train, index[val]))
+
+
+def blind_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` as a defender may see it: the poisoning (trigger, target, rate) and the parent run's
+    folder (where the poisoned indices are saved) removed."""
+    data = cfg.data.model_copy(update={"poison": None})
+    return cfg.model_copy(update={"data": data, "parent": None})
 
 
 def pixel_repairers() -> list[str]:
@@ -170,15 +215,20 @@ def repair(
     evaluators: list[Evaluator] | None = None,
 ) -> nn.Module:
     """`repairer` applied to `model`: prepare, `before_fit`, then the one `fit` of its task into
-    `run_dir`; returns the repaired (prepared) model in eval mode."""
+    `run_dir`; returns the repaired (prepared) model in eval mode.
+
+    The repairer sees `clean` and `blind_config(cfg)` only; `evaluators` (which may hold the
+    test split and the trigger, to draw the run's curves) go to `fit`, never to the repairer."""
     model = repairer.prepare(model)
+    blind = blind_config(cfg)
     recipe = getattr(repairer, "recipe", None)
     if recipe is not None:
-        cfg = recipe(cfg)
+        blind = recipe(blind)
+        cfg = cfg.model_copy(update={"train": blind.train})
     before_fit = getattr(repairer, "before_fit", None)
-    extra = before_fit(model, clean, cfg, Path(run_dir), evaluators) if before_fit else None
+    extra = before_fit(model, clean, blind, Path(run_dir)) if before_fit else None
     trainable_only = select_trainable(model, repairer.trains)
-    task = repairer.task(model, clean, cfg)
+    task = repairer.task(model, clean, blind)
     try:
         fit(model, clean, cfg, run_dir, task=task, evaluators=evaluators,
             trainable_only=trainable_only)  # fmt: skip
@@ -237,8 +287,12 @@ __all__ = [
     "Repairer",
     "backbone",
     "clean_splits",
+    "blind_config",
     "clean_subset",
     "clean_task",
+    "defender_splits",
+    "stratified_index",
+    "take",
     "create_repairer",
     "TRAINS_MODEL",
     "TRAINS_PREPARED",

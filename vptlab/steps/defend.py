@@ -18,6 +18,8 @@ path is not part of the run key (a study folder may move); its run key is, as `p
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +28,12 @@ from torch import nn
 
 from vptlab.backdoors.metrics import BackdoorAccuracy, BackdoorThreat, asr_drop, der
 from vptlab.backdoors.poison import POISON_FILE, load_poison, stored_channels, stored_size
-from vptlab.config import ExperimentConfig, apply_overrides, load_yaml, run_key
+from vptlab.config import ExperimentConfig, apply_overrides, dump_config, load_yaml, run_key
 from vptlab.data.base import DataSplits, TensorSplit, split_labels
 from vptlab.data.loaders import resize
 from vptlab.engine.checkpoint import load_model
-from vptlab.engine.distributed import is_main_process
-from vptlab.engine.evaluators import TestAccuracy, ZeroShotAccuracy
+from vptlab.engine.distributed import DistInfo, is_main_process
+from vptlab.engine.evaluators import EvalContext, Evaluator, TestAccuracy, ZeroShotAccuracy
 from vptlab.engine.loop import amp_dtype_for, resolve_device
 from vptlab.errors import ConfigError
 from vptlab.metrics.suite import evaluate_suite
@@ -205,13 +207,13 @@ def defend(
 def _defend_locked(parent: Path, parent_cfg: ExperimentConfig, cfg: ExperimentConfig, run_dir: Path,
             fresh: bool) -> dict[str, Any]:  # fmt: skip
     """`defend` with the defended run's folder locked."""
-    from vptlab.defenses.repair import clean_splits, create_repairer, repair
+    from vptlab.defenses.repair import create_repairer, defender_splits, repair
 
     parent_key = run_key(parent_cfg)
     if not fresh and (reused := _reusable(run_dir, cfg, parent_key)) is not None:
         return reused
-    assert cfg.defense is not None
-    repairer = create_repairer(cfg.defense.name, **cfg.defense.options)
+    defense = cfg.defense
+    assert defense is not None
     data = clean_data(cfg)
     threat = threat_of(parent, cfg, data)
     model = load_parent_model(parent, parent_cfg, data)
@@ -219,17 +221,31 @@ def _defend_locked(parent: Path, parent_cfg: ExperimentConfig, cfg: ExperimentCo
     before = suite(model, data, threat, cfg, progress)
     if is_main_process() and run_dir.exists():
         clear_locked_folder(run_dir)  # unfinished (or --fresh): nothing finished is lost
-    clean = clean_splits(data, cfg.defense.clean_fraction, cfg.seed)
+    # The defender's data: its clean subset, and a validation slice of it when a rule selects
+    # the recipe. The test-split evaluators below only draw the run's curves (`repair`).
+    val_fraction = defense.select.val_fraction if defense.select else 0.0
+    clean = defender_splits(data, defense.clean_fraction, cfg.seed, val_fraction)
     evaluators = [clean_evaluator(cfg, data), BackdoorAccuracy(data.test, threat)]
-    torch.manual_seed(cfg.seed)
-    repaired = repair(repairer, model, clean, cfg, run_dir, evaluators)  # the one `fit`
+    selection = None
+    if defense.select is None:
+        torch.manual_seed(cfg.seed)
+        repairer = create_repairer(defense.name, **defense.options)
+        repaired = repair(repairer, model, clean, cfg, run_dir, evaluators)  # the one `fit`
+    else:
+        def fresh_model() -> nn.Module:
+            return load_parent_model(parent, parent_cfg, data)
+
+        repaired, selection = select_recipe(fresh_model, cfg, clean, data, run_dir, evaluators)
     after = suite(repaired, data, threat, cfg, progress)
     metrics = json.loads((run_dir / METRICS_FILE).read_text())
     metrics["defense"] = {
-        "name": cfg.defense.name, "parent": str(parent), "parent_key": parent_key,
+        "name": defense.name, "parent": str(parent), "parent_key": parent_key,
         "trigger": threat.name, "clean_samples": len(clean.train),  # type: ignore[arg-type]
         **summary(before, after, threat.name),
     }  # fmt: skip
+    if selection is not None:
+        metrics["defense"]["selection"] = selection
+        metrics["defense"]["clean_samples"] += len(clean.test)  # type: ignore[arg-type]
     metrics["before"], metrics["after"] = before, after
     if is_main_process():
         poisoned = load_parent_model(parent, parent_cfg, data)
@@ -238,6 +254,86 @@ def _defend_locked(parent: Path, parent_cfg: ExperimentConfig, cfg: ExperimentCo
         atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2))
         write_defense_report(run_dir, metrics)
     return metrics
+
+
+SELECTION_DIR = "selection"
+
+
+def select_recipe(
+    fresh_model: Callable[[], nn.Module],
+    cfg: ExperimentConfig,
+    clean: DataSplits,
+    data: DataSplits,
+    run_dir: Path,
+    evaluators: list[Evaluator],
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The recipe-selection rule (`SelectConfig`, docs/defense_protocol.md): the defense trained
+    at lr x scale for each scale, largest first, into `run_dir/selection/lr-<lr>`, until one
+    keeps the validation slice's (`clean.test`) top-1 within `max_drop` points (or one sample,
+    if that is more) of the undefended model's; that trial's model and metrics become the run's.
+    Reads only the defender's data: the test-split `evaluators` draw each trial's curves and are
+    never read here.
+
+    Returns the chosen model and what was tried ({baseline, max_drop, trials, lr}).
+    """
+    from vptlab.defenses.repair import create_repairer, repair
+
+    defense = cfg.defense
+    assert defense is not None and defense.select is not None
+    rule = defense.select
+    val = validation_evaluator(cfg, clean.test, data)
+    baseline = val(fresh_model(), _context(cfg))["val_top1"]
+    # One sample is the slice's resolution: on 40 samples a single error costs 2.5 points.
+    tolerance = max(rule.max_drop, 100.0 / len(clean.test))  # type: ignore[arg-type]
+    trials: list[dict[str, Any]] = []
+    chosen: nn.Module | None = None
+    for scale in rule.lr_scales:
+        trial_cfg = scaled_recipe(cfg, scale)
+        trial_dir = run_dir / SELECTION_DIR / f"lr-{trial_cfg.train.lr:g}"
+        torch.manual_seed(cfg.seed)
+        repairer = create_repairer(defense.name, **trial_cfg.defense.options)  # type: ignore[union-attr]
+        chosen = repair(repairer, fresh_model(), clean, trial_cfg, trial_dir, [val, *evaluators])
+        top1 = float(json.loads((trial_dir / METRICS_FILE).read_text())["history"][-1]["val_top1"])
+        accepted = baseline - top1 <= tolerance + 1e-9
+        trials.append({"scale": scale, "lr": trial_cfg.train.lr, "val_top1": top1,
+                       "drop": baseline - top1, "accepted": accepted})  # fmt: skip
+        if accepted:
+            break
+    assert chosen is not None
+    trial_dir = run_dir / SELECTION_DIR / f"lr-{trials[-1]['lr']:g}"
+    if is_main_process():
+        for path in trial_dir.iterdir():  # the chosen trial's files are the run's
+            if path.is_file() and path.name != CONFIG_FILE:
+                shutil.copy2(path, run_dir / path.name)
+        atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
+    selection = {"baseline_val_top1": baseline, "max_drop": tolerance,
+                 "val_samples": len(clean.test), "lr": trials[-1]["lr"],  # type: ignore[arg-type]
+                 "accepted": trials[-1]["accepted"], "trials": trials}  # fmt: skip
+    return chosen, selection
+
+
+def scaled_recipe(cfg: ExperimentConfig, scale: float) -> ExperimentConfig:
+    """`cfg` with its learning rate (and a repairer's own `lr` option) times `scale`."""
+    assert cfg.defense is not None
+    train = cfg.train.model_copy(update={"lr": cfg.train.lr * scale})
+    options = dict(cfg.defense.options)
+    if options.get("lr") is not None:
+        options["lr"] = options["lr"] * scale
+    defense = cfg.defense.model_copy(update={"options": options})
+    return cfg.model_copy(update={"train": train, "defense": defense})
+
+
+def validation_evaluator(cfg: ExperimentConfig, split: Any, data: DataSplits) -> TestAccuracy:
+    """Top-1 on the defender's validation slice as `val_top1` (zero-shot for an image-text
+    model trained contrastively)."""
+    if cfg.train.objective == "clip":
+        return ZeroShotAccuracy(split, *zero_shot_prompts(data), prefix="val")
+    return TestAccuracy(split, prefix="val")
+
+
+def _context(cfg: ExperimentConfig) -> EvalContext:
+    device = resolve_device(cfg.device)
+    return EvalContext(cfg, device, amp_dtype_for(device, cfg.train.amp), DistInfo())
 
 
 def write_examples(

@@ -5,9 +5,13 @@ to be poisoned, by the detector's setting:
 - "inference" (`strip`): scores of the trigger-stamped non-target test images against the same
   images clean; judged by their AUROC.
 - "training" (`spectral`): scores of the training samples, the detector flags the suspects (for
-  spectral signatures: 1.5 x rate x n_label per label for all-to-all poison, or 1.5 x rate x N in
-  the one most suspect label for all-to-one; see `spectral_flags`); judged by precision and
-  recall of the flagged samples against the saved poisoned indices.
+  spectral signatures: 1.5 x its assumed rate bound x N in the one most suspect label, or per
+  label with `per_label`; see `spectral_flags`); judged by precision and recall of the flagged
+  samples against the saved poisoned indices.
+
+Detectors are blind (docs/defense_protocol.md): they get the model, the inputs to score, and
+the defender's clean pool (STRIP) or the training labels (spectral), never the trigger, the
+target, the poison rate or the poisoned indices; those only judge them, here.
 """
 
 from __future__ import annotations
@@ -119,11 +123,10 @@ def _detect(run_dir: Path, detector: str, device: str, overlays: int) -> dict[st
     elif setting == "training":
         x, y = model_inputs(splits.train, cfg, dev)
         scorer = DETECTORS.create(detector, labels=y, **options)
-        scores = scorer(model, x)
-        per_label = record.config.mode == "all2all"
-        flags = scorer.flag(scores, record.config.rate, per_label=per_label)
+        flags = scorer.flag(scorer(model, x))  # blind: its own assumed rate, not the attack's
         result = {**precision_recall(flags, record.poisoned), "poison_rate": record.config.rate,
-                  "samples": len(x), "per_label": per_label}  # fmt: skip
+                  "assumed_rate": scorer.rate, "samples": len(x),
+                  "per_label": scorer.per_label}  # fmt: skip
     else:
         raise ConfigError(f"detector {detector!r} has setting {setting!r}; "
                           "a detector works at 'inference' or in 'training'")  # fmt: skip
