@@ -72,6 +72,10 @@ def test_poisons_exactly_round_rate_n_and_leaves_the_clean_split_alone(
         with pytest.raises(ConfigError, match=r"^data\.poison\.rate: .* poisons none"):
             poison_split(split, config, num_classes=4)
         return
+    if mode == "all2one" and round(rate * n) > int((split.y != 1).sum()):
+        with pytest.raises(ConfigError, match=r"^data\.poison\.rate: dirty-label all2one"):
+            poison_split(split, config, num_classes=4)
+        return
     out = poison_split(split, config, num_classes=4)
     assert torch.equal(split.x, x_before) and torch.equal(split.y, y_before)
     assert isinstance(out, PoisonedTensorSplit) and out.clean is split
@@ -97,6 +101,23 @@ def test_the_seed_picks_the_samples() -> None:
     assert torch.equal(first.x, again.x) and torch.equal(first.y, again.y)
     assert torch.equal(run_seed.poison.poisoned, first.poison.poisoned)
     assert not torch.equal(first.poison.poisoned, other.poison.poisoned)
+
+
+def test_dirty_label_all2one_poisons_only_non_target_samples() -> None:
+    split = toy_split(400)
+    for seed in range(5):
+        out = poison_split(split, cfg(target=2, rate=0.2, seed=seed), 4)
+        poisoned = out.poison.poisoned
+        assert len(poisoned) == 80 and not (split.y[poisoned] == 2).any()
+    available = int((split.y != 2).sum())
+    with pytest.raises(ConfigError) as error:
+        poison_split(split, cfg(target=2, rate=0.9), 4)
+    message = str(error.value)
+    assert message.startswith("data.poison.rate: dirty-label all2one poisoning needs 360 samples")
+    assert f"has {available}" in message and "\n" not in message
+    # all2all keeps every sample a candidate: the target class too.
+    everything = poison_split(split, cfg(target=2, rate=1.0, mode="all2all"), 4)
+    assert len(everything.poison.poisoned) == 400
 
 
 def test_clean_label_poisons_only_target_class_samples_and_keeps_labels() -> None:

@@ -1,9 +1,10 @@
 """Poisoned train splits and triggered test splits, built beside the clean data, never over it.
 
 `poison_split` picks exactly round(rate x N) samples with the seed (clean-label: only from the
-target class), stamps them with the trigger and, for dirty labels, gives them the attack's label:
-`target` (all2one) or (y + 1) mod classes (all2all). WaNet also gets round(cross_ratio x poisoned)
-"cross" samples, chosen apart from the poisoned ones: warped by its noise mode, labels kept.
+target class; dirty-label all2one: only from the other classes, as BackdoorBench), stamps them
+with the trigger and, for dirty labels, gives them the attack's label: `target` (all2one) or
+(y + 1) mod classes (all2all). WaNet also gets round(cross_ratio x poisoned) "cross" samples,
+chosen apart from the poisoned ones: warped by its noise mode, labels kept.
 A TensorSplit becomes a new TensorSplit (`PoisonedTensorSplit`, the original's tensors untouched
 and kept as `.clean`); a streaming Dataset is wrapped (`PoisonedDataset`) and stamped per item.
 Both carry a `PoisonRecord` (`.poison`): the config, the trigger and the chosen indices, which
@@ -108,11 +109,22 @@ def _seed(cfg: PoisonConfig, seed: int) -> int:
     return cfg.seed if cfg.seed is not None else seed
 
 
+def poison_candidates(labels: torch.Tensor, cfg: PoisonConfig) -> torch.Tensor:
+    """The samples poisoning may pick: clean-label, the target class only (their labels already
+    say the target); dirty-label all2one, every sample NOT of the target class (as BackdoorBench:
+    relabelling a target sample to its own label would plant nothing); all2all, every sample."""
+    if cfg.label == "clean":
+        return torch.nonzero(labels == cfg.target).flatten()
+    if cfg.mode == "all2one":
+        return torch.nonzero(labels != cfg.target).flatten()
+    return torch.arange(len(labels))
+
+
 def select_poison(
     labels: torch.Tensor, cfg: PoisonConfig, seed: int, cross_ratio: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted (poisoned, cross) indices: round(rate x N) samples drawn by `seed` (clean-label:
-    from the target class only), then round(cross_ratio x poisoned) cross samples among the rest.
+    """Sorted (poisoned, cross) indices: round(rate x N) samples drawn by `seed` among the
+    `poison_candidates`, then round(cross_ratio x poisoned) cross samples among the rest.
     """
     n = len(labels)
     count = round(cfg.rate * n)
@@ -121,16 +133,15 @@ def select_poison(
             f"data.poison.rate: {cfg.rate:g} of {n} train samples poisons none; raise the rate"
         )
     g = seeded_generator(seed, _SELECT_STREAM)
-    if cfg.label == "clean":
-        candidates = torch.nonzero(labels == cfg.target).flatten()
-        if len(candidates) < count:
-            raise ConfigError(
-                f"data.poison.rate: clean-label poisoning needs {count} samples of target class "
-                f"{cfg.target}, the train split has {len(candidates)} (rate at most "
-                f"{len(candidates) / n:.4g})"
-            )
-    else:
-        candidates = torch.arange(n)
+    candidates = poison_candidates(labels, cfg)
+    if len(candidates) < count:
+        which = "clean-label" if cfg.label == "clean" else "dirty-label all2one"
+        kind = "samples of target class" if cfg.label == "clean" else "samples not of class"
+        raise ConfigError(
+            f"data.poison.rate: {which} poisoning needs {count} {kind} {cfg.target}, the train "
+            f"split has {len(candidates)} (rate at most "
+            f"{len(candidates) / n:.4g})"
+        )
     poisoned = candidates[torch.randperm(len(candidates), generator=g)[:count]]
     cross_count = round(cross_ratio * count)
     rest = torch.ones(n, dtype=torch.bool)
