@@ -39,7 +39,8 @@ class Trigger:
     """Base class: `apply(x)` stamps a batch; subclasses define `stamp` and `options`.
 
     `name` is the registry name, used in metric names (`badnets/asr`). A trigger with a noise
-    mode (WaNet) sets `cross_ratio` > 0 and defines `noise`: poisoning then adds cross samples.
+    mode (WaNet) sets `cross_ratio` > 0 and defines `noise`: training then adds cross samples
+    to every batch.
     """
 
     name: str = "trigger"
@@ -272,8 +273,10 @@ class WaNetTrigger(Trigger):
     the authors' code (k=4, s=0.5, grid_rescale 1).
 
     `noise(x, generator)` is the paper's noise mode: the same warp plus a fresh random offset
-    per pixel, U(-1, 1) / size; poisoning adds `cross_ratio` x (number poisoned) such "cross"
-    samples with their true labels, so the network learns that only the exact warp is a trigger.
+    per pixel, U(-1, 1) / size. Training warps int(`cross_ratio` x the batch's poisoned samples)
+    other samples of every batch so, drawn anew each batch with fresh noise (backdoors/poison.py,
+    `CrossNoise`), their true labels kept, so the network learns that only the exact warp is a
+    trigger.
     """
 
     name = "wanet"
