@@ -1,7 +1,7 @@
 """Poisoning: exactly round(rate x N) seeded samples, the clean split untouched, labels as the
-mode says, clean-label from the target class only, WaNet cross samples apart, the same poisoning
-for streaming datasets, a backdoor test set without target-class samples, and the run-folder
-files read back."""
+mode says, clean-label from the target class only (dirty-label all2one from the others), WaNet
+cross samples redrawn every train batch, the same poisoning for streaming datasets, a backdoor
+test set without target-class samples, and the run-folder files read back."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from vptlab.backdoors.poison import (
     POISON_FILE,
     POISON_INDICES_FILE,
+    CrossNoise,
     PoisonedDataset,
     PoisonedTensorSplit,
     backdoor_test_split,
@@ -26,7 +27,8 @@ from vptlab.backdoors.poison import (
 )
 from vptlab.backdoors.triggers import create_trigger
 from vptlab.config import PoisonConfig
-from vptlab.data.base import TensorSplit
+from vptlab.data.base import TensorSplit, seeded_generator
+from vptlab.data.loaders import make_loader
 from vptlab.errors import ConfigError
 
 
@@ -72,6 +74,10 @@ def test_poisons_exactly_round_rate_n_and_leaves_the_clean_split_alone(
         with pytest.raises(ConfigError, match=r"^data\.poison\.rate: .* poisons none"):
             poison_split(split, config, num_classes=4)
         return
+    if mode == "all2one" and round(rate * n) > int((split.y != 1).sum()):
+        with pytest.raises(ConfigError, match=r"^data\.poison\.rate: dirty-label all2one"):
+            poison_split(split, config, num_classes=4)
+        return
     out = poison_split(split, config, num_classes=4)
     assert torch.equal(split.x, x_before) and torch.equal(split.y, y_before)
     assert isinstance(out, PoisonedTensorSplit) and out.clean is split
@@ -99,6 +105,23 @@ def test_the_seed_picks_the_samples() -> None:
     assert not torch.equal(first.poison.poisoned, other.poison.poisoned)
 
 
+def test_dirty_label_all2one_poisons_only_non_target_samples() -> None:
+    split = toy_split(400)
+    for seed in range(5):
+        out = poison_split(split, cfg(target=2, rate=0.2, seed=seed), 4)
+        poisoned = out.poison.poisoned
+        assert len(poisoned) == 80 and not (split.y[poisoned] == 2).any()
+    available = int((split.y != 2).sum())
+    with pytest.raises(ConfigError) as error:
+        poison_split(split, cfg(target=2, rate=0.9), 4)
+    message = str(error.value)
+    assert message.startswith("data.poison.rate: dirty-label all2one poisoning needs 360 samples")
+    assert f"has {available}" in message and "\n" not in message
+    # all2all keeps every sample a candidate: the target class too.
+    everything = poison_split(split, cfg(target=2, rate=1.0, mode="all2all"), 4)
+    assert len(everything.poison.poisoned) == 400
+
+
 def test_clean_label_poisons_only_target_class_samples_and_keeps_labels() -> None:
     split = toy_split(400, size=28)
     out = poison_split(split, cfg(trigger="sig", label="clean", target=2, rate=0.1), 4)
@@ -123,17 +146,75 @@ def test_target_outside_the_classes_is_one_error() -> None:
         poison_split(toy_split(), cfg(target=4), num_classes=4)
 
 
-def test_wanet_adds_cross_samples_apart_with_true_labels() -> None:
+def _cross_batches(split, seed: int = 0, epochs: int = 2, batch_size: int = 64) -> list:
+    loader = make_loader(split, batch_size, train=True, seed=seed)
+    return [(epoch, batch) for epoch in range(epochs) for batch in loader]
+
+
+def test_wanet_cross_samples_and_noise_are_redrawn_every_batch() -> None:
     split = toy_split(400)
-    out = poison_split(split, cfg(trigger="wanet", rate=0.05, options={"cross_ratio": 2}), 4)
-    poisoned, cross = out.poison.poisoned, out.poison.cross
-    assert len(poisoned) == 20 and len(cross) == 40
-    assert not set(poisoned.tolist()) & set(cross.tolist())
-    assert torch.equal(out.y[cross], split.y[cross]) and (out.y[poisoned] == 0).all()
-    changed = (out.x[cross] - split.x[cross]).flatten(1).abs().amax(dim=1)
-    assert (changed > 0).all()
-    # Cross samples carry the noisy warp, not the trigger itself.
-    assert not torch.allclose(out.x[cross], out.poison.trigger.apply(split.x[cross]))
+    out = poison_split(split, cfg(trigger="wanet", rate=0.1, options={"cross_ratio": 2}), 4)
+    record, transform = out.poison, out.train_transform
+    assert isinstance(transform, CrossNoise) and not hasattr(record, "cross")
+    assert record.counts() == {"samples": 400, "classes": 4, "poisoned": 40, "cross_ratio": 2.0}
+    poisoned = set(record.poisoned.tolist())
+    # The poisoned samples are stamped once, fixed: the split holds them.
+    assert torch.equal(out.x[record.poisoned], record.trigger.apply(split.x[record.poisoned]))
+    crossed: dict[int, set[int]] = {0: set(), 1: set()}
+    for epoch, batch in _cross_batches(out):
+        stored = out.x[batch.index]
+        changed = (batch.x[:, :1] - stored).flatten(1).abs().amax(dim=1) > 0
+        num_bd = sum(int(i) in poisoned for i in batch.index)
+        assert int(changed.sum()) == int(num_bd * 2)  # BackdoorBench: int(num_bd x ratio)
+        cross = batch.index[changed]
+        assert not poisoned & set(cross.tolist())  # poisoned samples stay the fixed ones
+        assert torch.equal(batch.y, out.y[batch.index])  # cross samples keep true labels
+        # A cross sample is the noise-mode warp, not the trigger's exact warp.
+        assert not torch.allclose(batch.x[changed, :1], record.trigger.apply(stored[changed]))
+        crossed[epoch] |= set(cross.tolist())
+    assert crossed[0] != crossed[1]  # other cross samples in another epoch
+    # Fresh noise in every draw: the same images, two generators, two warps.
+    x, index = out.x[:32], torch.arange(32)
+    first = transform(x, index, seeded_generator(1))
+    second = transform(x, index, seeded_generator(2))
+    both = [i for i in range(32) if not torch.equal(first[i], x[i])
+            and not torch.equal(second[i], x[i])]  # fmt: skip
+    assert all(not torch.equal(first[i], second[i]) for i in both)
+    # Evaluation never sees cross samples.
+    for batch in make_loader(out, 64, train=False):
+        assert torch.equal(batch.x[:, :1], out.x[batch.index])
+
+
+def test_wanet_cross_samples_are_reproducible_and_resume_exactly() -> None:
+    split = toy_split(400)
+    out = poison_split(split, cfg(trigger="wanet", rate=0.1, seed=3), 4)
+    run, again = _cross_batches(out, seed=5), _cross_batches(out, seed=5)
+    assert all(torch.equal(a.x, b.x) for (_, a), (_, b) in zip(run, again, strict=True))
+    other = _cross_batches(out, seed=6)
+    assert not all(torch.equal(a.x, b.x) for (_, a), (_, b) in zip(run, other, strict=True))
+    resumed = make_loader(out, 64, train=True, seed=5)
+    resumed.set_epoch(1, 2)
+    tail = [b for e, b in run if e == 1][2:]
+    assert all(torch.equal(a.x, b.x) for a, b in zip(resumed, tail, strict=True))
+
+
+def test_streaming_wanet_draws_the_tensor_splits_cross_samples() -> None:
+    split = toy_split(100)
+    config = cfg(trigger="wanet", rate=0.1)
+    tensors = poison_split(split, config, num_classes=4)
+    stream = poison_split(Items(split), config, num_classes=4)
+    assert isinstance(stream.train_transform, CrossNoise)
+    for i in range(len(split)):  # per item: only the fixed poisoned samples are warped
+        assert torch.equal(stream[i][0], tensors.x[i])
+    for (_, a), (_, b) in zip(_cross_batches(tensors, batch_size=25),
+                              _cross_batches(stream, batch_size=25), strict=True):  # fmt: skip
+        assert torch.equal(a.index, b.index) and torch.equal(a.y, b.y)
+        torch.testing.assert_close(a.x, b.x)
+
+
+def test_triggers_without_noise_mode_have_no_train_transform() -> None:
+    assert poison_split(toy_split(), cfg(), 4).train_transform is None
+    assert poison_split(Items(toy_split()), cfg(), 4).train_transform is None
 
 
 def test_streaming_dataset_is_poisoned_per_item_like_the_tensors() -> None:
@@ -148,15 +229,6 @@ def test_streaming_dataset_is_poisoned_per_item_like_the_tensors() -> None:
         for i in range(len(split)):
             x, y = stream[i]
             assert torch.equal(x, tensors.x[i]) and y == int(tensors.y[i])
-
-
-def test_streaming_wanet_cross_items_are_warped_with_true_labels() -> None:
-    split = toy_split(100)
-    stream = poison_split(Items(split), cfg(trigger="wanet", rate=0.1), num_classes=4)
-    for i in stream.poison.cross.tolist():
-        x, y = stream[i]
-        assert y == int(split.y[i]) and not torch.equal(x, split.x[i])
-        assert torch.equal(stream[i][0], x)  # the same warp every time it is read
 
 
 @pytest.mark.parametrize("mode", ["all2one", "all2all"])
@@ -186,6 +258,5 @@ def test_run_folder_files_round_trip(tmp_path: Path) -> None:
     assert config == out.poison.config and config.seed == 5
     assert torch.equal(trigger.apply(split.x[:8]), out.poison.trigger.apply(split.x[:8]))
     record = load_poison_record(tmp_path)
-    assert torch.equal(record.cross, out.poison.cross)
     assert torch.equal(record.original_labels, split.y[indices])
-    assert record.counts() == {"samples": 300, "classes": 4, "poisoned": 30, "cross": 60}
+    assert record.counts() == {"samples": 300, "classes": 4, "poisoned": 30, "cross_ratio": 2.0}

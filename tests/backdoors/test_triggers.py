@@ -108,6 +108,122 @@ def test_badnets_checkerboard_is_the_same_in_every_channel() -> None:
     assert all(torch.equal(patch[c], expected) for c in range(3))
 
 
+# The held-out trigger suite's BadNets options: non-square patches, seeded noise and
+# checkerboard patterns, the centre and an `at` position inside the digit.
+SUITE = [
+    {"height": 2, "width": 5},
+    {"size": 4, "pattern": "noise"},
+    {"size": 4, "pattern": "checkerboard", "location": "centre"},
+    {"size": 3, "location": "top-left"},
+    {"height": 4, "width": 3, "pattern": "noise", "at": [0.5, 0.5]},
+]
+
+
+@pytest.mark.parametrize("options", SUITE)
+@settings(max_examples=8, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    channels=st.sampled_from([1, 3, 4]),
+    height=st.sampled_from([12, 28, 32]),
+    width=st.sampled_from([12, 28, 30]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_badnets_suite_options_keep_the_contract(
+    options: dict, n: int, channels: int, height: int, width: int, seed: int
+) -> None:
+    x = images(n, channels, height, width, seed)
+    trigger = create_trigger("badnets", seed=seed, **options)
+    out = trigger.apply(x)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert torch.equal(create_trigger("badnets", seed=seed, **options).apply(x), out)
+    spec = json.loads(json.dumps(trigger.spec()))
+    assert spec["options"] == {"size": 3, "location": "bottom-right", "pattern": "white",
+                               **options}  # fmt: skip
+    assert torch.equal(trigger_from_spec(spec).apply(x), out)
+    # Exactly the patch's pixels change (at most), the same ones in every image and channel.
+    ph, pw = trigger.shape
+    row, col = trigger.top_left(height, width)
+    inside = torch.zeros(height, width, dtype=torch.bool)
+    inside[row : row + ph, col : col + pw] = True
+    assert torch.equal(out[..., ~inside], x[..., ~inside])
+    assert int(inside.sum()) == ph * pw
+
+
+@pytest.mark.parametrize(
+    ("options", "corner", "shape"),
+    [({"height": 2, "width": 5}, (30, 25), (2, 5)),
+     ({"size": 4, "location": "centre"}, (14, 13), (4, 4)),
+     ({"size": 4, "location": "center"}, (14, 13), (4, 4)),
+     ({"height": 2, "width": 3, "location": "top-left"}, (0, 0), (2, 3)),
+     ({"size": 4, "at": [0.5, 0.5]}, (14, 13), (4, 4)),
+     ({"size": 4, "at": [0, 1]}, (0, 26), (4, 4)),
+     ({"size": 4, "at": [1, 0], "location": "top-right"}, (28, 0), (4, 4)),
+     ({"height": 3, "width": 2, "at": [0.3, 0.25]}, (8, 7), (3, 2))],
+)  # fmt: skip
+def test_badnets_stamp_lands_where_it_says(
+    options: dict, corner: tuple[int, int], shape: tuple[int, int]
+) -> None:
+    out = create_trigger("badnets", **options).apply(torch.zeros(2, 1, 32, 30))[:, 0]
+    for image in out:
+        rows, cols = torch.nonzero(image, as_tuple=True)
+        assert (int(rows.min()), int(cols.min())) == corner
+        assert (int(rows.max()) - corner[0] + 1, int(cols.max()) - corner[1] + 1) == shape
+        assert len(rows) == shape[0] * shape[1]
+
+
+def test_badnets_at_the_middle_of_a_digit() -> None:
+    out = create_trigger("badnets", size=4, at=[0.5, 0.5]).apply(torch.zeros(1, 1, 28, 28))
+    assert (out[0, 0, 12:16, 12:16] == 1).all() and int(out.sum()) == 16
+
+
+def test_badnets_noise_is_seeded_and_differs_per_channel() -> None:
+    x = torch.zeros(1, 3, 8, 8)
+    out = create_trigger("badnets", seed=4, size=4, pattern="noise").apply(x)[0, :, -4:, -4:]
+    again = create_trigger("badnets", seed=4, size=4, pattern="noise").apply(x)[0, :, -4:, -4:]
+    other = create_trigger("badnets", seed=5, size=4, pattern="noise").apply(x)[0, :, -4:, -4:]
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    assert not torch.equal(out[0], out[1]) and len(torch.unique(out)) > 8
+    gray = create_trigger("badnets", seed=4, size=4, pattern="noise").apply(x[:, :1])
+    assert gray.shape == (1, 1, 8, 8)
+
+
+def test_badnets_checkerboard_is_non_square_too() -> None:
+    trigger = create_trigger("badnets", height=2, width=3, pattern="checkerboard")
+    patch = trigger.apply(torch.zeros(1, 1, 6, 6))[0, 0, -2:, -3:]
+    assert torch.equal(patch, torch.tensor([[1.0, 0, 1], [0, 1, 0]]))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"height": 0}, r"^badnets\.height: .*greater than or equal to 1"),
+     ({"width": -2}, r"^badnets\.width: .*greater than or equal to 1"),
+     ({"pattern": "stripes"}, r"^badnets\.pattern: "),
+     ({"location": "middle"}, r"^badnets\.location"),
+     ({"at": [0.5, 1.5]}, r"^badnets\.at"),
+     ({"at": [0.5]}, r"^badnets\.at"),
+     ({"at": "centre"}, r"^badnets\.at")],
+)  # fmt: skip
+def test_badnets_bad_suite_options_are_one_error(options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as error:
+        create_trigger("badnets", **options)
+    assert "\n" not in str(error.value)
+
+
+def test_badnets_non_square_patch_that_does_not_fit_is_one_error() -> None:
+    with pytest.raises(ConfigError, match=r"^badnets: a 9x3px patch .* does not fit a 8x8 image"):
+        create_trigger("badnets", height=9, width=3, at=[0.5, 0.5]).apply(torch.zeros(1, 1, 8, 8))
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.3])
+def test_blended_noise_at_the_suite_alphas(alpha: float) -> None:
+    trigger = create_trigger("blended", seed=2, alpha=alpha)
+    x = images(3, 1, 28, 28)
+    out = trigger.apply(x)
+    pattern = torch.rand(1, 28, 28, generator=trigger.generator())
+    torch.testing.assert_close(out, (1 - alpha) * x + alpha * pattern)
+    assert trigger_from_spec(json.loads(json.dumps(trigger.spec()))).alpha == alpha
+
+
 def test_badnets_patch_that_does_not_fit_is_one_error() -> None:
     with pytest.raises(ConfigError, match="does not fit a 8x8 image"):
         create_trigger("badnets", size=3, location=[6, 6]).apply(torch.zeros(1, 1, 8, 8))

@@ -109,16 +109,19 @@ def test_intermediates_of_the_image_tower_and_nad_layers() -> None:
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         final, grids = model.forward_intermediates(x)
-        tokens = model.forward_intermediates(x, indices=[1], output_fmt="NLC",
-                                             return_prefix_tokens=True, intermediates_only=True)
+        tokens = model.forward_intermediates(
+            x, indices=[1], output_fmt="NLC", return_prefix_tokens=True, intermediates_only=True
+        )
         torch.testing.assert_close(final, model.forward_features(x))
     assert [g.shape for g in grids] == [(2, 32, 4, 4)] * 3
-    (patches, prefix), = tokens
+    ((patches, prefix),) = tokens
     assert patches.shape == (2, 16, 32) and prefix.shape == (2, 1, 32)
     torch.testing.assert_close(patches, grids[1].flatten(2).transpose(1, 2))
-    # NAD's layers: the last two blocks (average pooling: every block's patches reach the
+    # NAD's layers: the last three blocks (average pooling: every block's patches reach the
     # embedding), and the tower's patch count; a defensive prompt around it still finds the net.
-    assert default_layers(model) == [f"net.clip.visual.transformer.resblocks.{i}" for i in (1, 2)]
+    assert default_layers(model) == [
+        f"net.clip.visual.transformer.resblocks.{i}" for i in (0, 1, 2)
+    ]
     assert default_layers(_tiny(layers=3, pool="tok"))[-1].endswith("resblocks.1")
     assert patch_count(model) == 16
     assert clip_net(prompted_input(model, 16)) is model.net

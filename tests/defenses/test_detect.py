@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from vptlab.cli import main
-from vptlab.defenses.detectors import DETECTORS, spectral_flags, spectral_scores
+from vptlab.defenses.detectors import (
+    DETECTORS,
+    Strip,
+    spectral_flags,
+    spectral_scores,
+    strip_scores,
+    superimpose,
+)
 from vptlab.errors import ConfigError
 from vptlab.steps.detect import auroc, precision_recall
 
@@ -28,6 +35,46 @@ def test_auroc_on_hand_made_scores() -> None:
 def test_precision_recall_on_hand_made_flags() -> None:
     out = precision_recall(torch.tensor([1, 2, 3, 4]), torch.tensor([2, 4, 9]))
     assert out["precision"] == 50.0 and out["recall"] == pytest.approx(200 / 3)
+
+
+class _Recorder(torch.nn.Module):
+    """A model that keeps every batch it is shown and predicts from the mean pixel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([[0.0, 4.0, 8.0]]))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.clone())
+        return x.flatten(1).mean(1, keepdim=True) * self.w
+
+
+def test_strip_adds_the_overlay_and_saturates_as_the_papers_code() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, pool = torch.rand(5, 3, 4, 4, generator=g), torch.rand(7, 3, 4, 4, generator=g)
+    assert torch.equal(superimpose(x, pool[:5]), (x + pool[:5]).clamp(0, 1))
+    assert torch.allclose(superimpose(x, pool[:5], "blend", 0.3), 0.3 * x + 0.7 * pool[:5])
+    model = _Recorder()
+    scores = strip_scores(model, x, pool, overlays=3, seed=1)
+    assert scores.shape == (5,) and len(model.seen) == 3
+    # Every input the model saw is an input plus one pool image, clipped to [0, 1].
+    for seen in model.seen:
+        for i in range(5):
+            assert any(torch.allclose(seen[i], (x[i] + c).clamp(0, 1)) for c in pool)
+    assert (torch.cat(model.seen) == 1).any()  # sums above 1 saturate
+    blend = Strip(pool, overlays=3, superimpose="blend", alpha=0.5, seed=1)
+    assert not torch.equal(blend(_Recorder(), x), scores)
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [({"overlays": 0}, "overlays"), ({"superimpose": "mix"}, "superimpose"),
+     ({"superimpose": "blend", "alpha": 1.0}, "alpha")],
+)  # fmt: skip
+def test_strip_bad_options_are_one_error_naming_them(options: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^strip {key} must"):
+        Strip(torch.rand(2, 3, 4, 4), **options)
 
 
 def test_spectral_signature_finds_a_shifted_cluster() -> None:

@@ -25,9 +25,11 @@ from vptlab.defenses.fine_pruning import (
     pruning_site,
 )
 from vptlab.defenses.nad import (
+    DEFAULT_BETAS,
     AttentionDistillation,
     attention_map,
     default_layers,
+    layer_betas,
 )
 from vptlab.defenses.repair import (
     REPAIRERS,
@@ -309,13 +311,38 @@ def test_nad_default_layers_and_unknown_layers() -> None:
     simplenet = create_model("simplenet", num_classes=10, img_size=28)
     layers = default_layers(simplenet)
     features = simplenet.net.features
-    assert [type(features[int(n.rsplit(".", 1)[1])]) for n in layers] == [nn.ReLU, nn.ReLU]
+    assert [type(features[int(n.rsplit(".", 1)[1])]) for n in layers] == [nn.ReLU] * 3
     assert layers[-1] == f"net.features.{len(features) - 2}"  # the last conv block, before pooling
-    vit = create_model("vit-scratch", num_classes=10, img_size=8, depth=4, embed_dim=16,
+    vit = create_model("vit-scratch", num_classes=10, img_size=8, depth=5, embed_dim=16,
                        num_heads=2)  # fmt: skip
-    assert default_layers(vit) == ["net.blocks.1", "net.blocks.2"]  # block 3's patches are unused
+    # Block 4's patches are unused (class-token pooling): NAD's three maps are blocks 1 to 3.
+    assert default_layers(vit) == ["net.blocks.1", "net.blocks.2", "net.blocks.3"]
     with pytest.raises(ConfigError, match=r"^defense\.options\.layers: .*'net\.nope'"):
         create_repairer("nad", layers=["net.nope"]).prepare(simplenet)
+
+
+def test_nad_betas_default_to_the_authors_500_1000_1000() -> None:
+    simplenet = create_model("simplenet", num_classes=10, img_size=28)
+    assert DEFAULT_BETAS == (500.0, 1000.0, 1000.0)
+    nad = create_repairer("nad")
+    assert nad.betas_of(simplenet) == [500.0, 1000.0, 1000.0]
+    # One beta (configs written before per-layer weights) weighs every layer alike.
+    assert create_repairer("nad", beta=5000).betas_of(simplenet) == [5000.0] * 3
+    assert create_repairer("nad", betas=[1, 2, 3]).betas_of(simplenet) == [1.0, 2.0, 3.0]
+    # Fewer layers take the highest default weights.
+    assert layer_betas(2) == [1000.0, 1000.0] and layer_betas(1) == [1000.0]
+    with pytest.raises(ConfigError, match=r"^defense\.options\.betas: 2 weights for 3 layers"):
+        create_repairer("nad", betas=[1, 2]).prepare(simplenet)
+    with pytest.raises(ConfigError, match=r"^defense\.options\.betas: give beta .* not both"):
+        create_repairer("nad", beta=1, betas=[1, 2, 3]).prepare(simplenet)
+    with pytest.raises(ConfigError, match=r"^defense\.options\.betas: the default weights"):
+        layer_betas(4)
+    g = torch.Generator().manual_seed(0)
+    s, t = [torch.rand(2, 4, 3, 3, generator=g) for _ in range(2)]
+    task = AttentionDistillation(nn.Identity(), ["a", "b"], beta=[500.0, 1000.0])
+    one = AttentionDistillation(nn.Identity(), ["a"], beta=1.0)
+    expected = 500 * one.distillation([s], [t]) + 1000 * one.distillation([t], [s])
+    assert torch.allclose(task.distillation([s, t], [t, s]), expected)
 
 
 def test_nad_lowers_asr_and_distills_the_teachers_attention(

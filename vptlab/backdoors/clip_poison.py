@@ -35,7 +35,7 @@ from vptlab.data.base import TensorSplit, seeded_generator, split_labels
 from vptlab.data.captions import split_captions
 from vptlab.errors import ConfigError, DataError
 
-_CAPTION_STREAM = 4  # apart from the sample selection (2) and the cross samples (3)
+_CAPTION_STREAM = 4  # apart from the sample selection (2); 3 was the cross samples'
 
 
 @dataclass
@@ -119,7 +119,8 @@ def poison_caption_split(
     text = poisoned_captions(captions, labels, poisoned.poison)
     if isinstance(poisoned, PoisonedTensorSplit):
         return PoisonedCaptionSplit(
-            poisoned.x, poisoned.y, clean=poisoned.clean, poison=poisoned.poison, captions=text
-        )
+            poisoned.x, poisoned.y, clean=poisoned.clean, poison=poisoned.poison,
+            train_transform=poisoned.train_transform, captions=text,
+        )  # fmt: skip
     poisoned.captions = text  # type: ignore[attr-defined]  # read by split_captions
     return poisoned

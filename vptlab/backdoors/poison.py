@@ -1,9 +1,13 @@
 """Poisoned train splits and triggered test splits, built beside the clean data, never over it.
 
 `poison_split` picks exactly round(rate x N) samples with the seed (clean-label: only from the
-target class), stamps them with the trigger and, for dirty labels, gives them the attack's label:
-`target` (all2one) or (y + 1) mod classes (all2all). WaNet also gets round(cross_ratio x poisoned)
-"cross" samples, chosen apart from the poisoned ones: warped by its noise mode, labels kept.
+target class; dirty-label all2one: only from the other classes, as BackdoorBench), stamps them
+with the trigger and, for dirty labels, gives them the attack's label: `target` (all2one) or
+(y + 1) mod classes (all2all). The poisoned samples are fixed (and recorded); WaNet's "cross"
+samples are not: as in the authors' code and BackdoorBench, every training batch warps
+int(cross_ratio x its poisoned samples) of its other samples, drawn anew, by the trigger's noise
+mode with fresh noise, labels kept (`CrossNoise`, the split's `train_transform`, which the train
+loader applies; evaluation and the test split never see it).
 A TensorSplit becomes a new TensorSplit (`PoisonedTensorSplit`, the original's tensors untouched
 and kept as `.clean`); a streaming Dataset is wrapped (`PoisonedDataset`) and stamped per item.
 Both carry a `PoisonRecord` (`.poison`): the config, the trigger and the chosen indices, which
@@ -36,9 +40,7 @@ from vptlab.runs import atomic_write, atomic_write_text
 POISON_FILE = "poison.json"
 POISON_INDICES_FILE = "poison.safetensors"
 _SELECT_STREAM = 2  # seeded streams, apart from the trigger's pattern draws (stream 1)
-_CROSS_STREAM = 3
 _CHUNK = 4096  # images stamped at a time: bounds the temporary memory of a large split
-CLEAN, POISONED, CROSS = 0, 1, 2
 
 
 def target_labels(
@@ -70,22 +72,23 @@ def stored_size(split: TensorSplit | Dataset) -> tuple[int, int]:
 @dataclass(frozen=True)
 class PoisonRecord:
     """What a poisoning did: its config (seed resolved), trigger, and the sorted indices of the
-    poisoned and cross samples in the train split, with the poisoned ones' true labels."""
+    poisoned samples in the train split, with their true labels. Cross samples (WaNet) have no
+    fixed indices: they are drawn per batch, `cross_ratio` x the batch's poisoned samples."""
 
     config: PoisonConfig
     trigger: Trigger
     poisoned: torch.Tensor  # (n,) int64, sorted
-    cross: torch.Tensor  # (m,) int64, sorted; empty unless the trigger has a noise mode
     original_labels: torch.Tensor  # (n,) int64: true labels of `poisoned`
     num_samples: int
     num_classes: int
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, int | float]:
+        """Samples, classes, poisoned samples, and cross samples per poisoned one in a batch."""
         return {
             "samples": self.num_samples,
             "classes": self.num_classes,
             "poisoned": len(self.poisoned),
-            "cross": len(self.cross),
+            "cross_ratio": self.trigger.cross_ratio,
         }
 
     def labels(self, clean: torch.Tensor) -> torch.Tensor:
@@ -108,12 +111,20 @@ def _seed(cfg: PoisonConfig, seed: int) -> int:
     return cfg.seed if cfg.seed is not None else seed
 
 
-def select_poison(
-    labels: torch.Tensor, cfg: PoisonConfig, seed: int, cross_ratio: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted (poisoned, cross) indices: round(rate x N) samples drawn by `seed` (clean-label:
-    from the target class only), then round(cross_ratio x poisoned) cross samples among the rest.
-    """
+def poison_candidates(labels: torch.Tensor, cfg: PoisonConfig) -> torch.Tensor:
+    """The samples poisoning may pick: clean-label, the target class only (their labels already
+    say the target); dirty-label all2one, every sample NOT of the target class (as BackdoorBench:
+    relabelling a target sample to its own label would plant nothing); all2all, every sample."""
+    if cfg.label == "clean":
+        return torch.nonzero(labels == cfg.target).flatten()
+    if cfg.mode == "all2one":
+        return torch.nonzero(labels != cfg.target).flatten()
+    return torch.arange(len(labels))
+
+
+def select_poison(labels: torch.Tensor, cfg: PoisonConfig, seed: int) -> torch.Tensor:
+    """The sorted poisoned indices: round(rate x N) samples drawn by `seed` among the
+    `poison_candidates`."""
     n = len(labels)
     count = round(cfg.rate * n)
     if count == 0:
@@ -121,28 +132,60 @@ def select_poison(
             f"data.poison.rate: {cfg.rate:g} of {n} train samples poisons none; raise the rate"
         )
     g = seeded_generator(seed, _SELECT_STREAM)
-    if cfg.label == "clean":
-        candidates = torch.nonzero(labels == cfg.target).flatten()
-        if len(candidates) < count:
-            raise ConfigError(
-                f"data.poison.rate: clean-label poisoning needs {count} samples of target class "
-                f"{cfg.target}, the train split has {len(candidates)} (rate at most "
-                f"{len(candidates) / n:.4g})"
-            )
-    else:
-        candidates = torch.arange(n)
-    poisoned = candidates[torch.randperm(len(candidates), generator=g)[:count]]
-    cross_count = round(cross_ratio * count)
-    rest = torch.ones(n, dtype=torch.bool)
-    rest[poisoned] = False
-    rest_index = torch.nonzero(rest).flatten()
-    if cross_count > len(rest_index):
+    candidates = poison_candidates(labels, cfg)
+    if len(candidates) < count:
+        which = "clean-label" if cfg.label == "clean" else "dirty-label all2one"
+        kind = "samples of target class" if cfg.label == "clean" else "samples not of class"
         raise ConfigError(
-            f"data.poison.options.cross_ratio: {cross_ratio:g} x {count} poisoned asks for "
-            f"{cross_count} cross samples, only {len(rest_index)} are left; lower it or the rate"
+            f"data.poison.rate: {which} poisoning needs {count} {kind} {cfg.target}, the train "
+            f"split has {len(candidates)} (rate at most "
+            f"{len(candidates) / n:.4g})"
         )
-    cross = rest_index[torch.randperm(len(rest_index), generator=g)[:cross_count]]
-    return poisoned.sort().values, cross.sort().values
+    poisoned = candidates[torch.randperm(len(candidates), generator=g)[:count]]
+    return poisoned.sort().values
+
+
+@dataclass(frozen=True)
+class CrossNoise:
+    """WaNet's noise mode as the authors' code and BackdoorBench train it: in every batch,
+    num_cross = int(num_bd x cross_ratio) samples (num_bd: the batch's poisoned samples), drawn
+    anew among its other samples, are warped by the trigger's grid plus fresh random noise,
+    their labels kept; the rest of the batch stays as it is.
+
+    A train split's `train_transform`: the train loader calls it on each batch, at the stored
+    size and before augmentation (where the poisoned samples were stamped), with a generator
+    seeded by (run seed, epoch, batch), so a run, and a run resumed mid-epoch, draws the same.
+    """
+
+    trigger: Trigger
+    poisoned: torch.Tensor  # (N,) bool over the split: which samples carry the trigger
+
+    def cross(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The batch positions (CPU int64) of the cross samples of a batch of split `index`."""
+        is_poisoned = self.poisoned[index.cpu()]
+        count = int(int(is_poisoned.sum()) * self.trigger.cross_ratio)
+        others = torch.nonzero(~is_poisoned).flatten()
+        return others[torch.randperm(len(others), generator=generator)[:count]]
+
+    def __call__(
+        self, x: torch.Tensor, index: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        picked = self.cross(index, generator)
+        if len(picked) == 0:
+            return x
+        picked = picked.to(x.device)
+        out = x.clone()
+        out[picked] = self.trigger.noise(x[picked], generator)
+        return out
+
+
+def cross_noise(record: PoisonRecord) -> CrossNoise | None:
+    """The per-batch cross samples of a poisoning whose trigger has a noise mode, else None."""
+    if record.trigger.cross_ratio <= 0:
+        return None
+    poisoned = torch.zeros(record.num_samples, dtype=torch.bool)
+    poisoned[record.poisoned] = True
+    return CrossNoise(record.trigger, poisoned)
 
 
 def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -152,38 +195,34 @@ def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> t
 @dataclass
 class PoisonedTensorSplit(TensorSplit):
     """A poisoned copy of a TensorSplit: `x`, `y` new tensors, `clean` the untouched original,
-    `poison` what was done. Loaders see a plain TensorSplit."""
+    `poison` what was done, `train_transform` the per-batch cross samples (WaNet; else None).
+    Loaders see a plain TensorSplit, and train loaders its `train_transform`."""
 
     clean: TensorSplit
     poison: PoisonRecord
+    train_transform: CrossNoise | None = None
 
 
 class PoisonedDataset(Dataset):
     """A streaming Dataset with a poisoning applied per item: poisoned samples stamped (and, for
-    dirty labels, relabelled), cross samples warped by the trigger's noise mode, the rest as
-    the base gives them. `targets` are the labels as trained on."""
+    dirty labels, relabelled), the rest as the base gives them. `targets` are the labels as
+    trained on; `train_transform` the per-batch cross samples (WaNet; else None)."""
 
     def __init__(self, base: Dataset, record: PoisonRecord, labels: torch.Tensor) -> None:
         self.base = base
         self.poison = record
-        kind = torch.full((len(labels),), CLEAN, dtype=torch.int8)
-        kind[record.poisoned] = POISONED
-        kind[record.cross] = CROSS
-        self.kind = kind
+        self.train_transform = cross_noise(record)
+        self.is_poisoned = torch.zeros(len(labels), dtype=torch.bool)
+        self.is_poisoned[record.poisoned] = True
         self.targets = record.labels(labels).tolist()
 
     def __len__(self) -> int:
-        return len(self.kind)
+        return len(self.is_poisoned)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         x, y = self.base[index]
-        kind = int(self.kind[index])
-        if kind == POISONED:
+        if self.is_poisoned[index]:
             return self.poison.trigger.apply(x[None])[0], self.targets[index]
-        if kind == CROSS:
-            # Per sample, seeded by its index: the same warp in every worker and epoch.
-            g = seeded_generator(_seed(self.poison.config, 0), _CROSS_STREAM, index)
-            return self.poison.trigger.noise(x[None], g)[0], int(y)
         return x, int(y)
 
 
@@ -202,12 +241,11 @@ def poison_split(
     seed = _seed(cfg, seed)
     trigger = poison_trigger(cfg, seed)
     labels = split_labels(split)
-    poisoned, cross = select_poison(labels, cfg, seed, trigger.cross_ratio)
+    poisoned = select_poison(labels, cfg, seed)
     record = PoisonRecord(
         config=cfg.model_copy(update={"seed": seed}),
         trigger=trigger,
         poisoned=poisoned,
-        cross=cross,
         original_labels=labels[poisoned].clone(),
         num_samples=len(labels),
         num_classes=num_classes,
@@ -216,10 +254,9 @@ def poison_split(
         return PoisonedDataset(split, record, labels)
     x = split.x.clone()
     x[poisoned] = _in_chunks(trigger.apply, split.x[poisoned])
-    if len(cross):
-        g = seeded_generator(seed, _CROSS_STREAM)
-        x[cross] = _in_chunks(lambda part: trigger.noise(part, g), split.x[cross])
-    return PoisonedTensorSplit(x, record.labels(split.y), clean=split, poison=record)
+    return PoisonedTensorSplit(
+        x, record.labels(split.y), clean=split, poison=record, train_transform=cross_noise(record)
+    )
 
 
 def poison_data(data: DataSplits, cfg: PoisonConfig, seed: int = 0) -> DataSplits:
@@ -272,8 +309,8 @@ def backdoor_test_split(
 
 
 def save_poison(run_dir: str | Path, record: PoisonRecord) -> None:
-    """poison.json (config, trigger spec, counts) and poison.safetensors (poisoned and cross
-    indices, the poisoned samples' true labels) in `run_dir`, each written atomically."""
+    """poison.json (config, trigger spec, counts) and poison.safetensors (poisoned indices and
+    their true labels) in `run_dir`, each written atomically."""
     run_dir = Path(run_dir)
     summary = {
         "config": record.config.model_dump(mode="json"),
@@ -283,7 +320,6 @@ def save_poison(run_dir: str | Path, record: PoisonRecord) -> None:
     }
     tensors = {
         "poisoned": record.poisoned.contiguous(),
-        "cross": record.cross.contiguous(),
         "original_labels": record.original_labels.contiguous(),
     }
     atomic_write(run_dir / POISON_INDICES_FILE, lambda tmp: save_file(tensors, tmp))
@@ -300,8 +336,7 @@ def load_poison_record(run_dir: str | Path) -> PoisonRecord:
     return PoisonRecord(
         config=PoisonConfig.model_validate(summary["config"]),
         trigger=trigger_from_spec(summary["trigger"]),
-        poisoned=tensors["poisoned"],
-        cross=tensors["cross"],
+        poisoned=tensors["poisoned"],  # older runs also hold fixed "cross" indices: not read
         original_labels=tensors["original_labels"],
         num_samples=int(summary["counts"]["samples"]),
         num_classes=int(summary["counts"]["classes"]),
@@ -310,6 +345,6 @@ def load_poison_record(run_dir: str | Path) -> PoisonRecord:
 
 def load_poison(run_dir: str | Path) -> tuple[torch.Tensor, Trigger, PoisonConfig]:
     """(poisoned indices in the train split, the trigger, the poison config with its seed) of a
-    poisoned run; `load_poison_record` also gives the cross indices and true labels."""
+    poisoned run; `load_poison_record` also gives their true labels."""
     record = load_poison_record(run_dir)
     return record.poisoned, record.trigger, record.config

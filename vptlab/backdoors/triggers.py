@@ -1,6 +1,6 @@
 """Backdoor triggers: `apply(x) -> x'` on a batch of [0,1] images, one small class per paper.
 
-- badnets (Gu et al. 2017):       x' = (1 - m) * x + m * p     (m: a size x size patch mask)
+- badnets (Gu et al. 2017):       x' = (1 - m) * x + m * p     (m: a height x width patch mask)
 - blended (Chen et al. 2017):     x' = (1 - alpha) * x + alpha * p
 - wanet   (Nguyen & Tran 2021):   x' = grid_sample(x, clip(I + s * P / (W, H)))
                                   P = upsample_bicubic(U / mean|U|), U ~ U(-1, 1)^(2, k, k)
@@ -29,8 +29,9 @@ from vptlab.registry import Registry
 
 TRIGGERS = Registry["Trigger"]("trigger")
 
-Corner = Literal["bottom-right", "bottom-left", "top-right", "top-left", "center"]
-PatchPattern = Literal["white", "checkerboard", "random"]
+Corner = Literal["bottom-right", "bottom-left", "top-right", "top-left", "center", "centre"]
+PatchPattern = Literal["white", "checkerboard", "random", "noise"]
+Fraction = Annotated[float, Field(ge=0, le=1)]
 _PATTERN_STREAM = 1  # keeps a trigger's pattern draws apart from other uses of its seed
 
 
@@ -38,7 +39,8 @@ class Trigger:
     """Base class: `apply(x)` stamps a batch; subclasses define `stamp` and `options`.
 
     `name` is the registry name, used in metric names (`badnets/asr`). A trigger with a noise
-    mode (WaNet) sets `cross_ratio` > 0 and defines `noise`: poisoning then adds cross samples.
+    mode (WaNet) sets `cross_ratio` > 0 and defines `noise`: training then adds cross samples
+    to every batch.
     """
 
     name: str = "trigger"
@@ -97,10 +99,14 @@ class Trigger:
 class BadNetsTrigger(Trigger):
     """BadNets (Gu et al. 2017): a small patch pasted over the image, x' = (1 - m) x + m p.
 
-    `size` px square at `location` (a corner, the center, or the (row, col) of its top-left
-    pixel); `pattern` white, a checkerboard (white first) or seeded uniform noise; the same
-    pattern in every channel. The default, a 3x3 white square at the bottom right, is
-    BackdoorBench's.
+    A `height` x `width` px patch (each defaults to `size`: a square) at `location` (a corner,
+    the center, also spelt centre, or the (row, col) pixel of its top-left corner), or, when
+    `at` is given, at `at` = [row, col] fractions of the free room: the patch's top-left pixel
+    is floor(row x (H - height)), floor(col x (W - width)), so [0, 0] is the top-left corner,
+    [1, 1] the bottom-right and [0.5, 0.5] the middle (e.g. inside a 28x28 digit's strokes)
+    at any image size. `pattern`: white; a checkerboard (white first); `random`, seeded uniform
+    noise, the same in every channel; `noise`, seeded uniform noise drawn per channel (a colour
+    pattern on RGB). The default, a 3x3 white square at the bottom right, is BackdoorBench's.
     """
 
     name = "badnets"
@@ -111,52 +117,82 @@ class BadNetsTrigger(Trigger):
         size: Annotated[int, Field(ge=1)] = 3,
         location: Corner | tuple[NonNegativeInt, NonNegativeInt] = "bottom-right",
         pattern: PatchPattern = "white",
+        height: Annotated[int, Field(ge=1)] | None = None,
+        width: Annotated[int, Field(ge=1)] | None = None,
+        at: tuple[Fraction, Fraction] | None = None,
     ) -> None:
         super().__init__(seed)
-        if size < 1:
-            raise ConfigError(f"badnets size must be >= 1, got {size}")
-        if pattern not in ("white", "checkerboard", "random"):
-            raise ConfigError(f"badnets pattern must be white, checkerboard or random: {pattern!r}")
+        for key, value in (("size", size), ("height", height), ("width", width)):
+            if value is not None and value < 1:
+                raise ConfigError(f"badnets {key} must be >= 1, got {value}")
+        if pattern not in ("white", "checkerboard", "random", "noise"):
+            raise ConfigError(
+                f"badnets pattern must be white, checkerboard, random or noise: {pattern!r}"
+            )
+        if isinstance(location, str) and location not in Corner.__args__:
+            raise ConfigError(f"badnets location must be a corner or center: {location!r}")
+        if at is not None and (len(at) != 2 or not all(0 <= float(f) <= 1 for f in at)):
+            raise ConfigError(f"badnets at must be [row, col] fractions in [0, 1], got {at!r}")
         self.size = size
+        self.height, self.width = height, width
         self.location: str | tuple[int, int] = (
             location if isinstance(location, str) else (int(location[0]), int(location[1]))
         )
+        self.at = (float(at[0]), float(at[1])) if at is not None else None
         self.pattern = pattern
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The patch's (height, width) in px."""
+        return self.height or self.size, self.width or self.size
 
     def options(self) -> dict[str, Any]:
         location = self.location if isinstance(self.location, str) else list(self.location)
-        return {"size": self.size, "location": location, "pattern": self.pattern}
+        options: dict[str, Any] = {"size": self.size, "location": location, "pattern": self.pattern}
+        # The newer options only when set: older specs stay exactly as they were written.
+        extra = {"height": self.height, "width": self.width,
+                 "at": list(self.at) if self.at is not None else None}  # fmt: skip
+        return {**options, **{k: v for k, v in extra.items() if v is not None}}
 
-    def patch(self) -> torch.Tensor:
-        """The (size, size) pattern p, values in [0,1]."""
-        s = self.size
+    def patch(self, channels: int = 1) -> torch.Tensor:
+        """The (1 or channels, height, width) pattern p, values in [0,1]; only `noise` differs
+        between channels."""
+        ph, pw = self.shape
         if self.pattern == "white":
-            return torch.ones(s, s)
+            return torch.ones(1, ph, pw)
         if self.pattern == "checkerboard":
-            i = torch.arange(s)
-            return ((i[:, None] + i[None, :]) % 2 == 0).float()
-        return torch.rand(s, s, generator=self.generator())
+            return ((torch.arange(ph)[:, None] + torch.arange(pw)[None, :]) % 2 == 0).float()[None]
+        if self.pattern == "noise":
+            return torch.rand(channels, ph, pw, generator=self.generator())
+        return torch.rand(1, ph, pw, generator=self.generator())
 
     def top_left(self, height: int, width: int) -> tuple[int, int]:
-        s, loc = self.size, self.location
-        if isinstance(loc, tuple):
+        (ph, pw), loc = self.shape, self.location
+        if self.at is not None:
+            # A hair over the product: 0.3 x 10 is 2.9999999999999996 in floats.
+            row = math.floor(self.at[0] * (height - ph) + 1e-9)
+            col = math.floor(self.at[1] * (width - pw) + 1e-9)
+        elif isinstance(loc, tuple):
             row, col = loc
         else:
-            rows = {"top": 0, "bottom": height - s, "center": (height - s) // 2}
-            cols = {"left": 0, "right": width - s, "center": (width - s) // 2}
+            middle = ((height - ph) // 2, (width - pw) // 2)
+            rows = {"top": 0, "bottom": height - ph, "center": middle[0], "centre": middle[0]}
+            cols = {"left": 0, "right": width - pw, "center": middle[1], "centre": middle[1]}
             vertical, _, horizontal = loc.partition("-")
             row, col = rows[vertical], cols[horizontal or "center"]
-        if row < 0 or col < 0 or row + s > height or col + s > width:
+        if row < 0 or col < 0 or row + ph > height or col + pw > width:
+            where = f"at {list(self.at)}" if self.at is not None else f"{loc}"
             raise ConfigError(
-                f"badnets: a {s}px patch at {loc} does not fit a {height}x{width} image"
+                f"badnets: a {ph}x{pw}px patch at {where} does not fit a {height}x{width} image"
             )
         return row, col
 
     def _mask_and_pattern(self, c: int, h: int, w: int) -> torch.Tensor:
         row, col = self.top_left(h, w)
-        out = torch.zeros(2, 1, h, w)  # [m, p], broadcast over channels
-        out[0, 0, row : row + self.size, col : col + self.size] = 1.0
-        out[1, 0, row : row + self.size, col : col + self.size] = self.patch()
+        (ph, pw), channels = self.shape, (c if self.pattern == "noise" else 1)
+        out = torch.zeros(2, channels, h, w)  # [m, p], broadcast over channels
+        out[0, :, row : row + ph, col : col + pw] = 1.0
+        out[1, :, row : row + ph, col : col + pw] = self.patch(c)
         return out
 
     def stamp(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,8 +273,10 @@ class WaNetTrigger(Trigger):
     the authors' code (k=4, s=0.5, grid_rescale 1).
 
     `noise(x, generator)` is the paper's noise mode: the same warp plus a fresh random offset
-    per pixel, U(-1, 1) / size; poisoning adds `cross_ratio` x (number poisoned) such "cross"
-    samples with their true labels, so the network learns that only the exact warp is a trigger.
+    per pixel, U(-1, 1) / size. Training warps int(`cross_ratio` x the batch's poisoned samples)
+    other samples of every batch so, drawn anew each batch with fresh noise (backdoors/poison.py,
+    `CrossNoise`), their true labels kept, so the network learns that only the exact warp is a
+    trigger.
     """
 
     name = "wanet"

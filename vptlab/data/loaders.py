@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,23 @@ class Batch(NamedTuple):
 
 
 _AUGMENT_STREAM = 1  # keeps augmentation draws independent of the shuffling draws
+_TRANSFORM_STREAM = 2  # and a train split's own per-batch draws (WaNet's cross samples)
 _T = TypeVar("_T")
+
+
+class BatchTransform(Protocol):
+    """A train split's per-batch step (`split.train_transform`, e.g. backdoors/poison.py's WaNet
+    cross samples): the batch's images at their stored size, their indices in the split, and a
+    generator seeded per (seed, epoch, batch) -> the images to train on (a new tensor)."""
+
+    def __call__(
+        self, x: torch.Tensor, index: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor: ...
+
+
+def train_transform(split: TensorSplit | Dataset) -> BatchTransform | None:
+    """The per-batch step a train split asks its train loader for, if any."""
+    return getattr(split, "train_transform", None)
 
 
 def to_rgb(x: torch.Tensor) -> torch.Tensor:
@@ -126,6 +142,7 @@ class _EpochLoader:
         rank: int = 0,
         world_size: int = 1,
         pad: bool = True,
+        transform: BatchTransform | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -148,6 +165,7 @@ class _EpochLoader:
         self.seed = seed
         self.augment = augment if augment is not None and augment.active else None
         self.img_size = img_size
+        self.transform = transform
         self.epoch = 0
         self._start_batch = 0
 
@@ -183,14 +201,18 @@ class _EpochLoader:
         padded = order.repeat(-(-self.num_samples * self.world_size // n))
         return padded[: self.num_samples * self.world_size][self.rank :: self.world_size]
 
+    def _generator(self, stream: int, epoch: int, batch: int) -> torch.Generator:
+        # Seeded per batch, so resuming at batch k draws what the uninterrupted run drew.
+        streams = (stream,) if self.world_size == 1 else (stream, self.rank)
+        return seeded_generator(self.seed, epoch, batch, *streams)
+
     def _finish(
         self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, epoch: int, batch: int
     ) -> Batch:
+        if self.transform is not None:
+            x = self.transform(x, index, self._generator(_TRANSFORM_STREAM, epoch, batch))
         if self.augment is not None:
-            # Seeded per batch, so resuming at batch k draws what the uninterrupted run drew.
-            stream = (_AUGMENT_STREAM,) if self.world_size == 1 else (_AUGMENT_STREAM, self.rank)
-            generator = seeded_generator(self.seed, epoch, batch, *stream)
-            x = self.augment(x, generator)
+            x = self.augment(x, self._generator(_AUGMENT_STREAM, epoch, batch))
         if self.img_size is not None:
             # Per batch, on the device: a 224px copy of a whole split would not fit in memory.
             x = resize(x, self.img_size, chunk_size=len(x))
@@ -214,6 +236,7 @@ class TensorLoader(_EpochLoader):
         rank: int = 0,
         world_size: int = 1,
         pad: bool = True,
+        transform: BatchTransform | None = None,
     ) -> None:
         super().__init__(
             len(split),
@@ -226,6 +249,7 @@ class TensorLoader(_EpochLoader):
             rank=rank,
             world_size=world_size,
             pad=pad,
+            transform=transform,
         )
         self.device = torch.device(device) if device is not None else split.x.device
         self.split = split.to(self.device)  # once: every batch is then an on-device gather
@@ -292,6 +316,7 @@ class StreamLoader(_EpochLoader):
         rank: int = 0,
         world_size: int = 1,
         pad: bool = True,
+        transform: BatchTransform | None = None,
     ) -> None:
         super().__init__(
             len(dataset),  # type: ignore[arg-type]
@@ -304,6 +329,7 @@ class StreamLoader(_EpochLoader):
             rank=rank,
             world_size=world_size,
             pad=pad,
+            transform=transform,
         )
         self.device = torch.device(device)
         self.dataset = dataset
@@ -349,7 +375,8 @@ def make_loader(
 
     TensorSplits stay whole on the device (TensorLoader; `num_workers` unused); Datasets stream
     through worker processes with pinned memory on CUDA (StreamLoader). `img_size` resizes each
-    batch on the device after augmentation (e.g. 28px digits for a 224px ViT).
+    batch on the device after augmentation (e.g. 28px digits for a 224px ViT). A train loader
+    first applies the split's `train_transform` if it has one (WaNet's per-batch cross samples).
     """
     options = dict(
         shuffle=train,
@@ -361,6 +388,7 @@ def make_loader(
         rank=rank,
         world_size=world_size,
         pad=train,  # evaluation shards are disjoint and unpadded
+        transform=train_transform(split) if train else None,
     )
     if isinstance(split, TensorSplit):
         return TensorLoader(split, batch_size, **options)

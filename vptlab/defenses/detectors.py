@@ -3,10 +3,12 @@ input, higher = more likely to carry (or to have been trained with) a trigger.
 
 A detector's registry entry says where it works, its `setting`:
 - "inference": it scores incoming inputs; judged by the AUROC of triggered against clean test
-  inputs. `strip` (Gao et al. 2019, STRIP): an input is blended with N clean images,
-  x_i = clamp(0.5 x + 0.5 c_i); a trigger survives the blend and keeps the prediction on the
-  target, so the predictions' entropy stays low, while a clean input's blends are classified all
-  over the place. Score = - mean_i H(softmax(f(x_i))).
+  inputs. `strip` (Gao et al. 2019, STRIP): an input is superimposed on N clean images,
+  x_i = clamp(x + c_i, 0, 1), as the authors' code does (cv2.addWeighted(background, 1,
+  overlay, 1, 0): the two images added, saturated at white); a trigger survives and keeps the
+  prediction on the target, so the predictions' entropy stays low, while a clean input's
+  superimpositions are classified all over the place. Score = - mean_i H(softmax(f(x_i))).
+  `superimpose: blend` mixes instead, x_i = alpha x + (1 - alpha) c_i.
 - "training": it scores the training samples and `flag`s the suspects; judged by precision and
   recall of the flagged samples against the poisoned ones. `spectral` (Tran et al. 2018, spectral
   signatures): within each label, the penultimate features of the poisoned samples are shifted
@@ -31,6 +33,7 @@ from vptlab.errors import ConfigError
 from vptlab.registry import Registry
 
 Setting = Literal["inference", "training"]
+Superimpose = Literal["add", "blend"]
 _STRIP_STREAM = 0x57219
 
 
@@ -50,23 +53,41 @@ def _batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
 # --- STRIP -------------------------------------------------------------------------------------
 
 
+def superimpose(
+    x: torch.Tensor, overlay: torch.Tensor, mode: Superimpose = "add", alpha: float = 0.5
+) -> torch.Tensor:
+    """STRIP's perturbed input: `add`, clamp(x + overlay, 0, 1) (the paper's code,
+    cv2.addWeighted with weights 1 and 1, saturating); `blend`, alpha x + (1 - alpha) overlay."""
+    if mode == "add":
+        return (x + overlay).clamp(0, 1)
+    if mode == "blend":
+        return (alpha * x + (1 - alpha) * overlay).clamp(0, 1)
+    raise ValueError(f"strip superimpose must be add or blend, got {mode!r}")
+
+
+def _check_strip(overlays: int, superimpose: str, alpha: float) -> None:
+    if overlays < 1:
+        raise ConfigError(f"strip overlays must be >= 1, got {overlays}")
+    if superimpose not in ("add", "blend"):
+        raise ConfigError(f"strip superimpose must be add or blend, got {superimpose!r}")
+    if not 0 < alpha < 1:
+        raise ConfigError(f"strip alpha must be in (0, 1), got {alpha}")
+
+
 @DETECTORS.register("strip", setting="inference")
 class Strip:
     """STRIP with a pool of clean held-out images (see `strip_scores`)."""
 
-
-    def __init__(self, pool: torch.Tensor, overlays: int = 20, alpha: float = 0.5,
-                 seed: int = 0, batch_size: int = 512) -> None:  # fmt: skip
-        if overlays < 1 or not 0 < alpha < 1:
-            raise ConfigError(
-                f"strip needs overlays >= 1 and alpha in (0, 1), got {overlays}, {alpha}"
-            )
+    def __init__(self, pool: torch.Tensor, overlays: int = 20, superimpose: Superimpose = "add",
+                 alpha: float = 0.5, seed: int = 0, batch_size: int = 512) -> None:  # fmt: skip
+        _check_strip(overlays, superimpose, alpha)
         self.pool, self.overlays, self.alpha, self.seed = pool, overlays, alpha, seed
+        self.superimpose = superimpose
         self.batch_size = batch_size
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return strip_scores(model, x, self.pool, self.overlays, self.alpha, self.seed,
-                            self.batch_size)  # fmt: skip
+                            self.batch_size, self.superimpose)  # fmt: skip
 
 
 @torch.no_grad()
@@ -78,11 +99,12 @@ def strip_scores(
     alpha: float = 0.5,
     seed: int = 0,
     batch_size: int = 512,
+    mode: Superimpose = "add",
 ) -> torch.Tensor:
-    """Minus the mean prediction entropy of each input blended with `overlays` random images of
-    `pool` (clean held-out images): (N,) scores, higher for a likely triggered input."""
-    if overlays < 1 or not 0 < alpha < 1:
-        raise ValueError(f"strip needs overlays >= 1 and alpha in (0, 1), got {overlays}, {alpha}")
+    """Minus the mean prediction entropy of each input superimposed (`superimpose`, `mode`) on
+    `overlays` random images of `pool` (clean held-out images): (N,) scores, higher for a likely
+    triggered input. `alpha` weighs the input in `blend` mode only."""
+    _check_strip(overlays, mode, alpha)
     model.eval()
     device = next(model.parameters()).device
     g = seeded_generator(seed, _STRIP_STREAM)
@@ -93,7 +115,7 @@ def strip_scores(
         entropy = torch.zeros(len(chunk), device=device)
         for i in range(overlays):
             other = pool[picks[i, start : start + len(chunk)]].to(device)
-            logits = model((alpha * chunk + (1 - alpha) * other).clamp(0, 1)).float()
+            logits = model(superimpose(chunk, other, mode, alpha)).float()
             p = F.softmax(logits, dim=1)
             entropy += -(p * p.clamp_min(1e-12).log()).sum(dim=1)
         scores.append(-(entropy / overlays).cpu())

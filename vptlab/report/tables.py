@@ -103,14 +103,15 @@ BACKDOOR_COLUMNS: tuple[Column, ...] = (
     Column("mode", at("backdoor", "mode")),
     Column("label", at("backdoor", "label")),
     Column("poisoned", at("backdoor", "poisoned"), thousands, "right"),
-    Column("cross", at("backdoor", "cross"), thousands, "right"),
+    Column("cross ratio", at("backdoor", "cross_ratio"), lambda v: f"{v:g}", "right"),
     percent("CA %", "backdoor", "ca"),
     percent("ASR %", "backdoor", "asr"),
     percent("RA %", "backdoor", "ra"),
 )
 BACKDOOR_NOTE = (
     "CA: clean test top-1; ASR: test samples not of the target class, with the trigger, "
-    "classified as the target; RA: the same samples classified as their true label."
+    "classified as the target; RA: the same samples classified as their true label. Cross "
+    "ratio (WaNet): noise-mode samples per poisoned sample, drawn anew in every training batch."
 )
 
 DEFENSE_COLUMNS: tuple[Column, ...] = (
