@@ -285,7 +285,8 @@ def bad_study(draw: st.DrawFn) -> tuple[dict[str, Any], list[str]]:
     key, value = draw(st.sampled_from([
         ("study", ["s"]), ("runs", []), ("runs", {}), ("runs", "all"), ("attacks", {"a": 1}),
         ("attack_limit", 0), ("attack_limit", "many"), ("detectors", ["nope"]), ("output", 3),
-        ("bogus", 1), ("runs.full", 5), ("backbone", [1]),
+        ("bogus", 1), ("runs.full", 5), ("backbone", [1]), ("seeds", []), ("seeds", [0, 0]),
+        ("seeds", [-1]), ("seeds", "three"), ("seeds", [0.5]), ("seeds", [0, 1]),
     ]))  # fmt: skip
     _set(raw, key, value)
     return raw, [key]

@@ -1,15 +1,24 @@
 """Tables are rendered from a column spec: the run table keeps its columns (no oracle best-test
-epoch; a catastrophic-overfitting mark), any spec renders."""
+epoch; a catastrophic-overfitting mark), any spec renders, and over seeds a column gives mean ±
+sample std and n."""
 
 from __future__ import annotations
+
+import pytest
 
 from vptlab.report.tables import (
     RUN_COLUMNS,
     Column,
+    Stat,
+    aggregate,
     at,
     decimals,
     markdown_table,
     overfitting_column,
+    seed_columns,
+    seed_rows,
+    stat_text,
+    unreliable_mark,
 )
 
 METRICS = {
@@ -63,3 +72,44 @@ def test_any_spec_renders() -> None:
         "| fgsm | n/a |",
     ]
     assert markdown_table(columns, []).count("\n") == 1
+
+
+def test_aggregate_is_mean_sample_std_and_count() -> None:
+    stat = aggregate([96.0, 96.5, 96.4])
+    assert stat is not None and stat.n == 3
+    assert stat.mean == pytest.approx(96.3) and stat.std == pytest.approx(0.2646, abs=1e-4)
+    assert aggregate([7]) == Stat(7.0, None, 1)  # one seed: no spread to speak of
+    assert aggregate([None, 2.0, 4.0]) == Stat(3.0, pytest.approx(1.4142, abs=1e-4), 2)
+    assert aggregate([None]) is None and aggregate([]) is None
+
+
+def test_stat_text_writes_plus_minus_only_over_seeds() -> None:
+    assert stat_text(Stat(96.3, 0.41, 3)) == "96.30 ± 0.41"
+    assert stat_text(Stat(96.3, None, 1)) == "96.30"
+    assert stat_text(Stat(0.9123, 0.0131, 3), decimals(3)) == "0.912 ± 0.013"
+    assert stat_text(Stat(96.3, 0.41, 2, of=3)) == "96.30 ± 0.41 (n=2)"  # a seed had none
+
+
+def test_seed_columns_average_the_finished_seeds_of_each_run() -> None:
+    columns = [
+        Column("run", at("name")),
+        Column("status", at("status")),
+        Column("acc", at("acc"), decimals(2), "right", unreliable_mark("unreliable")),
+    ]
+    rows = [
+        {"name": "a", "status": "complete", "acc": 90.0},
+        {"name": "a", "status": "complete", "acc": 92.0, "unreliable": ["masked"]},
+        {"name": "a", "status": "diverged", "acc": 10.0},  # left out of the mean
+        {"name": "b", "status": "complete", "acc": 80.0},
+    ]
+    table = markdown_table(seed_columns(columns, ["acc"]), seed_rows(rows))
+    assert table.splitlines() == [
+        "| run | status | acc | n |",
+        "|---|---|---:|---:|",
+        "| a | complete / diverged | 91.00 ± 1.41 † | 2 |",
+        "| b | complete | 80.00 | 1 |",
+    ]
+    missing = [{"name": "c", "status": "complete"}, {"name": "c", "status": "complete"}]
+    assert markdown_table(seed_columns(columns, ["acc"]), seed_rows(missing)).endswith(
+        "| c | complete | n/a | 2 |"
+    )

@@ -260,3 +260,106 @@ def test_study_backbone_goes_to_runs_of_its_architecture() -> None:
     assert not study_mod._takes_backbone(
         {"model": {"name": "vit-scratch", "pretrained": False}}, backbone
     )
+
+
+# A `seeds:` axis: every run once per seed, in <run>-s<seed> folders, reported over its seeds.
+
+
+def test_seeds_axis_trains_each_run_once_per_seed(tmp_path: Path, counted: list[str]) -> None:
+    base = {k: v for k, v in TINY.items() if k != "seed"}
+    base["train"] = {"epochs": 1, "lr": 3e-3}
+    raw = {"study": "s", "output": str(tmp_path / "runs"), "seeds": [0, 7], "base": base,
+           "runs": {"a": {}}}  # fmt: skip
+    report = run_study(raw)
+    out = report.parent
+    assert counted == ["a-s0", "a-s7"]
+    assert [load_yaml(out / f"a-s{s}" / "config.yaml")["seed"] for s in (0, 7)] == [0, 7]
+    text = report.read_text()
+    assert "| top-1 | top-5 | catastrophic overfitting | s / epoch | wall s | n |" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| a |")]
+    assert " ± " in row.split("|")[8] and row.endswith("| 2 |")
+    appendix = text.split("## Appendix: per-seed results", 1)[1]
+    assert "| a-s0 | complete |" in appendix and "| a-s7 | complete |" in appendix
+    saved = study_mod.json.loads((out / "results.json").read_text())
+    assert {name: (r["label"], r["seed"]) for name, r in saved.items()} == {
+        "a-s0": ("a", 0), "a-s7": ("a", 7)}  # fmt: skip
+    assert run_study(raw).read_text() == text and counted == ["a-s0", "a-s7"]  # reused per seed
+
+
+def test_a_study_without_seeds_keeps_its_names_and_tables(tmp_path: Path) -> None:
+    study = study_mod.StudyConfig(study="s", runs={"a": {}, "b": {}})
+    assert study.run_names("a") == {"a": None}
+    results = {"a": _metrics(90.0), "b": _metrics(80.0, asr=95.0)}
+    text = study_mod.write_study_report(study, tmp_path, results).read_text()
+    assert "| a | complete | simplenet | full | digits | 10 | 20 | 90.00 | 99.00 | n/a |" in text
+    assert "| run | defense | trigger | CA before % | CA after % | ASR before % | ASR after % " \
+           "| RA after % | ASR drop | DER |\n" in text  # fmt: skip
+    assert "| b | ft | badnets | 80.00 | 79.00 | 95.00 | 23.75 | 50.00 | 71.25 | 0.800 |" in text
+    assert "±" not in text and "| n |" not in text and "Appendix" not in text
+    assert "trigger suite" not in text  # one poisoned run is no suite
+    saved = study_mod.json.loads((tmp_path / "results.json").read_text())
+    assert list(saved) == ["a", "b"] and "label" not in saved["a"]
+
+
+def test_a_seeded_report_gives_mean_std_n_and_the_trigger_suite(tmp_path: Path) -> None:
+    study = study_mod.StudyConfig(study="s", seeds=[0, 1], runs={"bad": {}, "blend": {}})
+    results = {
+        "bad-s0": _metrics(88.0, asr=96.0, residual=30.0),
+        "bad-s1": _metrics(86.0, asr=96.0, residual=34.0),
+        "blend-s0": _metrics(80.0, asr=90.0),
+        "blend-s1": {**_metrics(82.0, asr=80.0), "status": "diverged", "defended": {}},
+    }
+    text = study_mod.write_study_report(study, tmp_path, results).read_text()
+    backdoor = text.split("## Backdoor", 1)[1]
+    assert "| bad | badnets | 0.1 | 0 | all2one | dirty | 40 | 0 | 87.00 ± 1.41 | 96.00 ± 0.00 " \
+           "| 4.00 ± 0.00 | 2 |" in backdoor  # fmt: skip
+    assert "| blend | badnets | 0.1 | 0 | all2one | dirty | 40 | 0 | 80.00 | 90.00 | 10.00 | 1 |" \
+           in backdoor  # fmt: skip
+    defenses = text.split("## Backdoor defenses", 1)[1]
+    assert "| ASR drop | DER | residual ASR % | n |" in defenses
+    assert "| 0.800 ± 0.000 | 32.00 ± 2.83 | 2 |" in defenses
+    suite = text.split("## Defenses over the trigger suite", 1)[1]
+    # ASR after: bad 24.0 (its seeds' mean), blend 22.5; residual only measured on bad
+    assert "| ft | 2 | 23.25 | 24.00 | 1.00 | 0.800 | 32.00 | 32.00 |" in suite
+    assert "| bad-s1 | ft | badnets | 86.00 | 85.00 | 96.00 | 24.00 |" in text  # the appendix
+
+
+def _metrics(top1: float, asr: float | None = None, residual: float | None = None) -> dict:
+    """A finished run's metrics.json, poisoned and defended by `ft` where `asr` is given."""
+    metrics: dict = {
+        "status": "complete", "model": "simplenet", "mode": "full", "dataset": "digits",
+        "params": {"trainable": 10, "total": 20},
+        "final": {"test_top1": top1, "test_top5": 99.0},
+        "history": [{"epoch": 1, "train_acc": top1, "test_top1": top1}],
+    }  # fmt: skip
+    if asr is not None:
+        metrics["backdoor"] = {"trigger": "badnets", "rate": 0.1, "target": 0, "mode": "all2one",
+                               "label": "dirty", "poisoned": 40, "cross": 0, "ca": top1,
+                               "asr": asr, "ra": 100 - asr}  # fmt: skip
+        defense = {"trigger": "badnets", "ca_before": top1, "ca_after": top1 - 1,
+                   "asr_before": asr, "asr_after": asr / 4, "ra_after": 50.0,
+                   "asr_drop": asr * 0.75, "der": 0.8}  # fmt: skip
+        if residual is not None:
+            defense["residual_asr"] = residual
+        metrics["defended"] = {"ft": {"name": "x-ft", "defense": defense, "history": [],
+                                      "status": "complete"}}  # fmt: skip
+    return metrics
+
+
+@pytest.mark.parametrize(
+    ("change", "overrides", "expected"),
+    [
+        ({"seeds": []}, [], r"^seeds: List should have at least 1 item"),
+        ({"seeds": [0, 1, 0]}, [], r"^seeds: seeds must be distinct, got \[0, 1, 0\]$"),
+        ({"seeds": [0, -1]}, [], r"^seeds\.1: Input should be greater than or equal to 0"),
+        ({"seeds": [True]}, [], r"^seeds\.0: Input should be a valid integer"),
+        ({"seeds": [0, 1], "base": {"seed": 3}}, [], r"^base\.seed: the study's seeds axis "),
+        ({"seeds": [0], "runs": {"a": {"seed": 3}}}, [], r"^runs\.a\.seed: the study's seeds "),
+        ({"seeds": [0]}, ["seed=3"], r"^seed: the study's seeds axis sets each run's seed"),
+    ],
+)
+def test_seeds_errors_name_the_key(change: dict, overrides: list[str], expected: str) -> None:
+    raw = {"study": "s", "base": {"device": "cpu"}, "runs": {"a": {}}, **change}
+    with pytest.raises(ConfigError, match=expected) as error:
+        run_study(raw, overrides)
+    assert "\n" not in str(error.value)

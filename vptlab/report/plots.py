@@ -1,12 +1,14 @@
 """Report figures as PNGs, each written atomically: training curves (one line per run, with the
-robust-accuracy probe and a poisoned run's ASR beside them when recorded), robust accuracy
-against the attack budget, clean against robust accuracy, a backdoor's ASR before and after a
+robust-accuracy probe and a poisoned run's ASR beside them when recorded; a run over several
+seeds is its mean with a shaded ± std band), robust accuracy against the attack budget (with
+error bars over seeds), clean against robust accuracy, a backdoor's ASR before and after a
 defense, and a grid of clean / adversarial examples."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+import statistics
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ matplotlib.use("Agg")  # headless: reports are written on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 PROBE = "probe_robust_acc"
+# In a history averaged over seeds (`seed_curve`), each row's std per key.
+STD = "std"
 PROBE_PANEL = "robust probe (PGD-10)"
 BACKDOOR_PANEL = "backdoor ASR (solid), RA (dashed)"
 
@@ -50,10 +54,8 @@ def plot_curves(
     panels = curve_panels(histories)
     asr_keys = backdoor_keys(histories)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), sharey=True)
-    for label, history in histories.items():
-        epochs = [row["epoch"] for row in history]
-        color = axes[0].plot(epochs, [row["train_acc"] for row in history], label=label)[0]
-        color = color.get_color()
+    for (label, history), color in zip(histories.items(), _colors(), strict=False):
+        _series(axes[0], history, "train_acc", label, color)
         _series(axes[1], history, "test_top1", label, color)
         if PROBE_PANEL in panels:
             _series(axes[panels.index(PROBE_PANEL)], history, PROBE, label, color)
@@ -77,11 +79,45 @@ def _series(
     ax: Any, history: list[dict[str, Any]], key: str, label: str | None, color: str,
     style: str = "-",
 ) -> None:
-    """`key` against epoch over the rows that recorded it (markers for short runs)."""
+    """`key` against epoch over the rows that recorded it (markers for short runs), shaded ± its
+    std where the history is a mean over seeds."""
     rows = [row for row in history if key in row]
     if rows:
-        ax.plot([row["epoch"] for row in rows], [row[key] for row in rows], style, label=label,
-                color=color, marker="o" if len(rows) < 15 else None)  # fmt: skip
+        epochs = [row["epoch"] for row in rows]
+        means = [row[key] for row in rows]
+        ax.plot(epochs, means, style, label=label, color=color,
+                marker="o" if len(rows) < 15 else None)  # fmt: skip
+        stds = [row.get(STD, {}).get(key) or 0.0 for row in rows]
+        if any(stds):
+            ax.fill_between(epochs, [m - d for m, d in zip(means, stds, strict=True)],
+                            [m + d for m, d in zip(means, stds, strict=True)], color=color,
+                            alpha=0.2, linewidth=0)  # fmt: skip
+
+
+def _colors() -> Iterator[str]:
+    """Matplotlib's colour cycle, endlessly: one colour per run across the panels."""
+    return itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+
+
+def seed_curve(histories: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One history from a run's seeds: per epoch, each number's mean over the seeds that
+    recorded it, and under `STD` its sample std (where two or more did)."""
+    by_epoch: dict[Any, list[dict[str, Any]]] = {}
+    for history in histories:
+        for row in history:
+            by_epoch.setdefault(row["epoch"], []).append(row)
+    curve = []
+    for epoch, rows in sorted(by_epoch.items()):
+        out: dict[str, Any] = {"epoch": epoch, STD: {}}
+        for key in dict.fromkeys(k for row in rows for k in row if k not in ("epoch", STD)):
+            values = [row[key] for row in rows
+                      if isinstance(row.get(key), int | float) and not isinstance(row[key], bool)]
+            if values:
+                out[key] = statistics.fmean(values)
+                if len(values) > 1:
+                    out[STD][key] = statistics.stdev(values)
+        curve.append(out)
+    return curve
 
 
 def _show(ax: Any, image: torch.Tensor, ylabel: str | None) -> None:
@@ -108,13 +144,16 @@ def _save(fig: Any, path: str | Path) -> None:
 
 
 def plot_robust_accuracy(
-    lines: dict[str, list[tuple[float, float]]], path: str | Path, title: str = ""
+    lines: Mapping[str, Sequence[tuple[float, ...]]], path: str | Path, title: str = ""
 ) -> None:
-    """Robust top-1 (%) against eps, one line per label (a run, or an attack family)."""
+    """Robust top-1 (%) against eps, one line per label (a run, or an attack family); points
+    `(eps, acc, std)` (a mean over seeds) carry error bars of ± std."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for label, points in lines.items():
         points = sorted(points)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        stds = [p[2] if len(p) > 2 else None for p in points]
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
+                    yerr=[d or 0.0 for d in stds] if any(stds) else None, capsize=3)  # fmt: skip
     ax.set_xlabel("eps")
     ax.set_ylabel("robust top-1 %")
     ax.set_ylim(0, 100)

@@ -5,8 +5,9 @@ same columns (and sort by the raw values)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import statistics
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 Row = Mapping[str, Any]
@@ -126,6 +127,22 @@ DEFENSE_COLUMNS: tuple[Column, ...] = (
     percent("ASR drop", "defense", "asr_drop"),
     Column("DER", at("defense", "der"), decimals(3), "right"),
 )
+
+
+def residual_asr(row: Row) -> Any:
+    """A defended run's residual ASR (an adaptive attacker's, against the defended model): its
+    `defense.residual_asr`, or `residual.asr`; None where it was not measured."""
+    value = at("defense", "residual_asr")(row)
+    return value if value is not None else at("residual", "asr")(row)
+
+
+RESIDUAL_COLUMN = Column("residual ASR %", residual_asr, decimals(2), "right")
+
+
+def defense_columns(rows: Iterable[Row]) -> tuple[Column, ...]:
+    """`DEFENSE_COLUMNS`, and the residual ASR where any row has one."""
+    residual = any(residual_asr(row) is not None for row in rows)
+    return (*DEFENSE_COLUMNS, RESIDUAL_COLUMN) if residual else DEFENSE_COLUMNS
 DEFENSE_NOTE = (
     "Before: the poisoned model; after: the defended one, on the same clean test split. "
     "ASR drop = ASR before - ASR after (points); DER = [max(0, dASR) - max(0, dCA) + 1] / 2 "
@@ -211,3 +228,114 @@ def robust_columns(metrics: Sequence[str]) -> tuple[Column, ...]:
         *(Column(m, at("robustness", f"{m}/acc"), decimals(2), "right",
                  unreliable_mark("unreliable", m)) for m in metrics),
     )
+
+
+# Over seeds: a study with a `seeds:` axis trains each run once per seed, and its tables give one
+# row per run with mean ± sample std over the seeds that finished, and their number n.
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A number over seeds: its mean, its sample standard deviation (ddof 1; None from one
+    value), `n` the values it is taken over and `of` the finished runs that could have given one
+    (None where not known)."""
+
+    mean: float
+    std: float | None
+    n: int
+    of: int | None = None
+
+
+def aggregate(values: Iterable[Any]) -> Stat | None:
+    """Mean, sample std and count of the numbers in `values`; missing ones (None) are left out,
+    and None comes back where none is left."""
+    numbers = [float(v) for v in values if v is not None]
+    if not numbers:
+        return None
+    std = statistics.stdev(numbers) if len(numbers) > 1 else None
+    return Stat(statistics.fmean(numbers), std, len(numbers))
+
+
+def stat_text(stat: Stat, fmt: Callable[[Any], str] | None = None) -> str:
+    """`96.30 ± 0.41` (two decimals unless `fmt`); one value alone is just the number; ` (n=2)`
+    follows where fewer values than finished runs made it."""
+    fmt = fmt or decimals(2)
+    text = fmt(stat.mean)
+    if stat.std is not None:
+        text += f" ± {fmt(stat.std)}"
+    if stat.of is not None and stat.n < stat.of:
+        text += f" (n={stat.n})"
+    return text
+
+
+def finished(row: Row) -> bool:
+    """A run whose numbers count: complete, or a row without a status (a detector's scores)."""
+    return row.get("status", "complete") == "complete"
+
+
+def seed_rows(rows: Iterable[Row], key: Callable[[Row], Hashable] | None = None) -> list[Row]:
+    """Rows gathered by `key` (a run's seeds share it; by default their `name`), in first-seen
+    order: `{"runs": [...]}` per group, the rows `seed_columns` draw."""
+    key = key or at("name")
+    groups: dict[Hashable, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(key(row), []).append(row)
+    return [{"runs": runs} for runs in groups.values()]
+
+
+def seed_columns(columns: Sequence[Column], averaged: Collection[str]) -> tuple[Column, ...]:
+    """`columns` over groups of seeds (`seed_rows`): a column titled in `averaged` gives the mean
+    ± std of its finished runs, any other its runs' texts (distinct ones joined by ` / `), and a
+    last column `n` counts the finished runs."""
+    out = [_averaged(c) if c.title in averaged else _shared(c) for c in columns]
+    return (*out, Column("n", lambda group: sum(map(finished, group["runs"])), str, "right"))
+
+
+def _averaged(column: Column) -> Column:
+    def value(group: Row) -> Stat | None:
+        done = [row for row in group["runs"] if finished(row)]
+        stat = aggregate(column.value(row) for row in done)
+        return None if stat is None else replace(stat, of=len(done))
+
+    def mark(group: Row) -> str:  # a number over seeds is marked when any seed's is
+        assert column.mark is not None
+        return next((m for row in group["runs"] if (m := column.mark(row))), "")
+
+    return Column(column.title, value, lambda stat: stat_text(stat, column.fmt), column.align,
+                  mark if column.mark is not None else None)  # fmt: skip
+
+
+def _shared(column: Column) -> Column:
+    def value(group: Row) -> str | None:
+        if all(column.value(row) is None for row in group["runs"]):
+            return None
+        return " / ".join(dict.fromkeys(column.text(row) for row in group["runs"]))
+
+    return Column(column.title, value, str, column.align)
+
+
+# The defenses over a backdoor study's trigger suite: one row per defense, each poisoned run
+# (trigger) counted once with its mean over seeds.
+SUITE_COLUMNS: tuple[Column, ...] = (
+    Column("defense", at("defense")),
+    Column("triggers", at("triggers"), str, "right"),
+    percent("mean ASR after %", "asr_after", "mean"),
+    percent("worst ASR after %", "asr_after", "worst"),
+    percent("mean CA cost", "ca_cost", "mean"),
+    Column("mean DER", at("der", "mean"), decimals(3), "right"),
+)
+SUITE_RESIDUAL_COLUMNS: tuple[Column, ...] = (
+    percent("mean residual ASR %", "residual_asr", "mean"),
+    percent("worst residual ASR %", "residual_asr", "worst"),
+)
+SUITE_NOTE = (
+    "Per defense, over the study's poisoned runs (one per trigger, each its mean over seeds): "
+    "the mean and the worst (highest) ASR after the defense, the mean CA cost (CA before - CA "
+    "after, points) and the mean DER; triggers: the poisoned runs the defense finished on."
+)
+
+
+def suite_columns(rows: Iterable[Row]) -> tuple[Column, ...]:
+    """`SUITE_COLUMNS`, and the residual ASR's where any row has one."""
+    residual = any(at("residual_asr", "mean")(row) is not None for row in rows)
+    return (*SUITE_COLUMNS, *SUITE_RESIDUAL_COLUMNS) if residual else SUITE_COLUMNS

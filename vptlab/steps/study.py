@@ -1,6 +1,10 @@
 """A study: several runs sharing a base config (optionally on a cached pretrained backbone),
 reported together as one Markdown table and one PNG of training curves; with `attacks:`, every
-run is also attacked and a robust accuracy table and robust accuracy vs eps plots are added."""
+run is also attacked and a robust accuracy table and robust accuracy vs eps plots are added.
+
+With `seeds: [0, 1, 2]` every run is trained once per seed (`<run>-s<seed>` folders, each
+defended, detected and attacked as a single run is) and every number is reported as its mean ±
+std over the seeds that finished, with their count n; the per-seed tables follow in an appendix."""
 
 from __future__ import annotations
 
@@ -8,10 +12,12 @@ import copy
 import json
 import os
 import sys
+from collections.abc import Callable, Collection, Hashable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from vptlab.config import (
     AttackConfig,
@@ -25,17 +31,27 @@ from vptlab.config import (
 from vptlab.defenses.detectors import DETECTORS
 from vptlab.engine.distributed import is_main_process
 from vptlab.errors import ConfigError, TrainingDiverged, format_validation_error
-from vptlab.report.plots import plot_curves, plot_robust_accuracy
+from vptlab.report.plots import plot_curves, plot_robust_accuracy, seed_curve
 from vptlab.report.tables import (
     BACKDOOR_COLUMNS,
     BACKDOOR_NOTE,
-    DEFENSE_COLUMNS,
     DEFENSE_NOTE,
     DETECTION_COLUMNS,
     DETECTION_NOTE,
     RUN_COLUMNS,
+    SUITE_NOTE,
+    Column,
+    Row,
+    aggregate,
+    at,
+    defense_columns,
+    finished,
     markdown_table,
+    residual_asr,
     robust_columns,
+    seed_columns,
+    seed_rows,
+    suite_columns,
     unreliable_notes,
 )
 from vptlab.runs import (
@@ -100,6 +116,24 @@ class StudyConfig(BaseModel):
         default_factory=list, description="backdoor detectors (vptlab.defenses.detectors."
         "DETECTORS) run on every poisoned run"
     )
+    seeds: list[Annotated[StrictInt, Field(ge=0, lt=2**32)]] | None = Field(
+        None, min_length=1, description="train every run once per seed, in <run>-s<seed> "
+        "folders, and report mean ± std over them"
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and len(set(seeds)) < len(seeds):
+            raise ValueError("seeds must be distinct")
+        return seeds
+
+    def run_names(self, label: str) -> dict[str, int | None]:
+        """The folder of each seed of run `label` (`<label>-s<seed>`), or `label` alone (seed
+        None: the run's own) without a seeds axis."""
+        if self.seeds is None:
+            return {label: None}
+        return {f"{label}-s{seed}": seed for seed in self.seeds}
 
 
 def is_study(raw: dict[str, Any]) -> bool:
@@ -220,9 +254,13 @@ def run_study(
         pretrained = backbone_path(study.backbone, device_overrides)
     # Every run's config (and every defense of it) is validated before anything trains: a bad
     # key in the last run must not be found after the first ones have run.
+    if study.seeds is not None and any(o.startswith("seed=") for o in overrides):
+        raise ConfigError("seed: the study's seeds axis sets each run's seed; "
+                          "override seeds instead")  # fmt: skip
     configs = {
-        label: _run_config(study, label, spec, out_dir, pretrained, overrides)
+        name: _run_config(study, label, spec, out_dir, pretrained, overrides, name, seed)
         for label, spec in study.runs.items() if not only or label in only
+        for name, seed in study.run_names(label).items()
     }  # fmt: skip
     if study.backbone is not None:
         cached_backbone(study.backbone, device_overrides)
@@ -234,7 +272,7 @@ def _run_all(study: StudyConfig, configs: dict[str, ExperimentConfig], out_dir: 
              fresh: bool, pretrained: Path | None) -> Path:  # fmt: skip
     """The study's runs, their attacks, defenses and detectors, then the report."""
     results: dict[str, dict[str, Any]] = {}
-    for label, cfg in configs.items():
+    for label, cfg in configs.items():  # a label is a run's folder name (with its seed)
         results[label] = run_or_diverge(cfg, fresh)
         if study.attacks and is_main_process() and results[label].get("status") == "complete":
             results[label]["robustness"] = _robustness(cfg, study)
@@ -248,17 +286,24 @@ def _run_all(study: StudyConfig, configs: dict[str, ExperimentConfig], out_dir: 
 
 
 def _run_config(study: StudyConfig, label: str, spec: dict[str, Any], out_dir: Path,
-                pretrained: Path | None, overrides: list[str]) -> ExperimentConfig:  # fmt: skip
-    """Run `label`'s resolved config, and its defenses' configs checked; errors name the run."""
+                pretrained: Path | None, overrides: list[str], name: str | None = None,
+                seed: int | None = None) -> ExperimentConfig:  # fmt: skip
+    """Run `label`'s resolved config (in folder `name`, label by default, with `seed` where
+    given), and its defenses' configs checked; errors name the run."""
     from vptlab.steps.defend import defended_config
 
     # A study names each run by its label: a `name` in the base or a run would be overridden
-    # without a word, so it is refused.
+    # without a word, so it is refused; so is a `seed` beside the seeds axis.
     for where, section in (("base", study.base), (f"runs.{label}", spec)):
         if "name" in section:
             raise ConfigError(f"{where}.name: a study names its runs by their labels; remove it")
+        if "seed" in section and study.seeds is not None:
+            raise ConfigError(f"{where}.seed: the study's seeds axis sets each run's seed; "
+                              "remove one of them")  # fmt: skip
     merged = deep_merge(study.base, spec)
-    merged = apply_overrides(merged, [f"name={label}", f"output.dir={out_dir}"])
+    merged = apply_overrides(merged, [f"name={name or label}", f"output.dir={out_dir}"])
+    if seed is not None:
+        merged = apply_overrides(merged, [f"seed={seed}"])
     if pretrained is not None and _takes_backbone(merged, study.backbone or {}):
         merged = apply_overrides(merged, [f"model.pretrained={pretrained}"])
     try:
@@ -316,6 +361,8 @@ def _defend_all(cfg: ExperimentConfig, study: StudyConfig, fresh: bool) -> dict[
             metrics = defend(run_dir_of(cfg), defense, overrides, train=_defense_train(spec, cfg),
                              fresh=fresh)
             out[label] = {k: metrics.get(k) for k in ("name", "defense", "history", "status")}
+            if "residual" in metrics:  # an adaptive attacker's, where one was run
+                out[label]["residual"] = metrics["residual"]
         except (ConfigError, TrainingDiverged) as error:
             print(f"vptlab: defense '{label}' of run '{cfg.name}' failed: {error}",
                   file=sys.stderr)  # fmt: skip
@@ -354,86 +401,221 @@ def write_study_report(
     results: dict[str, dict[str, Any]],
     backbone: Path | None = None,
 ) -> Path:
+    """report.md, curves.png (and robustness plots) and results.json of a study's `results` (the
+    metrics of each run folder); with a seeds axis every table is over each run's seeds."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_curves(
-        {label: m.get("history", []) for label, m in results.items()},
-        out_dir / "curves.png",
-        title=study.title or study.study,
-    )
+    tables = Tables(seeded=study.seeds is not None)
+    if tables.seeded:  # each seed's row says which run and seed it is (results.json too)
+        where = {name: (label, seed) for label in study.runs
+                 for name, seed in study.run_names(label).items()}  # fmt: skip
+        results = {name: {"label": where[name][0], "seed": where[name][1], **metrics}
+                   for name, metrics in results.items()}  # fmt: skip
+    plot_curves(_curves(results, tables.seeded), out_dir / "curves.png",
+                title=study.title or study.study)  # fmt: skip
     lines = [f"# {study.title or study.study}", ""]
     if study.description:
         lines += [study.description.strip(), ""]
     if backbone is not None:
         lines += [f"Backbone: pretrained once and cached (`{backbone.parent.name}`).", ""]
+    if tables.seeded:
+        seeds = ", ".join(map(str, study.seeds or []))
+        lines += [f"Seeds: {seeds}. Each number is the mean ± sample std over the seeds that "
+                  "finished (n); the per-seed tables are in the appendix.", ""]  # fmt: skip
     # Rows are labelled by the study's run names, whatever name a reused run was saved under.
-    rows = [{**metrics, "name": label} for label, metrics in results.items()]
-    lines += [markdown_table(RUN_COLUMNS, rows)]
+    rows = [{**metrics, **_names(name, metrics)} for name, metrics in results.items()]
+    lines += [tables.table("Runs", RUN_COLUMNS, rows, RUN_AVERAGED)]
     lines += ["", "![training curves](curves.png)", ""]
     poisoned = [row for row in rows if "backdoor" in row]
     if poisoned:
-        table = markdown_table(BACKDOOR_COLUMNS, poisoned)
+        table = tables.table("Backdoor", BACKDOOR_COLUMNS, poisoned, BACKDOOR_AVERAGED)
         lines += ["## Backdoor", "", table, "", BACKDOOR_NOTE, ""]
     if any("defended" in m for m in results.values()):
-        lines += defense_section(results)
+        lines += defense_section(results, tables)
     if any("detection" in m for m in results.values()):
-        lines += detection_section(results)
+        lines += detection_section(results, tables)
     if study.attacks:
-        lines += robustness_section(out_dir, results)
+        lines += robustness_section(out_dir, results, tables)
+    if tables.appendix:
+        lines += ["## Appendix: per-seed results", "", "<details>",
+                  "<summary>every seed's run, as trained</summary>", "", *tables.appendix,
+                  "</details>", ""]  # fmt: skip
     report = out_dir / "report.md"
     atomic_write_text(report, "\n".join(lines))
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
     return report
 
 
-def defense_section(results: dict[str, dict[str, Any]]) -> list[str]:
-    """Every defense against every poisoned run: CA and ASR before and after, RA, ASR drop, DER;
-    a defense that failed is listed with its error."""
+# The numbers a table over seeds gives as mean ± std (by column title); the others are shared
+# by a run's seeds (its model, its trigger) or listed (its seeds' statuses).
+RUN_AVERAGED = ("top-1", "top-5", "s / epoch", "wall s")
+BACKDOOR_AVERAGED = ("CA %", "ASR %", "RA %")
+DEFENSE_AVERAGED = ("CA before %", "CA after %", "ASR before %", "ASR after %", "RA after %",
+                    "ASR drop", "DER", "residual ASR %")  # fmt: skip
+DETECTION_AVERAGED = ("STRIP AUROC", "spectral precision %", "spectral recall %", "flagged")
+
+
+@dataclass
+class Tables:
+    """How a study draws its tables: one row per run, or with a seeds axis (`seeded`) one row per
+    run over its seeds, each per-seed table kept for the report's `appendix`."""
+
+    seeded: bool = False
+    appendix: list[str] = field(default_factory=list)
+
+    def table(self, title: str, columns: Sequence[Column], rows: Sequence[Row],
+              averaged: Collection[str],
+              key: Callable[[Row], Hashable] | None = None) -> str:  # fmt: skip
+        """Rows (a row's `name` is its run label, `run` its folder) as a Markdown table; seeded,
+        the rows sharing `key` (by default their `name`) are one row of means (`averaged`
+        columns) over the seeds."""
+        if not self.seeded:
+            return markdown_table(columns, rows)
+        per_seed = [{**row, "name": row["run"]} for row in rows]
+        self.appendix += [f"### {title}", "", markdown_table(columns, per_seed), ""]
+        return markdown_table(seed_columns(columns, averaged), seed_rows(rows, key))
+
+
+def _names(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A run's names in a table row: `name` its study label, `run` its folder."""
+    return {"name": metrics.get("label", name), "run": name}
+
+
+def _curves(results: dict[str, dict[str, Any]], seeded: bool) -> dict[str, list[dict[str, Any]]]:
+    """The training history per run label; seeded, the mean (and std) over its finished seeds
+    (all of them where none finished)."""
+    if not seeded:
+        return {label: m.get("history", []) for label, m in results.items()}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for metrics in results.values():
+        runs.setdefault(metrics["label"], []).append(metrics)
+    return {label: seed_curve([m.get("history", []) for m in
+                               [m for m in group if finished_run(m)] or group])
+            for label, group in runs.items()}  # fmt: skip
+
+
+def finished_run(metrics: dict[str, Any]) -> bool:
+    return metrics.get("status") == "complete"
+
+
+def defense_section(results: dict[str, dict[str, Any]], tables: Tables | None = None) -> list[str]:
+    """Every defense against every poisoned run: CA and ASR before and after, RA, ASR drop, DER
+    (and the residual ASR where measured); a defense that failed is listed with its error. Over
+    several poisoned runs, a summary of each defense over the trigger suite follows."""
+    tables = tables or Tables()
     rows, failed = [], []
-    for label, metrics in results.items():
+    for name, metrics in results.items():
         for defense, result in metrics.get("defended", {}).items():
             if result.get("status") == "failed":
-                failed.append(f"- `{label}` / `{defense}`: {result['error']}")
+                failed.append(f"- `{name}` / `{defense}`: {result['error']}")
             else:
-                rows.append({**result, "name": label, "defense": {**result["defense"],
-                                                                  "name": defense}})  # fmt: skip
-    lines = ["## Backdoor defenses", "", markdown_table(DEFENSE_COLUMNS, rows), "", DEFENSE_NOTE,
-             ""]  # fmt: skip
+                rows.append({**result, **_names(name, metrics),
+                             "defense": {**result["defense"], "name": defense}})  # fmt: skip
+    table = tables.table("Backdoor defenses", defense_columns(rows), rows, DEFENSE_AVERAGED,
+                         key=lambda row: (row["name"], row["defense"]["name"]))  # fmt: skip
+    lines = ["## Backdoor defenses", "", table, "", DEFENSE_NOTE, ""]
     if failed:
         lines += ["Failed defenses:", "", *failed, ""]
+    suite = suite_rows(rows)
+    if len({row["name"] for row in rows}) > 1:
+        lines += ["## Defenses over the trigger suite", "",
+                  markdown_table(suite_columns(suite), suite), "", SUITE_NOTE, ""]  # fmt: skip
     return lines
 
 
-def detection_section(results: dict[str, dict[str, Any]]) -> list[str]:
+def suite_rows(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Per defense, over the poisoned runs it finished on (each run its mean over seeds): mean
+    and worst ASR after, mean CA cost (CA before - CA after), mean DER, the number of runs, and
+    mean and worst residual ASR where measured."""
+    per_run: dict[str, dict[str, list[Row]]] = {}
+    for row in rows:
+        if finished(row):
+            per_run.setdefault(row["defense"]["name"], {}).setdefault(row["name"], []).append(row)
+    out = []
+    for defense, runs in per_run.items():
+        means: dict[str, list[float]] = {"asr_after": [], "ca_cost": [], "der": [],
+                                         "residual_asr": []}  # fmt: skip
+        for seeds in runs.values():
+            for key, value in _suite_values(seeds).items():
+                if value is not None:
+                    means[key].append(value)
+        summary: dict[str, Any] = {"defense": defense, "triggers": len(runs)}
+        for key, values in means.items():
+            stat = aggregate(values)
+            summary[key] = {} if stat is None else {"mean": stat.mean, "worst": max(values)}
+        out.append(summary)
+    return out
+
+
+def _suite_values(seeds: Sequence[Row]) -> dict[str, float | None]:
+    """One poisoned run's defense numbers, each its mean over the run's seeds."""
+
+    def mean(value: Callable[[Row], Any]) -> float | None:
+        stat = aggregate(value(row) for row in seeds)
+        return None if stat is None else stat.mean
+
+    def ca_cost(row: Row) -> Any:
+        before, after = at("defense", "ca_before")(row), at("defense", "ca_after")(row)
+        return None if before is None or after is None else before - after
+
+    return {"asr_after": mean(at("defense", "asr_after")), "ca_cost": mean(ca_cost),
+            "der": mean(at("defense", "der")), "residual_asr": mean(residual_asr)}  # fmt: skip
+
+
+def detection_section(results: dict[str, dict[str, Any]],
+                      tables: Tables | None = None) -> list[str]:  # fmt: skip
     """STRIP AUROC and spectral-signature precision / recall of each poisoned run."""
-    rows = [{"name": label, "detection": m["detection"]} for label, m in results.items()
+    tables = tables or Tables()
+    rows = [{**_names(name, m), "detection": m["detection"]} for name, m in results.items()
             if "detection" in m]  # fmt: skip
-    lines = ["## Backdoor detection", "", markdown_table(DETECTION_COLUMNS, rows), "",
-             DETECTION_NOTE, ""]  # fmt: skip
-    return lines
+    table = tables.table("Backdoor detection", DETECTION_COLUMNS, rows, DETECTION_AVERAGED)
+    return ["## Backdoor detection", "", table, "", DETECTION_NOTE, ""]
 
 
-def robustness_section(out_dir: Path, results: dict[str, dict[str, Any]]) -> list[str]:
+def robustness_section(out_dir: Path, results: dict[str, dict[str, Any]],
+                       tables: Tables | None = None) -> list[str]:  # fmt: skip
     """Robust top-1 per run (rows) and attack (columns), a number that failed a sanity check
     marked and its reasons below, and per attack family a plot of robust accuracy vs eps with one
-    line per run; runs without results show n/a."""
-    attacked = {label: m["robustness"] for label, m in results.items() if "robustness" in m}
+    line per run (seeded: its mean with ± std error bars); runs without results show n/a."""
+    tables = tables or Tables()
+    attacked = {name: m["robustness"] for name, m in results.items() if "robustness" in m}
     names: list[str] = []
     for result in attacked.values():
         names += [a["metric"] for a in result["attacks"] if a["metric"] not in names]
-    rows = [{"name": label, "robustness": m.get("robustness", {}).get("metrics", {}),
+    rows = [{**_names(name, m), **{k: m[k] for k in ("status",) if k in m},
+             "robustness": m.get("robustness", {}).get("metrics", {}),
              "unreliable": m.get("robustness", {}).get("unreliable", {})}
-            for label, m in results.items()]  # fmt: skip
-    lines = ["## Robustness", "", markdown_table(robust_columns(names), rows), ""]
-    notes = unreliable_notes((row["name"], metric, reasons) for row in rows
+            for name, m in results.items()]  # fmt: skip
+    columns = robust_columns(names)
+    table = tables.table("Robustness", columns, rows, [c.title for c in columns[1:]])
+    lines = ["## Robustness", "", table, ""]
+    where = "run" if tables.seeded else "name"  # a seed's number is flagged by its folder
+    notes = unreliable_notes((row[where], metric, reasons) for row in rows
                              for metric, reasons in row["unreliable"].items())  # fmt: skip
     if notes:
         lines += ["\n".join(f"- {note}" for note in notes), ""]
-    plots: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for label, result in attacked.items():
+    plots: dict[str, dict[str, list[list[tuple[float, float]]]]] = {}
+    for name, result in attacked.items():
+        label = _names(name, results[name])["name"]
         for family, points in families(result).items():
-            plots.setdefault(family, {})[label] = points
+            plots.setdefault(family, {}).setdefault(label, []).append(points)
     for family, lines_per_run in plots.items():
         name = f"robustness-{family}.png"
-        plot_robust_accuracy(lines_per_run, out_dir / name, title=f"robust accuracy: {family}")
+        points = {label: _seed_points(seeds) if tables.seeded else seeds[0]
+                  for label, seeds in lines_per_run.items()}  # fmt: skip
+        plot_robust_accuracy(points, out_dir / name, title=f"robust accuracy: {family}")
         lines += [f"![robust accuracy vs eps, {family}]({name})", ""]
     return lines
+
+
+def _seed_points(seeds: Sequence[Sequence[tuple[float, float]]]) -> list[tuple[float, ...]]:
+    """Robust accuracy vs eps over a run's seeds: (eps, mean, std) per eps (std 0 from one)."""
+    by_eps: dict[float, list[float]] = {}
+    for points in seeds:
+        for eps, acc in points:
+            by_eps.setdefault(eps, []).append(acc)
+    out = []
+    for eps, accs in sorted(by_eps.items()):
+        stat = aggregate(accs)
+        assert stat is not None
+        out.append((eps, stat.mean, stat.std or 0.0))
+    return out
