@@ -23,6 +23,7 @@ from vptlab.config import (
     AttackConfig,
     ChecksConfig,
     ExperimentConfig,
+    SelectConfig,
     apply_overrides,
     load_yaml,
     recipe_changes,
@@ -112,6 +113,10 @@ class StudyConfig(BaseModel):
     defenses: dict[str, StudyDefense] = Field(
         default_factory=dict, description="applied to every poisoned run: <run>-<label> folders"
     )
+    select: SelectConfig | None = Field(
+        None, description="the one recipe-selection rule, applied alike to every defense "
+        "(docs/defense_protocol.md)",
+    )  # fmt: skip
     detectors: list[str] = Field(
         default_factory=list, description="backdoor detectors (vptlab.defenses.detectors."
         "DETECTORS) run on every poisoned run"
@@ -313,15 +318,16 @@ def _run_config(study: StudyConfig, label: str, spec: dict[str, Any], out_dir: P
     if cfg.data.poison is not None:
         for name, defense in study.defenses.items():
             try:
-                defended_config(run_dir_of(cfg), cfg, _defense_spec(defense), [],
+                defended_config(run_dir_of(cfg), cfg, _defense_spec(defense, study.select), [],
                                 train=_defense_train(defense, cfg))  # fmt: skip
             except ConfigError as error:
                 raise ConfigError(f"defenses.{name} (run {label}): {error}") from None
     return cfg
 
 
-def _defense_spec(spec: StudyDefense) -> dict[str, Any]:
-    return {"name": spec.name, "clean_fraction": spec.clean_fraction, "options": spec.options}
+def _defense_spec(spec: StudyDefense, select: SelectConfig | None) -> dict[str, Any]:
+    out = {"name": spec.name, "clean_fraction": spec.clean_fraction, "options": spec.options}
+    return out if select is None else {**out, "select": select.model_dump()}
 
 
 def _defense_train(spec: StudyDefense, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -354,7 +360,7 @@ def _defend_all(cfg: ExperimentConfig, study: StudyConfig, fresh: bool) -> dict[
 
     out: dict[str, Any] = {}
     for label, spec in study.defenses.items():
-        defense = _defense_spec(spec)
+        defense = _defense_spec(spec, study.select)
         overrides = [f"name={cfg.name}-{label}", f"device={cfg.device}",
                      f"output.progress={str(cfg.output.progress).lower()}"]  # fmt: skip
         try:
