@@ -334,7 +334,7 @@ def _metrics(top1: float, asr: float | None = None, residual: float | None = Non
     }  # fmt: skip
     if asr is not None:
         metrics["backdoor"] = {"trigger": "badnets", "rate": 0.1, "target": 0, "mode": "all2one",
-                               "label": "dirty", "poisoned": 40, "cross": 0, "ca": top1,
+                               "label": "dirty", "poisoned": 40, "cross_ratio": 0, "ca": top1,
                                "asr": asr, "ra": 100 - asr}  # fmt: skip
         defense = {"trigger": "badnets", "ca_before": top1, "ca_after": top1 - 1,
                    "asr_before": asr, "asr_after": asr / 4, "ra_after": 50.0,
