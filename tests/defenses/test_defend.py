@@ -46,6 +46,17 @@ def test_fine_tuning_lowers_the_attack_success(defended: dict[str, Any]) -> None
 
 
 @pytest.mark.slow
+def test_defense_reports_the_adaptive_attackers_residual_asr(runs: dict[str, Path],
+                                                             defended: dict) -> None:  # fmt: skip
+    d = defended["defense"]
+    assert d["residual"]["family"] == "patch" and d["residual"]["budget"] == 9 / 784
+    assert d["residual_asr"] == d["residual"]["asr"]
+    assert d["residual_asr_before"] > 80.0  # the search finds the backdoor it should
+    report = (runs["poisoned"].parent / "backdoor-mnist-badnets-ft" / "report.md").read_text()
+    assert "residual ASR %" in report
+
+
+@pytest.mark.slow
 def test_defended_run_folder_names_its_parent(runs: dict[str, Path], defended: dict) -> None:
     run_dir = runs["poisoned"].parent / "backdoor-mnist-badnets-ft"
     cfg = load_yaml(run_dir / "config.yaml")

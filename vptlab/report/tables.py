@@ -123,6 +123,7 @@ DEFENSE_COLUMNS: tuple[Column, ...] = (
     percent("CA after %", "defense", "ca_after"),
     percent("ASR before %", "defense", "asr_before"),
     percent("ASR after %", "defense", "asr_after"),
+    percent("residual ASR %", "defense", "residual_asr"),
     percent("RA after %", "defense", "ra_after"),
     percent("ASR drop", "defense", "asr_drop"),
     Column("DER", at("defense", "der"), decimals(3), "right"),
@@ -147,7 +148,10 @@ DEFENSE_NOTE = (
     "Before: the poisoned model; after: the defended one, on the same clean test split. "
     "ASR drop = ASR before - ASR after (points); DER = [max(0, dASR) - max(0, dCA) + 1] / 2 "
     "with dX = X before - X after as fractions: 1 removes the backdoor at no cost in clean "
-    "accuracy, 0.5 changes nothing."
+    "accuracy, 0.5 changes nothing. Residual ASR: the ASR of the strongest trigger of the "
+    "original's family and budget (a patch of the same area, or an additive perturbation as "
+    "large) that an adaptive attacker, who knows the target and has the defended model, finds "
+    "by gradient search."
 )
 
 DETECTION_COLUMNS: tuple[Column, ...] = (

@@ -4,7 +4,8 @@ A defended run is a step on a parent run (shared/DESIGN.md, "Threats and defense
 run folders"). Its `config.yaml` is the parent's config with `parent: <parent folder>`, the
 `defense` section and the defense's own training recipe in `train`; its `metrics.json` holds the
 `before` and `after` suites (clean top-1/top-5, the trigger's ASR and RA, from the one
-`evaluate_suite`), and the derived `asr_drop`, `ca_drop` and `der` (backdoors/metrics.py). The
+`evaluate_suite`), the derived `asr_drop`, `ca_drop` and `der` (backdoors/metrics.py), and the
+adaptive attacker's `residual_asr` (defenses/adaptive.py; `adaptive=False` skips it). The
 folder also gets `report.md` and `examples.png` (clean and triggered test images, predicted before
 and after).
 
@@ -190,10 +191,11 @@ def defend(
     *,
     train: dict[str, Any] | None = None,
     fresh: bool = False,
+    adaptive: bool = True,
 ) -> dict[str, Any]:
     """Repair the poisoned run `parent` with `defense` ({name, clean_fraction, options}) and the
     recipe `train` (over `DEFENSE_TRAIN`); returns the defended run's metrics (see the module
-    docstring)."""
+    docstring). `adaptive`: also measure the adaptive attacker's residual ASR."""
     parent = Path(parent)
     parent_cfg = parent_config(parent)
     cfg = defended_config(parent, parent_cfg, defense, overrides, train)
@@ -201,11 +203,11 @@ def defend(
     if run_dir.resolve() == parent.resolve():
         raise ConfigError(f"name: the defended run would overwrite its parent {parent}")
     with folder_lock(run_dir, "defend"):
-        return _defend_locked(parent, parent_cfg, cfg, run_dir, fresh)
+        return _defend_locked(parent, parent_cfg, cfg, run_dir, fresh, adaptive)
 
 
 def _defend_locked(parent: Path, parent_cfg: ExperimentConfig, cfg: ExperimentConfig, run_dir: Path,
-            fresh: bool) -> dict[str, Any]:  # fmt: skip
+            fresh: bool, adaptive: bool = True) -> dict[str, Any]:  # fmt: skip
     """`defend` with the defended run's folder locked."""
     from vptlab.defenses.repair import create_repairer, defender_splits, repair
 
@@ -247,6 +249,12 @@ def _defend_locked(parent: Path, parent_cfg: ExperimentConfig, cfg: ExperimentCo
         metrics["defense"]["selection"] = selection
         metrics["defense"]["clean_samples"] += len(clean.test)  # type: ignore[arg-type]
     metrics["before"], metrics["after"] = before, after
+    if adaptive:  # the adaptive attacker's residual ASR, on the defended and the poisoned model
+        from vptlab.defenses.adaptive import residual_metrics
+
+        poisoned = load_parent_model(parent, parent_cfg, data)
+        metrics["defense"].update(residual_metrics(poisoned, repaired, data, threat, cfg.seed,
+                                                   img_size=cfg.data.img_size))  # fmt: skip
     if is_main_process():
         poisoned = load_parent_model(parent, parent_cfg, data)
         write_examples({"before": poisoned, "after": repaired}, data, threat,
