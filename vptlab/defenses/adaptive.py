@@ -63,7 +63,8 @@ def budget_of(
     images `x`, stamped as `stamp(trigger, x, size, channels)` stamps the model's inputs)."""
     if isinstance(trigger, BadNetsTrigger):
         h, w = size or tuple(x.shape[-2:])
-        return "patch", trigger.size**2 / (h * w)
+        ph, pw = trigger.shape
+        return "patch", ph * pw / (h * w)
     change = stamp(trigger, x, size, channels) - x
     return "linf", float(change.abs().max())
 
@@ -203,17 +204,20 @@ def residual_metrics(
     threat: BackdoorThreat,
     seed: int,
     img_size: int | None = None,
+    before: dict[str, Any] | None = None,
     **search: Any,
 ) -> dict[str, Any]:
     """The defend step's adaptive numbers: `residual_asr` and its dict `residual` on the
     defended model, and `residual_asr_before` on the poisoned one (the same search, seed and
-    images: the reference that it finds the backdoor); `search`: `residual_asr`'s options.
-    Empty for an all2all backdoor, which has no one target to search for."""
+    images: the reference that it finds the backdoor; `before`, that search's dict when already
+    measured, is reused); `search`: `residual_asr`'s options. Empty for an all2all backdoor,
+    which has no one target to search for."""
     if threat.mode != "all2one":
         return {}
     attacker_x, attacker_y, test_x, test_y = attacker_and_test(data, threat, seed, img_size)
     kwargs = {"size": threat.size, "channels": threat.channels, "seed": seed, **search}
     args = (attacker_x, attacker_y, test_x, test_y, threat.target, threat.trigger)
     after = residual_asr(defended, *args, **kwargs)
-    before = residual_asr(poisoned, *args, **kwargs)
-    return {"residual_asr": after["asr"], "residual": after, "residual_asr_before": before["asr"]}
+    before = before or residual_asr(poisoned, *args, **kwargs)
+    return {"residual_asr": after["asr"], "residual": after, "residual_asr_before": before["asr"],
+            "residual_before": before}  # fmt: skip

@@ -51,6 +51,8 @@ from vptlab.steps.build import build_data, build_model, image_size, zero_shot_pr
 from vptlab.steps.resolve import resolved
 
 EXAMPLES_FILE = "examples.png"
+# In a poisoned run's folder: the adaptive attacker's search on it, by seed (defenses/adaptive.py).
+RESIDUAL_FILE = "residual.json"
 # The defense's training recipe unless overridden (`train.epochs=20`): the parent's optimizer,
 # learning rate and batch size, no warm-up, a clean objective (`clip` for a contrastively
 # pretrained parent), no robustness probe.
@@ -191,11 +193,12 @@ def defend(
     *,
     train: dict[str, Any] | None = None,
     fresh: bool = False,
-    adaptive: bool = True,
+    adaptive: bool | dict[str, Any] = True,
 ) -> dict[str, Any]:
     """Repair the poisoned run `parent` with `defense` ({name, clean_fraction, options}) and the
     recipe `train` (over `DEFENSE_TRAIN`); returns the defended run's metrics (see the module
-    docstring). `adaptive`: also measure the adaptive attacker's residual ASR."""
+    docstring). `adaptive`: also measure the adaptive attacker's residual ASR (a dict: with
+    these options of `residual_asr`, e.g. {steps: 50, scan: false})."""
     parent = Path(parent)
     parent_cfg = parent_config(parent)
     cfg = defended_config(parent, parent_cfg, defense, overrides, train)
@@ -207,7 +210,7 @@ def defend(
 
 
 def _defend_locked(parent: Path, parent_cfg: ExperimentConfig, cfg: ExperimentConfig, run_dir: Path,
-            fresh: bool, adaptive: bool = True) -> dict[str, Any]:  # fmt: skip
+            fresh: bool, adaptive: bool | dict[str, Any] = True) -> dict[str, Any]:  # fmt: skip
     """`defend` with the defended run's folder locked."""
     from vptlab.defenses.repair import create_repairer, defender_splits, repair
 
@@ -253,8 +256,18 @@ def _defend_locked(parent: Path, parent_cfg: ExperimentConfig, cfg: ExperimentCo
         from vptlab.defenses.adaptive import residual_metrics
 
         poisoned = load_parent_model(parent, parent_cfg, data)
-        metrics["defense"].update(residual_metrics(poisoned, repaired, data, threat, cfg.seed,
-                                                   img_size=cfg.data.img_size))  # fmt: skip
+        # The search on the poisoned model is the same for every defense of it: done once, kept
+        # in the parent's folder under the seed and options it ran with.
+        options = adaptive if isinstance(adaptive, dict) else {}
+        key = json.dumps({"seed": cfg.seed, **options}, sort_keys=True)
+        saved_path = parent / RESIDUAL_FILE
+        saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+        residual = residual_metrics(poisoned, repaired, data, threat, cfg.seed,
+                                    img_size=cfg.data.img_size, before=saved.get(key), **options)
+        metrics["defense"].update(residual)  # fmt: skip
+        if residual and is_main_process():
+            saved[key] = residual["residual_before"]
+            atomic_write_text(saved_path, json.dumps(saved, indent=2))
     if is_main_process():
         poisoned = load_parent_model(parent, parent_cfg, data)
         write_examples({"before": poisoned, "after": repaired}, data, threat,

@@ -117,10 +117,23 @@ class StudyConfig(BaseModel):
         None, description="the one recipe-selection rule, applied alike to every defense "
         "(docs/defense_protocol.md)",
     )  # fmt: skip
+    adaptive: bool | dict[str, Any] = Field(
+        True, description="the adaptive attacker's residual ASR on every defended run: true "
+        "(defenses/adaptive.py's defaults), false, or residual_asr options ({steps: 50, ...})",
+    )  # fmt: skip
     detectors: list[str] = Field(
         default_factory=list, description="backdoor detectors (vptlab.defenses.detectors."
         "DETECTORS) run on every poisoned run"
     )
+
+    @field_validator("adaptive")
+    @classmethod
+    def _search_options(cls, adaptive: bool | dict[str, Any]) -> bool | dict[str, Any]:
+        known = {"starts", "steps", "batch_size", "scan"}
+        if isinstance(adaptive, dict) and set(adaptive) - known:
+            raise ValueError(f"unknown option(s) {sorted(set(adaptive) - known)}; "
+                             f"choose from {sorted(known)}")  # fmt: skip
+        return adaptive
     seeds: list[Annotated[StrictInt, Field(ge=0, lt=2**32)]] | None = Field(
         None, min_length=1, description="train every run once per seed, in <run>-s<seed> "
         "folders, and report mean ± std over them"
@@ -365,7 +378,7 @@ def _defend_all(cfg: ExperimentConfig, study: StudyConfig, fresh: bool) -> dict[
                      f"output.progress={str(cfg.output.progress).lower()}"]  # fmt: skip
         try:
             metrics = defend(run_dir_of(cfg), defense, overrides, train=_defense_train(spec, cfg),
-                             fresh=fresh)
+                             fresh=fresh, adaptive=study.adaptive)
             out[label] = {k: metrics.get(k) for k in ("name", "defense", "history", "status")}
             if "residual" in metrics:  # an adaptive attacker's, where one was run
                 out[label]["residual"] = metrics["residual"]
