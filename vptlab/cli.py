@@ -143,8 +143,11 @@ def cmd_defend(args: argparse.Namespace) -> int:
     defense: dict[str, object] = {"name": args.defense}
     if args.clean_fraction is not None:
         defense["clean_fraction"] = args.clean_fraction
+    if args.select:
+        defense["select"] = {}  # the rule's defaults (docs/defense_protocol.md)
     overrides = list(args.overrides) + _device_overrides(args)
-    metrics = defend(args.run_dir, defense, overrides, fresh=args.fresh)
+    metrics = defend(args.run_dir, defense, overrides, fresh=args.fresh,
+                     adaptive=not args.no_adaptive)  # fmt: skip
     print(json.dumps({"run": metrics["name"], **metrics["defense"]}))
     return 0
 
@@ -287,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clean-fraction", type=float, default=None,
                    help="share of the clean train split the defender holds (default 0.05)")
     p.add_argument("--fresh", action="store_true", help="redo a finished defended run")
+    p.add_argument("--select", action="store_true",
+                   help="choose the learning rate by the protocol's rule on a validation slice of "
+                   "the clean data (lr x 1, 0.3, 0.1; docs/defense_protocol.md)")
+    p.add_argument("--no-adaptive", action="store_true",
+                   help="skip the adaptive attacker's residual ASR (~25 s a search on a CPU)")
     p.add_argument("overrides", nargs="*",
                    help="key.sub=value: the defense's recipe (train.epochs=5, train.lr=0.01), "
                    "its options (defense.options.beta=1000), name=...")

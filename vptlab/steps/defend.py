@@ -34,7 +34,7 @@ from vptlab.data.base import DataSplits, TensorSplit, split_labels
 from vptlab.data.loaders import resize
 from vptlab.engine.checkpoint import load_model
 from vptlab.engine.distributed import DistInfo, is_main_process
-from vptlab.engine.evaluators import EvalContext, Evaluator, TestAccuracy, ZeroShotAccuracy
+from vptlab.engine.evaluators import EvalContext, TestAccuracy, ZeroShotAccuracy
 from vptlab.engine.loop import amp_dtype_for, resolve_device
 from vptlab.errors import ConfigError
 from vptlab.metrics.suite import evaluate_suite
@@ -240,7 +240,7 @@ def _defend_locked(parent: Path, parent_cfg: ExperimentConfig, cfg: ExperimentCo
         def fresh_model() -> nn.Module:
             return load_parent_model(parent, parent_cfg, data)
 
-        repaired, selection = select_recipe(fresh_model, cfg, clean, data, run_dir, evaluators)
+        repaired, selection = select_recipe(fresh_model, cfg, clean, data, run_dir)
     after = suite(repaired, data, threat, cfg, progress)
     metrics = json.loads((run_dir / METRICS_FILE).read_text())
     metrics["defense"] = {
@@ -286,7 +286,6 @@ def select_recipe(
     clean: DataSplits,
     data: DataSplits,
     run_dir: Path,
-    evaluators: list[Evaluator],
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The recipe-selection rule (`SelectConfig`, docs/defense_protocol.md): the defense trained
     at lr x scale for each scale, largest first, into `run_dir/selection/lr-<lr>`, until one
@@ -313,7 +312,7 @@ def select_recipe(
         trial_dir = run_dir / SELECTION_DIR / f"lr-{trial_cfg.train.lr:g}"
         torch.manual_seed(cfg.seed)
         repairer = create_repairer(defense.name, **trial_cfg.defense.options)  # type: ignore[union-attr]
-        chosen = repair(repairer, fresh_model(), clean, trial_cfg, trial_dir, [val, *evaluators])
+        chosen = repair(repairer, fresh_model(), clean, trial_cfg, trial_dir, [val])
         top1 = float(json.loads((trial_dir / METRICS_FILE).read_text())["history"][-1]["val_top1"])
         accepted = baseline - top1 <= tolerance + 1e-9
         trials.append({"scale": scale, "lr": trial_cfg.train.lr, "val_top1": top1,
