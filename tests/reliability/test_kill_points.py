@@ -103,7 +103,7 @@ def test_kill_inside_a_checkpoint_write_keeps_the_previous_checkpoint(
 # A defense: fine-tuning a poisoned tiny run, each attempt under its own name beside the parent.
 
 def defend_argv(parent: Path, name: str) -> list[str]:
-    return ["defend", str(parent), "--defense", "ft", "--clean-fraction", "0.3",
+    return ["defend", str(parent), "--defense", "ft", "--clean-fraction", "0.3", "--no-adaptive",
             "train.epochs=2", "train.lr=0.01", f"name={name}"]  # fmt: skip
 
 
