@@ -14,6 +14,7 @@ import pytest
 from vptlab.errors import ConfigError
 from vptlab.matrix.cells import plan
 from vptlab.matrix.config import parse_matrix
+from vptlab.matrix.run import distinct_steps
 
 BASE = {
     "seed": 0,
@@ -245,3 +246,6 @@ def test_seeds_plan_every_cell_once_per_seed(tmp_path: Path) -> None:
     assert repaired.defend is not None and repaired.defend["name"].startswith(
         repaired.train["name"])
     assert {len({c.train["name"] for c in running if c.seed == s}) for s in (0, 7)} == {3}
+    # an executor gets one task per (training run, seed) and per (cell, seed)
+    assert len(distinct_steps(cells)) == 2 * len(distinct_steps(plain)) == 6
+    assert len({c.id for c in running}) == 2 * sum(c.skip is None for c in plain)
