@@ -5,6 +5,7 @@ combinations are skipped with a reason; cells that train the same thing share th
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from vptlab.errors import ConfigError
 from vptlab.matrix.cells import plan
 from vptlab.matrix.config import parse_matrix
+from vptlab.matrix.run import distinct_steps
 
 BASE = {
     "seed": 0,
@@ -166,3 +168,84 @@ def test_pixel_prompt_adaptation_plans_on_any_model(tmp_path: Path) -> None:
         repair = cells[f"simplenet/pixel/badnets/{name}"]
         assert repair.skip is None and repair.defend["defense"]["name"] == name
     assert "defense fp works on the backbone's layers" in cells["simplenet/pixel/badnets/fp"].skip
+
+
+def seeded(tmp_path: Path, seeds: Any = (0, 1)) -> dict[str, Any]:
+    """The matrix over `seeds`: the base's own seed goes, the axis sets it."""
+    raw = matrix(tmp_path)
+    raw["base"] = {k: v for k, v in BASE.items() if k != "seed"}
+    raw["seeds"] = list(seeds)
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.update(seeds=[]), "seeds: List should have at least 1 item"),
+        (lambda m: m.update(seeds=[0, 1, 0]), "seeds: seeds must be distinct"),
+        (lambda m: m.update(seeds=[-1]), "seeds.0: Input should be greater than or equal to 0"),
+        (lambda m: m.update(seeds=[1.5]), "seeds.0: Input should be a valid integer"),
+        (lambda m: m.update(seeds=["1"]), "seeds.0: Input should be a valid integer"),
+        (lambda m: m["base"].update(seed=3), "base.seed: the matrix's seeds axis sets"),
+        (lambda m: m["models"]["simplenet"].update(seed=3),
+         "models.simplenet.seed: the matrix's seeds axis sets"),
+        (lambda m: m.update(adaptations={"full": {"adapt": {"mode": "full"}, "seed": 3}}),
+         "adaptations.full.seed: the matrix's seeds axis sets"),
+    ],
+)
+def test_bad_seeds_are_one_line_naming_the_key(tmp_path: Path, change: Any, message: str) -> None:
+    raw = seeded(tmp_path)
+    change(raw)
+    with pytest.raises(ConfigError) as err:
+        plan(parse_matrix(raw))
+    text = str(err.value)
+    assert message in text and "\n" not in text
+
+
+def test_seed_override_is_refused_beside_the_axis(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^seed: the matrix's seeds axis sets each run's seed"):
+        plan(parse_matrix(seeded(tmp_path)), ["seed=3"])
+    assert plan(parse_matrix(matrix(tmp_path)), ["seed=3"])[0].train["seed"] == 3
+
+
+def test_without_seeds_names_are_as_before(tmp_path: Path) -> None:
+    """No seeds axis: four-level ids, folders and training runs named by their keys alone, no
+    `seed` in the plan's entries, and a base seed used as it is."""
+    for cell in plan(parse_matrix(matrix(tmp_path))):
+        assert cell.seed is None and "seed" not in cell.summary()
+        assert cell.id == "/".join((cell.model, cell.adaptation, cell.threat, cell.defense))
+        if cell.skip is None:
+            labels = "-".join((cell.model, cell.adaptation, cell.threat, cell.defense))
+            assert Path(cell.folder).name == f"{labels}-{cell.key}"
+            assert re.fullmatch(r"simplenet-full(-badnets)?(-pgd-at)?-[0-9a-f]{12}",
+                                cell.train["name"])  # fmt: skip
+            assert cell.train["seed"] == 0
+
+
+def test_seeds_plan_every_cell_once_per_seed(tmp_path: Path) -> None:
+    plain = plan(parse_matrix(matrix(tmp_path)))
+    cells = plan(parse_matrix(seeded(tmp_path, (0, 7))))
+    assert len(cells) == 2 * len(plain)
+    assert [c.id for c in cells[:2]] == ["simplenet/full/clean/none/s0",
+                                         "simplenet/full/clean/none/s7"]  # fmt: skip
+    assert {c.id.rsplit("/", 1)[0] for c in cells} == {c.id for c in plain}
+    running = [c for c in cells if c.skip is None]
+    assert len({c.folder for c in running}) == len(running)
+    for cell in running:
+        assert cell.train["seed"] == cell.seed and cell.summary()["seed"] == cell.seed
+        assert cell.folder.endswith(f"-s{cell.seed}") and cell.id.endswith(f"/s{cell.seed}")
+        assert cell.train["name"].endswith(f"-s{cell.seed}")
+    # a run's seeds share its stem (the key of its recipe without the seed), and each seed's run
+    # is still shared by the cells that train the same thing
+    by_id = {c.id: c for c in cells}
+    clean, pgd = by_id["simplenet/full/clean/none/s7"], by_id["simplenet/full/pgd/none/s7"]
+    assert clean.train["name"] == pgd.train["name"]
+    assert clean.train["name"].removesuffix("-s7") == (
+        by_id["simplenet/full/clean/none/s0"].train["name"].removesuffix("-s0"))
+    repaired = by_id["simplenet/full/badnets/ft/s7"]
+    assert repaired.defend is not None and repaired.defend["name"].startswith(
+        repaired.train["name"])
+    assert {len({c.train["name"] for c in running if c.seed == s}) for s in (0, 7)} == {3}
+    # an executor gets one task per (training run, seed) and per (cell, seed)
+    assert len(distinct_steps(cells)) == 2 * len(distinct_steps(plain)) == 6
+    assert len({c.id for c in running}) == 2 * sum(c.skip is None for c in plain)

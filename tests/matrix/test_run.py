@@ -271,6 +271,47 @@ def test_matrix_page_in_chromium(finished: Path, chromium: str, read_tables: Any
     assert pixels.std() > 5
 
 
+def test_seeds_axis_runs_each_cell_per_seed(tmp_path: Path, one_thread: Any) -> None:
+    """A 2-seed matrix (clean and a backdoor, one epoch): a training run and a cell folder per
+    seed, and threat tables of one row per cell with mean ± std and n, the seeds in an appendix."""
+    raw = small_matrix(tmp_path, "s")
+    raw["base"] = {k: v for k, v in BASE.items() if k != "seed"}
+    raw["base"]["train"] = {**BASE["train"], "epochs": 1}
+    raw["threats"].pop("pgd")
+    raw["defenses"] = {"none": {"kind": "none"}}
+    raw["evaluation"] = {"examples": 0}
+    raw["seeds"] = [0, 1]
+    html = run_matrix(raw, progress=False)
+    out = tmp_path / "s"
+    plan = json.loads((out / "matrix.json").read_text())
+    assert plan["config"]["seeds"] == [0, 1]
+    assert [c["id"] for c in plan["cells"]] == [
+        f"simplenet/full/{t}/none/s{s}" for t in ("clean", "badnets") for s in (0, 1)]
+    runs = sorted(p.name for p in (out / "runs").iterdir() if p.is_dir())
+    assert len(runs) == 4 and {r[-3:] for r in runs} == {"-s0", "-s1"}
+    assert len({r.removesuffix("-s0").removesuffix("-s1") for r in runs}) == 2
+    cells = cell_metrics(out)
+    assert set(cells) == {c["id"] for c in plan["cells"]}
+    assert all(status == "complete" for status, _, _ in cells.values())
+    assert all(Path(c["folder"]).name.endswith(f"-s{c['seed']}") for c in plan["cells"])
+
+    md = (out / "report.md").read_text()
+    clean = [cells[f"simplenet/full/clean/none/s{s}"][1]["clean/top1"] for s in (0, 1)]
+    mean, std = sum(clean) / 2, abs(clean[0] - clean[1]) / 2**0.5
+    section = md[md.index("## Threat: clean"):md.index("## Threat: badnets")]
+    assert "| n |" in section and f"| {mean:.2f} ± {std:.2f} |" in section
+    assert section.count("| simplenet | full | none | complete |") == 1
+    assert section.rstrip().endswith("| 2 |")
+    assert "Seeds: 0, 1" in md and "## Appendix: per-seed results" in md
+    appendix = md[md.index("## Appendix"):]
+    assert appendix.count("| simplenet | full | none | complete |") == 4
+    page = html.read_text()
+    clean_table = page[page.index('id="threat-clean"'):]
+    clean_table = clean_table[:clean_table.index("</table>")]
+    assert clean_table.count("<tr>") == 2 and "±" in clean_table  # the titles, one cell
+    assert 'id="threat-clean-seeds"' in page[page.index("<details>"):]
+
+
 def test_report_command(finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from vptlab.cli import main
 

@@ -6,6 +6,12 @@ Steps and cells are content-addressed (shared/DESIGN.md): a training step's fold
 run key, so cells that train the same thing (a clean run evaluated clean and under PGD) share it;
 a cell's folder carries the hash of its whole chain, so a changed cell lands in a new folder and a
 finished one is found again. Nothing is trained here.
+
+With a seeds axis every cell is planned once per seed: its id gets a seed level
+(`simplenet/full/clean/none/s0`), its training run and its folder a `-s<seed>` suffix
+(`simplenet-full-<key>-s0`, where `<key>` is the run key of the recipe without the seed, so a
+run's seeds share their stem as a study's do). The seed is in each run's key, so each seed's run
+is reused or resumed on its own. Without the axis, names and ids are as they always were.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class Cell:
     threat_spec: ThreatSpec
     defense_spec: DefenseSpec
     skip: str | None = None
+    seed: int | None = None
     train: dict[str, Any] | None = None
     defend: dict[str, Any] | None = None
     key: str = ""
@@ -53,7 +60,8 @@ class Cell:
 
     @property
     def id(self) -> str:
-        return "/".join((self.model, self.adaptation, self.threat, self.defense))
+        labels = (self.model, self.adaptation, self.threat, self.defense)
+        return "/".join(labels if self.seed is None else (*labels, f"s{self.seed}"))
 
     @property
     def train_dir(self) -> Path:
@@ -61,14 +69,16 @@ class Cell:
         return Path(self.train["output"]["dir"]) / self.train["name"]
 
     def summary(self) -> dict[str, Any]:
-        """What the plan file says of the cell (the report's skipped and pending rows)."""
-        return {
+        """What the plan file says of the cell (the report's skipped and pending rows); its
+        `seed` only where the matrix has a seeds axis."""
+        summary = {
             "id": self.id, "model": self.model, "adaptation": self.adaptation,
             "threat": self.threat, "threat_kind": self.threat_spec.kind,
             "defense": self.defense, "defense_kind": self.defense_spec.kind,
             "skip": self.skip, "key": self.key, "folder": self.folder,
             "train_run": self.train["name"] if self.train else None,
         }  # fmt: skip
+        return summary if self.seed is None else {**summary, "seed": self.seed}
 
 
 def digest(value: Any, size: int = 10) -> str:
@@ -82,8 +92,12 @@ def plan(matrix: MatrixConfig, overrides: list[str] | None = None,
 
     `overrides` (key=value) apply to every training step; `backbones` maps an adaptation label to
     its cached backbone's weights. A fragment that does not validate is a ConfigError naming its
-    axis entry; a combination that makes no sense is a skipped cell."""
+    axis entry; a combination that makes no sense is a skipped cell. With a seeds axis each cell
+    comes once per seed, its seeds one after another; a `seed=` override is then refused."""
     overrides = overrides or []
+    if matrix.seeds is not None and any(o.startswith("seed=") for o in overrides):
+        raise ConfigError("seed: the matrix's seeds axis sets each run's seed; "
+                          "override seeds instead")  # fmt: skip
     out = Path(matrix.output) / matrix.matrix
     for name, spec in matrix.threats.items():  # attack options checked before anything trains
         for i, attack in enumerate(spec.attacks):
@@ -93,8 +107,10 @@ def plan(matrix: MatrixConfig, overrides: list[str] | None = None,
         for adaptation in matrix.adaptations:
             for threat, threat_spec in matrix.threats.items():
                 for defense, defense_spec in matrix.defenses.items():
-                    cell = Cell(model, adaptation, threat, defense, threat_spec, defense_spec)
-                    cells.append(_resolve(cell, matrix, out, overrides, backbones or {}))
+                    for seed in matrix.seeds or [None]:
+                        cell = Cell(model, adaptation, threat, defense, threat_spec,
+                                    defense_spec, seed=seed)  # fmt: skip
+                        cells.append(_resolve(cell, matrix, out, overrides, backbones or {}))
     return cells
 
 
@@ -132,10 +148,16 @@ def _resolve(cell: Cell, matrix: MatrixConfig, out: Path, overrides: list[str],
         "evaluation": evaluation,
     }
     key = digest(chain)
-    folder = str(out / CELLS / f"{cell.model}-{cell.adaptation}-{cell.threat}-{cell.defense}-{key}")
+    name = f"{cell.model}-{cell.adaptation}-{cell.threat}-{cell.defense}-{key}"
+    folder = str(out / CELLS / (name + seed_suffix(cell.seed)))
     return Cell(cell.model, cell.adaptation, cell.threat, cell.defense, threat, defense,
-                train=train, defend=defend, key=key, folder=folder,
+                seed=cell.seed, train=train, defend=defend, key=key, folder=folder,
                 evaluation=evaluation)  # fmt: skip
+
+
+def seed_suffix(seed: int | None) -> str:
+    """`-s<seed>`, the end of a seeded run's or cell's folder name; nothing without a seed."""
+    return "" if seed is None else f"-s{seed}"
 
 
 def _check_defended(cell: Cell, cfg: ExperimentConfig, spec: dict[str, Any],
@@ -163,14 +185,14 @@ def _repair_refusal(cfg: ExperimentConfig, defense: DefenseSpec) -> str | None:
 
 def _skipped(cell: Cell, reason: str) -> Cell:
     return Cell(cell.model, cell.adaptation, cell.threat, cell.defense, cell.threat_spec,
-                cell.defense_spec, skip=reason)  # fmt: skip
+                cell.defense_spec, skip=reason, seed=cell.seed)  # fmt: skip
 
 
 def _train_config(cell: Cell, matrix: MatrixConfig, out: Path, overrides: list[str],
                   backbones: dict[str, Path]) -> ExperimentConfig:  # fmt: skip
     """The training step: base, then the model's and the adaptation's fragments, the threat's
     poison, an adversarial defense's training; named by its run key so equal steps share a
-    folder."""
+    folder (with a seed: by the key of its recipe without the seed, then `-s<seed>`)."""
     adaptation = {k: v for k, v in matrix.adaptations[cell.adaptation].items() if k != "backbone"}
     raw = deep_merge(deep_merge(matrix.base, matrix.models[cell.model]), adaptation)
     stem = [cell.model, cell.adaptation]
@@ -190,7 +212,10 @@ def _train_config(cell: Cell, matrix: MatrixConfig, out: Path, overrides: list[s
         if cell.defense_spec.kind == "adversarial" and _builds(without_defense, overrides):
             where = f"defenses.{cell.defense} (cell {cell.id}): "  # its `train` is to blame
         raise ConfigError(where + str(error)) from None
-    return cfg.model_copy(update={"name": f"{'-'.join(stem)}-{run_key(cfg)}"})
+    name = f"{'-'.join(stem)}-{run_key(cfg)}{seed_suffix(cell.seed)}"
+    if cell.seed is None:
+        return cfg.model_copy(update={"name": name})
+    return cfg.model_copy(update={"name": name, "seed": cell.seed})
 
 
 def _builds(raw: dict[str, Any], overrides: list[str]) -> bool:

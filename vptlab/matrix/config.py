@@ -9,14 +9,26 @@ it came from. Threats and defenses have a `kind` that says which step of a cell'
   a train split poisoned by `poison` (a `data.poison` section), evaluation of CA / ASR / RA.
 - defense `none`; `adversarial`: training changed by `train` (an objective such as pgd or trades);
   `repair`: a backdoor repairer (`vptlab defend`) applied to the trained model.
+
+`seeds: [0, 1, 2]` (optional) does every training run and every cell once per seed, as a study's
+seeds axis does; the seed is then the axis's alone, so a `seed` in `base`, a model or an
+adaptation is refused.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vptlab.config import AttackConfig, ChecksConfig, PoisonConfig
 from vptlab.errors import ConfigError, format_validation_error
@@ -126,6 +138,17 @@ class MatrixConfig(Strict):
     )
     evaluation: EvaluationSpec = EvaluationSpec()
     resources: ResourceSpec = ResourceSpec()
+    seeds: list[Annotated[StrictInt, Field(ge=0, lt=2**32)]] | None = Field(
+        None, min_length=1, description="do every training run and cell once per seed, in "
+        "-s<seed> folders, and report mean ± std over them"
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and len(set(seeds)) < len(seeds):
+            raise ValueError("seeds must be distinct")
+        return seeds
 
     @field_validator("matrix")
     @classmethod
@@ -152,6 +175,22 @@ def is_matrix(raw: dict[str, Any]) -> bool:
 def parse_matrix(raw: dict[str, Any]) -> MatrixConfig:
     """The validated matrix config; an error is one line naming its key (`threats.pgd...`)."""
     try:
-        return MatrixConfig.model_validate(raw)
+        matrix = MatrixConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
+    _check_seed_keys(matrix)
+    return matrix
+
+
+def _check_seed_keys(matrix: MatrixConfig) -> None:
+    """With a seeds axis, a `seed` in the base or an axis entry would be overridden without a
+    word (or would split one cell's seeds apart): it is refused, naming where it is."""
+    if matrix.seeds is None:
+        return
+    sections = [("base", matrix.base)]
+    sections += [(f"models.{label}", spec) for label, spec in matrix.models.items()]
+    sections += [(f"adaptations.{label}", spec) for label, spec in matrix.adaptations.items()]
+    for where, section in sections:
+        if "seed" in section:
+            raise ConfigError(f"{where}.seed: the matrix's seeds axis sets each run's seed; "
+                              "remove one of them")  # fmt: skip

@@ -9,11 +9,17 @@ scatter per evasion threat, an ASR before / after chart per repair defense, trai
 example grids, each cell's config and wall time, and the failed and skipped cells with reasons.
 The per-threat tables hold no timings, so a resumed matrix gives the same tables as one
 uninterrupted run.
+
+With a seeds axis (matrix.json's `seeds`) a threat's table has one row per cell over its seeds:
+each number its mean ± sample std over the seeds that finished, `n` their count (the study's
+helpers in vptlab/report/tables.py); the plots show the means (the curves with their std), and
+the per-seed tables follow in a collapsed appendix.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,12 +39,19 @@ from vptlab.report.document import (
     Table,
     write_report,
 )
-from vptlab.report.plots import plot_asr_before_after, plot_clean_vs_robust, plot_curves
+from vptlab.report.plots import (
+    plot_asr_before_after,
+    plot_clean_vs_robust,
+    plot_curves,
+    seed_curve,
+)
 from vptlab.report.tables import (
     Column,
     at,
     decimals,
     overfitting_column,
+    seed_columns,
+    seed_rows,
     unreliable_mark,
     unreliable_notes,
 )
@@ -129,8 +142,26 @@ CELL_COLUMNS = [
 ]
 
 
-def threat_tables(config: dict[str, Any], rows: Sequence[Row]) -> list[Block]:
-    """One section per threat: what it is, and its cells' table (skipped cells left out)."""
+def cell_of(row: Row) -> str:
+    """A cell's id without its seed: the row of a threat table over seeds that the seed is in."""
+    return "/".join(row[k] for k in ("model", "adaptation", "threat", "defense"))
+
+
+def seeded(config: dict[str, Any]) -> bool:
+    return config.get("seeds") is not None
+
+
+def over_seeds(columns: Sequence[Column], cells: Sequence[Row], table_id: str) -> Table:
+    """A threat table with one row per cell over its seeds: its numbers (the right-aligned
+    columns) as mean ± std with `n`, its labels and marks as its seeds' texts."""
+    averaged = [c.title for c in columns if c.align == "right"]
+    return Table(seed_columns(columns, averaged), seed_rows(cells, cell_of), id=table_id)
+
+
+def threat_tables(config: dict[str, Any], rows: Sequence[Row],
+                  appendix: list[Block] | None = None) -> list[Block]:  # fmt: skip
+    """One section per threat: what it is, and its cells' table (skipped cells left out). With a
+    seeds axis the table is over the seeds and each seed's table goes to `appendix`."""
     blocks: list[Block] = []
     for threat, spec in config["threats"].items():
         cells = [r for r in rows if r["threat"] == threat and r["status"] != "skipped"]
@@ -148,7 +179,14 @@ def threat_tables(config: dict[str, Any], rows: Sequence[Row]) -> list[Block]:
             # After the labels: a training run that overfit catastrophically is marked beside
             # the numbers measured on it.
             columns.insert(len(label_columns()), overfitting_column("train"))
-        blocks.append(Table(columns, cells, id=f"threat-{threat}"))
+        if seeded(config):
+            blocks.append(over_seeds(columns, cells, f"threat-{threat}"))
+            per_seed = [Column("seed", at("seed"), str, "right"), *columns]
+            if appendix is not None:
+                appendix += [Heading(f"Threat: {threat}", 3),
+                             Table(per_seed, cells, id=f"threat-{threat}-seeds")]  # fmt: skip
+        else:
+            blocks.append(Table(columns, cells, id=f"threat-{threat}"))
         if spec["kind"] != "backdoor":
             blocks += unreliable_list(cells)
     return blocks
@@ -185,15 +223,19 @@ def scatter_plots(out: Path, config: dict[str, Any], rows: Sequence[Row]) -> lis
         if not done:
             continue
         strongest = max(spec["attacks"], key=lambda a: a["eps"])
-        points: dict[str, list[tuple[float, float, str]]] = {}
+        seeds: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for row in done:
             name = next((a["metric"] for a in row.get("attacks", [])
                          if a["eps"] == strongest["eps"] and a["norm"] == strongest["norm"]),
                         None)  # fmt: skip
             if name is None:
                 continue
-            points.setdefault(f"{row['model']} / {row['adaptation']}", []).append(
-                (row["metrics"]["clean/top1"], row["metrics"][f"{name}/acc"], row["defense"]))
+            seeds.setdefault((f"{row['model']} / {row['adaptation']}", row["defense"]), []).append(
+                (row["metrics"]["clean/top1"], row["metrics"][f"{name}/acc"]))
+        points: dict[str, list[tuple[float, float, str]]] = {}
+        for (series, defense), values in seeds.items():  # a cell's point: its seeds' mean
+            clean, robust = mean_of(values)
+            points.setdefault(series, []).append((clean, robust, defense))
         path = out / f"clean_vs_robust-{threat}.png"
         plot_clean_vs_robust(points, path, title=f"{threat}: clean vs robust top-1 "
                              f"({strongest['norm']} eps {strongest['eps']:g})")  # fmt: skip
@@ -202,17 +244,21 @@ def scatter_plots(out: Path, config: dict[str, Any], rows: Sequence[Row]) -> lis
 
 
 def asr_charts(out: Path, config: dict[str, Any], rows: Sequence[Row]) -> list[Block]:
-    """Per repair defense: each backdoored cell's ASR before and after it."""
+    """Per repair defense: each backdoored cell's ASR before and after it (its seeds' means)."""
     blocks: list[Block] = []
     for defense, spec in config["defenses"].items():
         if spec["kind"] != "repair":
             continue
-        bars = []
+        seeds: dict[str, list[tuple[float, float]]] = {}
         for row in rows:
             trigger = trigger_of(row)
             if row["defense"] == defense and row["status"] == "complete" and trigger:
-                bars.append((f"{row['model']}/{row['adaptation']}/{row['threat']}",
-                             row["before"][f"{trigger}/asr"], row["metrics"][f"{trigger}/asr"]))
+                seeds.setdefault(f"{row['model']}/{row['adaptation']}/{row['threat']}", []).append(
+                    (row["before"][f"{trigger}/asr"], row["metrics"][f"{trigger}/asr"]))
+        bars = []
+        for label, values in seeds.items():
+            before, after = mean_of(values)
+            bars.append((label, before, after))
         if bars:
             path = out / f"asr-{defense}.png"
             plot_asr_before_after(bars, path, title=f"ASR before / after defense {defense}")
@@ -220,12 +266,26 @@ def asr_charts(out: Path, config: dict[str, Any], rows: Sequence[Row]) -> list[B
     return blocks
 
 
+def mean_of(values: Sequence[tuple[float, ...]]) -> tuple[float, ...]:
+    """Each position's mean over a cell's seeds (one seed: its own numbers, exactly)."""
+    return tuple(statistics.fmean(column) for column in zip(*values, strict=True))
+
+
 def curves(out: Path, rows: Sequence[Row]) -> list[Block]:
+    """The training runs' histories; seeded, one curve per run over its seeds (mean and std),
+    the runs' names without their `-s<seed>`."""
     histories: dict[str, list[dict[str, Any]]] = {}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for row in rows:
         train = row.get("train") or {}
-        if train.get("history"):
+        if not train.get("history"):
+            continue
+        if row.get("seed") is None:
             histories.setdefault(train["name"], train["history"])
+        else:
+            stem = train["name"].removesuffix(f"-s{row['seed']}")
+            runs.setdefault(stem, {}).setdefault(train["name"], train["history"])
+    histories.update({stem: seed_curve(list(by_seed.values())) for stem, by_seed in runs.items()})
     if not histories:
         return []
     plot_curves(histories, out / "curves.png", title="training runs of the matrix")
@@ -261,6 +321,8 @@ def cells_section(rows: Sequence[Row]) -> list[Block]:
 
 
 def matrix_blocks(out: Path) -> tuple[str, list[Block]]:
+    """The report's blocks: summary, threat tables, plots, curves, grids, cells (and, with a
+    seeds axis, the per-seed appendix)."""
     config, rows = load_cells(out)
     title = config.get("title") or f"threat matrix {config['matrix']}"
     counts = {s: sum(r["status"] == s for r in rows)
@@ -275,12 +337,27 @@ def matrix_blocks(out: Path) -> tuple[str, list[Block]]:
     if config.get("description"):
         blocks.append(Paragraph(config["description"].strip()))
     blocks.append(Paragraph(summary))
-    blocks += threat_tables(config, rows)
+    appendix: list[Block] = []
+    if seeded(config):
+        blocks.append(Paragraph(seeds_note(config["seeds"], rows)))
+    blocks += threat_tables(config, rows, appendix)
     plots = scatter_plots(out, config, rows) + asr_charts(out, config, rows)
     if plots:
         blocks += [Heading("Plots"), *plots]
     blocks += curves(out, rows) + grids(rows) + cells_section(rows)
+    if appendix:
+        blocks += [Heading("Appendix: per-seed results"),
+                   Details("every seed's cells, as run", appendix)]  # fmt: skip
     return title, blocks
+
+
+def seeds_note(seeds: Sequence[int], rows: Sequence[Row]) -> str:
+    """What the numbers of a matrix over seeds are (the cell counts above are per seed)."""
+    cells = len({cell_of(r) for r in rows})
+    return (f"Seeds: {', '.join(map(str, seeds))}: each of the {cells} cells is run once per "
+            "seed (the counts above are per seed). Each number of a threat table is the mean ± "
+            "sample std over the seeds that finished, n their count; the plots show the means; "
+            "the per-seed tables are in the appendix.")
 
 
 def write_matrix_report(out: str | Path) -> Path:

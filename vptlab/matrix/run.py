@@ -5,6 +5,9 @@ Everything a cell finishes is in its folders (`runs/<step>`, `cells/<cell>/cell.
 atomically, so a matrix killed at any moment and run again reuses what finished, resumes the
 interrupted training steps from their checkpoints and redoes only the rest: the same table as one
 uninterrupted run. A failed step or cell is recorded with its one-line error and the others go on.
+
+With a seeds axis each (training run, seed) and each (cell, seed) is its own executor task: the
+seed is in the run's name and key and in the cell's id and folder (matrix/cells.py).
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ def execute(runner: Executor, matrix: MatrixConfig, cells: list[Cell], fresh: bo
     """The distinct training steps, then the cells whose step finished; failures recorded."""
     resources = Resources(matrix.resources.num_cpus, matrix.resources.num_gpus)
     steps = distinct_steps(cells)
-    print(f"vptlab: matrix '{matrix.matrix}': {len(cells)} cells "
+    seeds = "" if matrix.seeds is None else f" over {len(matrix.seeds)} seeds"
+    print(f"vptlab: matrix '{matrix.matrix}': {len(cells)} cells{seeds} "
           f"({sum(c.skip is not None for c in cells)} skipped), {len(steps)} training runs, "
           f"executor {runner.name}", flush=True)  # fmt: skip
     trained = runner.map(train_step, [(name, {"config": cfg, "fresh": fresh})
@@ -97,9 +101,11 @@ def execute(runner: Executor, matrix: MatrixConfig, cells: list[Cell], fresh: bo
 
 def write_plan(out: Path, matrix: MatrixConfig, cells: list[Cell]) -> None:
     """matrix.json: the config and every cell (skipped ones with their reason); the report reads
-    it to know which cells belong to the matrix (old cell folders of a changed config do not)."""
+    it to know which cells belong to the matrix (old cell folders of a changed config do not).
+    Without a seeds axis the config has no `seeds` key, as before the axis existed."""
     out.mkdir(parents=True, exist_ok=True)
-    plan_doc = {"config": matrix.model_dump(mode="json"),
+    config = matrix.model_dump(mode="json", exclude={"seeds"} if matrix.seeds is None else None)
+    plan_doc = {"config": config,
                 "cells": [c.summary() for c in cells]}  # fmt: skip
     atomic_write_text(out / PLAN_FILE, json.dumps(plan_doc, indent=2) + "\n")
 

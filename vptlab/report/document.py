@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vptlab.report.tables import Column, markdown_table
+from vptlab.report.tables import Column, Stat, markdown_table
 from vptlab.runs import atomic_write
 
 
@@ -288,8 +288,11 @@ def _html_table(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]], ta
 
 
 def _sort_attr(value: Any) -> str:
-    """What a cell sorts by: a number by its raw value (not its rounded text), a missing value
-    (None, NaN) last; text cells sort by their text and need nothing."""
+    """What a cell sorts by: a number by its raw value (not its rounded text), a number over
+    seeds by its mean, a missing value (None, NaN) last; text cells sort by their text and need
+    nothing."""
+    if isinstance(value, Stat):
+        value = value.mean
     if value is None:
         return " data-missing"
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
