@@ -297,6 +297,16 @@ class SelectConfig(Section):
         return sorted(scales, reverse=True)
 
 
+def check_adaptive(adaptive: bool | dict[str, Any]) -> bool | dict[str, Any]:
+    """An `adaptive:` setting (the adaptive attacker's residual ASR, defenses/adaptive.py): a
+    bool, or options of its search; an unknown option is an error naming it."""
+    known = {"starts", "steps", "batch_size", "scan"}
+    if isinstance(adaptive, dict) and set(adaptive) - known:
+        raise ValueError(f"unknown option(s) {sorted(set(adaptive) - known)}; "
+                         f"choose from {sorted(known)}")  # fmt: skip
+    return adaptive
+
+
 class DefenseConfig(Section):
     """A backdoor repairer (`vptlab.defenses.repair.REPAIRERS`) applied to a parent run's model.
 

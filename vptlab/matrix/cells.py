@@ -141,6 +141,8 @@ def _resolve(cell: Cell, matrix: MatrixConfig, out: Path, overrides: list[str],
     if threat.kind != "evasion":
         # Only attacks are checked: other cells keep their key (and their finished results).
         evaluation.pop("checks")
+    if defend is None:  # only repairs meet the adaptive attacker
+        evaluation.pop("adaptive")
     chain = {
         "train": run_key(cfg),
         "defend": defend and {k: defend[k] for k in ("defense", "train")},

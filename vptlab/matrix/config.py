@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from vptlab.config import AttackConfig, ChecksConfig, PoisonConfig
+from vptlab.config import AttackConfig, ChecksConfig, PoisonConfig, check_adaptive
 from vptlab.errors import ConfigError, format_validation_error
 
 ThreatKind = Literal["clean", "evasion", "backdoor"]
@@ -112,6 +112,15 @@ class EvaluationSpec(Strict):
     checks: ChecksConfig = Field(
         default_factory=ChecksConfig, description="evasion: sanity checks on the robust accuracies"
     )
+    adaptive: bool | dict[str, Any] = Field(
+        True, description="repairs: the adaptive attacker's residual ASR on each defended model "
+        "(true: defenses/adaptive.py's defaults; false; or residual_asr options {steps: 30, ...})",
+    )  # fmt: skip
+
+    @field_validator("adaptive")
+    @classmethod
+    def _search_options(cls, adaptive: bool | dict[str, Any]) -> bool | dict[str, Any]:
+        return check_adaptive(adaptive)
 
 
 class ResourceSpec(Strict):

@@ -102,7 +102,8 @@ def _defend(cell: Cell, payload: dict[str, Any]) -> dict[str, Any]:
                  f"device={cell.train['device']}",
                  f"output.progress={str(payload['progress']).lower()}"]  # fmt: skip
     metrics = defend(cell.train_dir, cell.defend["defense"], overrides,
-                     train=cell.defend["train"], fresh=payload["fresh"])  # fmt: skip
+                     train=cell.defend["train"], fresh=payload["fresh"],
+                     adaptive=cell.evaluation.get("adaptive", True))  # fmt: skip
     defended = cell.train_dir.parent / cell.defend["name"]
     grids = []
     if (defended / EXAMPLES_FILE).is_file():

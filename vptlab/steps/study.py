@@ -25,6 +25,7 @@ from vptlab.config import (
     ExperimentConfig,
     SelectConfig,
     apply_overrides,
+    check_adaptive,
     load_yaml,
     recipe_changes,
     run_key,
@@ -129,11 +130,7 @@ class StudyConfig(BaseModel):
     @field_validator("adaptive")
     @classmethod
     def _search_options(cls, adaptive: bool | dict[str, Any]) -> bool | dict[str, Any]:
-        known = {"starts", "steps", "batch_size", "scan"}
-        if isinstance(adaptive, dict) and set(adaptive) - known:
-            raise ValueError(f"unknown option(s) {sorted(set(adaptive) - known)}; "
-                             f"choose from {sorted(known)}")  # fmt: skip
-        return adaptive
+        return check_adaptive(adaptive)
     seeds: list[Annotated[StrictInt, Field(ge=0, lt=2**32)]] | None = Field(
         None, min_length=1, description="train every run once per seed, in <run>-s<seed> "
         "folders, and report mean ± std over them"
