@@ -128,6 +128,7 @@ def backdoor_columns(trigger: str) -> list[Column]:
         Column("ASR before %", at("before", f"{trigger}/asr"), PCT, "right"),
         Column("ASR drop", at("derived", "asr_drop"), PCT, "right"),
         Column("DER", at("derived", "der"), decimals(3), "right"),
+        Column("residual ASR %", at("derived", "residual_asr"), PCT, "right"),
     ]
 
 

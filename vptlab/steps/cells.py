@@ -114,7 +114,8 @@ def _defend(cell: Cell, payload: dict[str, Any]) -> dict[str, Any]:
         "defended": {k: metrics[k] for k in keep if k in metrics},
         "before": metrics["before"],
         "metrics": metrics["after"],
-        "derived": {k: metrics["defense"][k] for k in ("asr_drop", "ca_drop", "der")},
+        "derived": {k: metrics["defense"][k] for k in
+                    ("asr_drop", "ca_drop", "der", "residual_asr") if k in metrics["defense"]},
         "grids": grids,
     }
 
