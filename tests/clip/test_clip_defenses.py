@@ -17,8 +17,8 @@ from vptlab.steps.defend import defend
 from vptlab.steps.train import load_run
 
 SHORT: dict[str, dict[str, Any]] = {
-    "ft": {"epochs": 4, "lr": 1e-3, "schedule": "constant"},
-    "nad": {"epochs": 4, "lr": 1e-3, "schedule": "constant"},
+    "ft": {"epochs": 6, "lr": 3e-3, "schedule": "constant"},
+    "nad": {"epochs": 6, "lr": 3e-3, "schedule": "constant"},
     "cleanclip": {"epochs": 4, "lr": 1e-3, "schedule": "constant"},
     "clip-prompt": {"epochs": 4, "optimizer": "sgd", "lr": 1.0, "grad_clip": 1.0,
                     "weight_decay": 0.0},
