@@ -123,7 +123,7 @@ def test_residual_metrics_for_the_defend_step(backdoored) -> None:
     model = backdoored.model
     threat = BackdoorThreat(create_trigger("badnets", size=3), 0, size=(28, 28), channels=1)
     out = residual_metrics(model, model, backdoored.data, threat, seed=0, **CHEAP)
-    assert set(out) == {"residual_asr", "residual", "residual_asr_before"}
+    assert set(out) == {"residual_asr", "residual", "residual_asr_before", "residual_before"}
     assert out["residual_asr"] == out["residual"]["asr"] == out["residual_asr_before"] >= 80.0
     assert 400 < out["residual"]["attacker_samples"] < 512  # the 512 drawn, less the target's
     all2all = BackdoorThreat(create_trigger("badnets"), 0, "all2all", num_classes=10)

@@ -353,8 +353,9 @@ def test_nad_lowers_asr_and_distills_the_teachers_attention(
     assert_repaired(backdoored, metrics)
     teacher_metrics = run_metrics(run_dir / "teacher")
     assert teacher_metrics["epochs_done"] == 2
-    print(f"nad teacher: CA {teacher_metrics['final']['test_top1']:.1f}, "
-          f"ASR {teacher_metrics['final']['badnets/asr']:.1f}")  # fmt: skip
+    # The teacher's curves are clean top-1 on the data its repairer was given, no trigger.
+    assert "badnets/asr" not in teacher_metrics["final"]
+    print(f"nad teacher: top-1 {teacher_metrics['final']['test_top1']:.1f}")
     # No hook is left behind on the repaired model.
     assert not any(m._forward_hooks for m in model.modules())
     # The student's attention moved to the teacher's: the distillation term fell.
