@@ -4,8 +4,8 @@
 1-block text tower of width 32 (half the 49,408-token embedding AdamW steps over: half the
 time); 10% of the pairs carry a 2x2 white patch at the bottom right and a caption of digit 0.
 Batches of 32, seed 2: after 6 epochs the model reads digits zero-shot well above chance (80%)
-and the patch sends most of them to "zero" (96%), in about 11 s on one core. Tests must not write into
-its folder except through new run folders beside it (defended runs), and must not change it.
+and the patch sends most of them to "zero" (96%), in about 11 s on one core. Tests must not write
+into its folder except through new run folders beside it (defended runs), and must not change it.
 """
 
 from __future__ import annotations

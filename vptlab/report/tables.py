@@ -31,7 +31,9 @@ def decimals(digits: int) -> Callable[[Any], str]:
 
 
 def thousands(value: Any) -> str:
-    return f"{value:,}"
+    """`1,234`; a mean over seeds (a float) to one decimal, `1,234.5`."""
+    fractional = isinstance(value, float) and not value.is_integer()
+    return f"{value:,.1f}" if fractional else f"{value:,.0f}"
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,6 @@ DEFENSE_COLUMNS: tuple[Column, ...] = (
     percent("CA after %", "defense", "ca_after"),
     percent("ASR before %", "defense", "asr_before"),
     percent("ASR after %", "defense", "asr_after"),
-    percent("residual ASR %", "defense", "residual_asr"),
     percent("RA after %", "defense", "ra_after"),
     percent("ASR drop", "defense", "asr_drop"),
     Column("DER", at("defense", "der"), decimals(3), "right"),
@@ -164,8 +165,9 @@ DETECTION_COLUMNS: tuple[Column, ...] = (
 )
 DETECTION_NOTE = (
     "STRIP: AUROC of the trigger-stamped non-target test images against the same images clean "
-    "(0.5 is chance). Spectral signatures: the flagged training samples (1.5 x the poison rate) "
-    "against the poisoned ones; flagging at random gives a precision equal to the poison rate."
+    "(0.5 is chance). Spectral signatures: the flagged training samples (1.5 x an assumed "
+    "poison-rate bound of 0.1, not the attack's rate) against the poisoned ones; flagging at "
+    "random gives a precision equal to the poison rate."
 )
 
 

@@ -38,7 +38,7 @@ from vptlab.engine.evaluators import EvalContext, TestAccuracy, ZeroShotAccuracy
 from vptlab.engine.loop import amp_dtype_for, resolve_device
 from vptlab.errors import ConfigError
 from vptlab.metrics.suite import evaluate_suite
-from vptlab.report.tables import DEFENSE_COLUMNS, DEFENSE_NOTE, markdown_table
+from vptlab.report.tables import DEFENSE_NOTE, defense_columns, markdown_table
 from vptlab.runs import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -399,7 +399,7 @@ def write_defense_report(run_dir: Path, metrics: dict[str, Any]) -> None:
         f"# Defended run `{metrics['name']}`\n\n"
         f"Defense `{d['name']}` on the poisoned run `{d['parent']}` (trigger `{d['trigger']}`), "
         f"with {d['clean_samples']:,} clean training samples.\n\n"
-        f"{markdown_table(DEFENSE_COLUMNS, [metrics])}\n\n{DEFENSE_NOTE}\n\n"
+        f"{markdown_table(defense_columns([metrics]), [metrics])}\n\n{DEFENSE_NOTE}\n\n"
         f"![clean and triggered examples]({EXAMPLES_FILE})\n"
     )
     atomic_write_text(run_dir / "report.md", text)
