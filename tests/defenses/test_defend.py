@@ -17,7 +17,7 @@ from vptlab.cli import main
 from vptlab.config import load_yaml
 from vptlab.steps.defend import defend
 
-RECIPE = ["train.epochs=4", "train.lr=2e-3", "output.progress=false", "device=cpu"]
+RECIPE = ["train.epochs=4", "train.lr=5e-3", "output.progress=false", "device=cpu"]
 
 
 @pytest.fixture(scope="module")

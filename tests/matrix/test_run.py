@@ -111,7 +111,8 @@ def test_every_cell_runs_or_is_skipped_with_reason(finished: Path) -> None:
     backdoor = cells["simplenet/full/badnets/none"][1]
     assert backdoor["badnets/asr"] > 50  # the backdoor took
     repaired, derived = cells["simplenet/full/badnets/ft"][1:]
-    assert set(derived) == {"asr_drop", "ca_drop", "der"}
+    assert set(derived) == {"asr_drop", "ca_drop", "der", "residual_asr"}
+    assert 0 <= derived["residual_asr"] <= 100  # the adaptive attacker on the repaired cell
     assert repaired["badnets/asr"] == pytest.approx(backdoor["badnets/asr"] - derived["asr_drop"])
 
 

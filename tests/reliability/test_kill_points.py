@@ -158,7 +158,9 @@ def matrix_config(out: Path) -> dict[str, Any]:
             "ft": {"kind": "repair", "name": "ft", "clean_fraction": 0.2,
                    "train": {"epochs": 1, "lr": 1e-2}},
         },
-        "evaluation": {"limit": 64, "examples": 0},
+        # No adaptive search: this test is about resuming the steps; a killed subprocess would
+        # also run the search at its full size (~25 s a call).
+        "evaluation": {"limit": 64, "examples": 0, "adaptive": False},
     }  # fmt: skip
 
 
