@@ -291,8 +291,8 @@ def select_recipe(
     at lr x scale for each scale, largest first, into `run_dir/selection/lr-<lr>`, until one
     keeps the validation slice's (`clean.test`) top-1 within `max_drop` points (or one sample,
     if that is more) of the undefended model's; that trial's model and metrics become the run's.
-    Reads only the defender's data: the test-split `evaluators` draw each trial's curves and are
-    never read here.
+    Reads only the defender's data: a trial's curve is its validation top-1; the caller measures
+    the test split once, on the chosen model.
 
     Returns the chosen model and what was tried ({baseline, max_drop, trials, lr}).
     """
