@@ -55,7 +55,9 @@ def small_matrix(out: Path, name: str = "m") -> dict[str, Any]:
             "ft": {"kind": "repair", "name": "ft", "clean_fraction": 0.2,
                    "train": {"epochs": 2, "lr": 1e-2}},
         },  # fmt: skip
-        "evaluation": {"limit": 96, "examples": 4},
+        # No adaptive search: these tests compare tables across executors and kill-resume runs
+        # in subprocesses (tests/conftest.py shrinks the search in-process only).
+        "evaluation": {"limit": 96, "examples": 4, "adaptive": False},
     }
 
 
@@ -111,8 +113,7 @@ def test_every_cell_runs_or_is_skipped_with_reason(finished: Path) -> None:
     backdoor = cells["simplenet/full/badnets/none"][1]
     assert backdoor["badnets/asr"] > 50  # the backdoor took
     repaired, derived = cells["simplenet/full/badnets/ft"][1:]
-    assert set(derived) == {"asr_drop", "ca_drop", "der", "residual_asr"}
-    assert 0 <= derived["residual_asr"] <= 100  # the adaptive attacker on the repaired cell
+    assert set(derived) == {"asr_drop", "ca_drop", "der"}  # evaluation.adaptive: false
     assert repaired["badnets/asr"] == pytest.approx(backdoor["badnets/asr"] - derived["asr_drop"])
 
 
