@@ -12,13 +12,15 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -295,6 +297,20 @@ class SelectConfig(Section):
         if any(s <= 0 for s in scales) or len(set(scales)) != len(scales):
             raise ValueError(f"must be distinct and > 0, got {scales}")
         return sorted(scales, reverse=True)
+
+
+def _distinct_seeds(seeds: list[int]) -> list[int]:
+    if len(set(seeds)) < len(seeds):
+        raise ValueError("seeds must be distinct")
+    return seeds
+
+
+# A study's or a matrix's `seeds:` axis: at least one seed, each one a run's `seed`, no repeats.
+Seeds = Annotated[
+    list[Annotated[StrictInt, Field(ge=0, lt=2**32)]],
+    Field(min_length=1),
+    AfterValidator(_distinct_seeds),
+]
 
 
 def check_adaptive(adaptive: bool | dict[str, Any]) -> bool | dict[str, Any]:

@@ -18,19 +18,18 @@ adaptation is refused.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from vptlab.config import AttackConfig, ChecksConfig, PoisonConfig, check_adaptive
+from vptlab.config import AttackConfig, ChecksConfig, PoisonConfig, Seeds, check_adaptive
 from vptlab.errors import ConfigError, format_validation_error
 
 ThreatKind = Literal["clean", "evasion", "backdoor"]
@@ -147,17 +146,10 @@ class MatrixConfig(Strict):
     )
     evaluation: EvaluationSpec = EvaluationSpec()
     resources: ResourceSpec = ResourceSpec()
-    seeds: list[Annotated[StrictInt, Field(ge=0, lt=2**32)]] | None = Field(
-        None, min_length=1, description="do every training run and cell once per seed, in "
+    seeds: Seeds | None = Field(
+        None, description="do every training run and cell once per seed, in "
         "-s<seed> folders, and report mean ± std over them"
     )
-
-    @field_validator("seeds")
-    @classmethod
-    def _distinct(cls, seeds: list[int] | None) -> list[int] | None:
-        if seeds is not None and len(set(seeds)) < len(seeds):
-            raise ValueError("seeds must be distinct")
-        return seeds
 
     @field_validator("matrix")
     @classmethod

@@ -15,14 +15,15 @@ import sys
 from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vptlab.config import (
     AttackConfig,
     ChecksConfig,
     ExperimentConfig,
+    Seeds,
     SelectConfig,
     apply_overrides,
     check_adaptive,
@@ -131,17 +132,11 @@ class StudyConfig(BaseModel):
     @classmethod
     def _search_options(cls, adaptive: bool | dict[str, Any]) -> bool | dict[str, Any]:
         return check_adaptive(adaptive)
-    seeds: list[Annotated[StrictInt, Field(ge=0, lt=2**32)]] | None = Field(
-        None, min_length=1, description="train every run once per seed, in <run>-s<seed> "
+
+    seeds: Seeds | None = Field(
+        None, description="train every run once per seed, in <run>-s<seed> "
         "folders, and report mean ± std over them"
     )
-
-    @field_validator("seeds")
-    @classmethod
-    def _distinct(cls, seeds: list[int] | None) -> list[int] | None:
-        if seeds is not None and len(set(seeds)) < len(seeds):
-            raise ValueError("seeds must be distinct")
-        return seeds
 
     def run_names(self, label: str) -> dict[str, int | None]:
         """The folder of each seed of run `label` (`<label>-s<seed>`), or `label` alone (seed
