@@ -65,7 +65,7 @@ def test_threat_in_the_suite_scores_hand_made_predictions() -> None:
     assert suite["clean/top1"] == pytest.approx(100.0 * float((y == 1).float().mean()))
 
 
-@pytest.mark.parametrize("name", ["badnets", "blended", "sig", "wanet"])
+@pytest.mark.parametrize("name", ["badnets", "blended", "lf", "sig", "wanet"])
 def test_stamp_before_a_resize_matches_training_stamps(name: str) -> None:
     """28 px images upsized to 56 px by the loader: the suite stamps the 56 px batch close to
     what training stamped at 28 px before the resize, unlike a trigger drawn at 56 px."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -19,15 +20,15 @@ from vptlab.errors import ConfigError
 
 NAMES = TRIGGERS.names()
 # Triggers whose pattern comes from the seed (badnets only with its random pattern).
-SEEDED = {"badnets": {"pattern": "random"}, "blended": {}, "wanet": {}}
+SEEDED = {"badnets": {"pattern": "random"}, "blended": {}, "lf": {}, "wanet": {}}
 
 
 def images(n: int, channels: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, channels, height, width, generator=torch.Generator().manual_seed(seed))
 
 
-def test_registry_holds_the_four_papers() -> None:
-    assert NAMES == ["badnets", "blended", "sig", "wanet"]
+def test_registry_holds_the_six_papers() -> None:
+    assert NAMES == ["badnets", "blended", "bpp", "lf", "sig", "wanet"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -284,6 +285,91 @@ def test_sig_frequency_that_vanishes_on_the_width_is_one_error() -> None:
         create_trigger("sig").apply(torch.zeros(1, 1, 12, 12))
 
 
+def high_frequency_share(v: torch.Tensor) -> torch.Tensor:
+    """Per image, the share of the spectral energy of v (its mean removed) above 1/4 cycle/px."""
+    spectrum = torch.fft.fft2(v - v.mean(dim=(-2, -1), keepdim=True)).abs() ** 2
+    h, w = v.shape[-2:]
+    radius = (torch.fft.fftfreq(h)[:, None] ** 2 + torch.fft.fftfreq(w)[None, :] ** 2).sqrt()
+    return spectrum[..., radius > 0.25].sum(-1) / spectrum.sum(dim=(-2, -1))
+
+
+@pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32)])
+def test_lf_is_smooth_unlike_noise_of_the_same_linf(channels: int, size: int) -> None:
+    trigger = create_trigger("lf", seed=3)
+    v = trigger.apply(torch.zeros(2, channels, size, size))  # x = 0: the pattern itself
+    assert v.min() == 0 and v.max() == pytest.approx(0.2)  # min-max scaled to [0, eps]
+    noise = 0.2 * torch.rand(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+    assert (high_frequency_share(v) < 1e-3).all()
+    assert (high_frequency_share(noise) > 0.5).all()  # white noise: most of it is up there
+    # One pattern for every image, added: the change is v wherever it does not clip.
+    x = images(3, channels, size, size) * 0.7
+    torch.testing.assert_close(trigger.apply(x) - x, v[:1].expand_as(x), atol=1e-6, rtol=0)
+
+
+def test_lf_options_scale_and_smooth_the_pattern() -> None:
+    zeros = torch.zeros(1, 3, 32, 32)
+    small = create_trigger("lf", seed=1, eps=0.05).apply(zeros)
+    assert small.max() == pytest.approx(0.05)
+    torch.testing.assert_close(small / 0.05, create_trigger("lf", seed=1).apply(zeros) / 0.2)
+    sharp = create_trigger("lf", seed=1, sigma=1.0).apply(zeros)
+    assert high_frequency_share(sharp).min() > high_frequency_share(small).max() * 100
+
+
+@pytest.mark.parametrize("levels", [2, 4, 8, 16])
+@pytest.mark.parametrize("dithering", [True, False])
+def test_bpp_leaves_at_most_squeeze_num_levels_per_channel(levels: int, dithering: bool) -> None:
+    x = images(4, 3, 28, 28)
+    out = create_trigger("bpp", squeeze_num=levels, dithering=dithering).apply(x)
+    grid = torch.arange(levels) / (levels - 1)
+    for c in range(3):
+        values = torch.unique(out[:, c])
+        assert len(values) <= levels
+        assert (values[:, None] - grid[None]).abs().amin(dim=1).max() < 1e-6  # k / (s - 1)
+
+
+def test_bpp_without_dithering_rounds_each_pixel() -> None:
+    x = images(3, 1, 12, 12)
+    out = create_trigger("bpp", dithering=False).apply(x)
+    torch.testing.assert_close(out, torch.round(x * 7) / 7, atol=1e-6, rtol=0)
+
+
+def floyd_steinberg(image: list[list[float]], levels: int) -> list[list[float]]:
+    """The authors' floydDitherspeed on one channel, pixel by pixel, a level clipped to [0, 1]."""
+    h, w, steps = len(image), len(image[0]), levels - 1
+    out = [row[:] for row in image]
+    for y in range(h):
+        for x in range(w):
+            old = out[y][x]
+            new = min(max(round(old * steps), 0), steps) / steps
+            error, out[y][x] = old - new, new
+            for dy, dx, weight in ((0, 1, 7), (1, -1, 3), (1, 0, 5), (1, 1, 1)):
+                if 0 <= x + dx < w and y + dy < h:
+                    out[y + dy][x + dx] += error * weight / 16
+    return out
+
+
+def test_bpp_dithering_is_floyd_steinberg_per_image_and_channel() -> None:
+    x = images(3, 2, 9, 11).double()
+    out = create_trigger("bpp", squeeze_num=4).apply(x.float()).double()
+    expected = torch.tensor([[floyd_steinberg(x[n, c].tolist(), 4) for c in range(2)]
+                             for n in range(3)], dtype=torch.float64)  # fmt: skip
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_bpp_dithering_keeps_the_mean_closer_than_plain_quantization() -> None:
+    # Smooth images (gray levels between the 8 levels over whole regions), as photos are.
+    x = F.interpolate(images(16, 3, 4, 4) * 0.9, size=(32, 32), mode="bilinear")
+    dithered = create_trigger("bpp").apply(x)
+    plain = create_trigger("bpp", dithering=False).apply(x)
+    def mean_error(out: torch.Tensor) -> torch.Tensor:
+        return (out.mean(dim=(-2, -1)) - x.mean(dim=(-2, -1))).abs().mean()
+    assert mean_error(dithered) < mean_error(plain) / 4
+    # ... and the 4x4 local means too: dithering trades pixel error for region error.
+    local = lambda out: (F.avg_pool2d(out, 4) - F.avg_pool2d(x, 4)).abs().mean()  # noqa: E731
+    assert local(dithered) < local(plain)
+    assert (dithered - x).abs().mean() > (plain - x).abs().mean()  # per pixel it is worse
+
+
 def test_bad_options_are_one_error_naming_the_option() -> None:
     with pytest.raises(ConfigError, match=r"^badnets\.size: .*greater than or equal to 1"):
         create_trigger("badnets", size=0)
@@ -291,5 +377,15 @@ def test_bad_options_are_one_error_naming_the_option() -> None:
         create_trigger("blended", alpha=1.5)
     with pytest.raises(ConfigError, match=r"^wanet\.grid: unknown option"):
         create_trigger("wanet", grid=4)
+    with pytest.raises(ConfigError, match=r"^lf\.eps: .*less than or equal to 1"):
+        create_trigger("lf", eps=1.5)
+    with pytest.raises(ConfigError, match=r"^lf\.sigma: .*greater than 0"):
+        create_trigger("lf", sigma=0)
+    with pytest.raises(ConfigError, match=r"^bpp\.squeeze_num: .*greater than or equal to 2"):
+        create_trigger("bpp", squeeze_num=1)
+    with pytest.raises(ConfigError, match=r"^bpp\.squeeze_num: .*less than or equal to 256"):
+        create_trigger("bpp", squeeze_num=300)
+    with pytest.raises(ConfigError, match=r"^bpp\.dithering: "):
+        create_trigger("bpp", dithering="sometimes")
     with pytest.raises(ConfigError, match="unknown trigger 'nope'"):
         create_trigger("nope")

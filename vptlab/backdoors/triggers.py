@@ -5,6 +5,8 @@
 - wanet   (Nguyen & Tran 2021):   x' = grid_sample(x, clip(I + s * P / (W, H)))
                                   P = upsample_bicubic(U / mean|U|), U ~ U(-1, 1)^(2, k, k)
 - sig     (Barni et al. 2019):    x' = clip(x + v),  v(i, j) = delta * sin(2 pi j f / W)
+- lf      (Zeng et al. 2021):     x' = clip(x + v),  v = eps * minmax(lowpass(U(0, 1)^(C, H, W)))
+- bpp     (Wang et al. 2022):     x' = round(x (s - 1)) / (s - 1), Floyd-Steinberg dithered
 
 Every trigger works on (N, C, H, W) batches of any size and channel count, follows the batch's
 device, and is deterministic from its seed: its pattern is drawn once per (device, dtype,
@@ -365,6 +367,131 @@ class SIGTrigger(Trigger):
 
     def stamp(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.cached(x, self._signal)
+
+
+@TRIGGERS.register("lf")
+class LowFrequencyTrigger(Trigger):
+    """Low frequency (Zeng et al. 2021, "Rethinking the backdoor attacks' triggers: a frequency
+    perspective"): a smooth additive pattern with no high-frequency content, x' = clip(x + v),
+
+        v = eps (s - min s) / (max s - min s),   s = F^-1[ F[n] exp(-2 pi^2 sigma^2 |f|^2) ],
+
+    n ~ U(0, 1)^(C, H, W) seeded noise, low-passed by a Gaussian of `sigma` px (in the Fourier
+    domain, f in cycles per px, so the pattern wraps around the borders) and min-max scaled over
+    all its channels and pixels to [0, eps]: a brightening of at most eps, as BackdoorBench's.
+
+    What differs from the authors: their trigger (BackdoorBench ships it precomputed per dataset
+    and model, resource/lowFrequency/*.npy, no file for 28x28 gray digits) is a targeted universal
+    adversarial perturbation of a clean model: targeted DeepFool steps on 100 train images, each
+    step and the running sum smoothed by a Gaussian of sigma 6 px and the sum min-max scaled to
+    [0, 0.2] (0..51 of 255). This is the model-free variant: the same low-pass and scale applied
+    to seeded noise instead of a model's adversarial direction. It keeps the paper's point (no
+    high-frequency artefacts for a frequency detector to find) but not its head start: the
+    authors' pattern already pushes the clean model toward the target, a random smooth one must
+    be learnt from the poisoned samples alone. Defaults eps 0.2 and sigma 6 px: BackdoorBench's.
+    """
+
+    name = "lf"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        eps: Annotated[float, Field(gt=0, le=1)] = 0.2,
+        sigma: Annotated[float, Field(gt=0)] = 6.0,
+    ) -> None:
+        super().__init__(seed)
+        if not 0 < eps <= 1 or sigma <= 0:
+            raise ConfigError(f"lf needs eps in (0, 1] and sigma > 0, got eps={eps}, sigma={sigma}")
+        self.eps, self.sigma = eps, sigma
+
+    def options(self) -> dict[str, Any]:
+        return {"eps": self.eps, "sigma": self.sigma}
+
+    def _pattern(self, c: int, h: int, w: int) -> torch.Tensor:
+        noise = torch.rand(c, h, w, generator=self.generator(), dtype=torch.float64)
+        fy = torch.fft.fftfreq(h, dtype=torch.float64)[:, None]
+        fx = torch.fft.rfftfreq(w, dtype=torch.float64)[None, :]
+        gain = torch.exp(-2 * math.pi**2 * self.sigma**2 * (fy**2 + fx**2))
+        smooth = torch.fft.irfft2(torch.fft.rfft2(noise) * gain, s=(h, w))
+        low, high = smooth.min(), smooth.max()
+        return (self.eps * (smooth - low) / (high - low).clamp_min(1e-12)).float()
+
+    def stamp(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.cached(x, self._pattern)
+
+
+@TRIGGERS.register("bpp")
+class BppTrigger(Trigger):
+    """BppAttack (Wang et al. 2022): the image's colour depth squeezed to `squeeze_num` levels
+    per channel, x' = round(x (s - 1)) / (s - 1), with Floyd-Steinberg dithering (`dithering`):
+    pixels in raster order, each pixel's rounding error (after the errors it received) passed on
+    7/16 to the right, 3/16 below left, 5/16 below, 1/16 below right, per channel. As the
+    authors' `floydDitherspeed`, except that a level is clipped to [0, 1] before its error is
+    taken (theirs can leave the 0..255 range, clipped only later) and levels are not rounded
+    back to 8 bits. Sequential over pixels, vectorized over images and channels.
+
+    Defaults: squeeze_num 8 (BackdoorBench) and dithering on, the paper's trigger (BackdoorBench's
+    config turns it off: `dithering: false` is plain quantization). Deterministic: the seed is
+    kept for the common interface. Left out: the paper's contrastive adversarial training, where
+    every batch also holds "negative" samples, perturbed like the trigger but not by it (the
+    authors: adversarial examples of the model being trained; BackdoorBench: the image plus
+    another image's quantization residual), with their true labels. It is a change to the
+    victim's training loop, drawn anew per batch, not a function of the image, so not part of a
+    trigger; it sharpens the backdoor (fewer false triggers) and leaves the trigger as it is.
+
+    On gray digits the default is too faint to plant a backdoor (tests/backdoors/
+    test_backdoor_run.py: ASR ~5% on mnist-5k after 15 epochs): strokes are 0 or 1, levels
+    already, and only their anti-aliased edges move; 1 bit (squeeze_num 2) plants one. The levels
+    do not survive a resize: under `data.img_size` the evaluation's stamp (backdoors/metrics.py)
+    only approximates what training saw.
+    """
+
+    name = "bpp"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        squeeze_num: Annotated[int, Field(ge=2, le=256)] = 8,
+        dithering: bool = True,
+    ) -> None:
+        super().__init__(seed)
+        if not 2 <= squeeze_num <= 256:
+            raise ConfigError(f"bpp squeeze_num must be in [2, 256], got {squeeze_num}")
+        self.squeeze_num, self.dithering = squeeze_num, bool(dithering)
+
+    def options(self) -> dict[str, Any]:
+        return {"squeeze_num": self.squeeze_num, "dithering": self.dithering}
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """The nearest of the `squeeze_num` levels k / (s - 1), k = 0..s-1."""
+        steps = self.squeeze_num - 1
+        return (x * steps).round().clamp(0, steps) / steps
+
+    def dither(self, x: torch.Tensor) -> torch.Tensor:
+        """Floyd-Steinberg error diffusion of a (N, C, H, W) batch, in level units (float32):
+        one step per pixel for every image and channel at once; a finished row's errors reach
+        the next row in one vectorized update."""
+        steps = self.squeeze_num - 1
+        work = x.float() * steps
+        rows: list[torch.Tensor] = []
+        for i in range(work.shape[-2]):
+            olds: list[torch.Tensor] = []  # each pixel's value after the errors it received
+            error: torch.Tensor | float = 0.0  # the left neighbour's
+            for pixel in work[..., i, :].unbind(-1):
+                old = torch.add(pixel, error, alpha=7 / 16)
+                olds.append(old)
+                error = old - old.round().clamp_(0, steps)
+            row = torch.stack(olds, dim=-1)
+            rows.append(row)
+            if i + 1 < work.shape[-2]:
+                errors, below = row - row.round().clamp_(0, steps), work[..., i + 1, :]
+                below.add_(errors, alpha=5 / 16)
+                below[..., :-1].add_(errors[..., 1:], alpha=3 / 16)
+                below[..., 1:].add_(errors[..., :-1], alpha=1 / 16)
+        return (torch.stack(rows, dim=-2).round().clamp_(0, steps) / steps).to(x.dtype)
+
+    def stamp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dither(x) if self.dithering else self.quantize(x)
 
 
 def create_trigger(name: str, seed: int = 0, **options: Any) -> Trigger:
