@@ -1,6 +1,6 @@
 """Shared fixtures: for the report tests `chromium` (the browser, or a skip) and `read_tables`;
-`gradient_masked` for the masking checks; the adaptive attacker's search at a test size in every
-test. (The backdoored SimpleNet of the defense tests is `backdoored`, in
+`gradient_masked` for the masking checks; the adaptive attacker's and Neural Cleanse's searches
+at a test size in every test. (The backdoored SimpleNet of the defense tests is `backdoored`, in
 tests/defenses/conftest.py.)
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from html.parser import HTMLParser
 
 import pytest
@@ -31,6 +31,18 @@ def cheap_adaptive_search(monkeypatch: pytest.MonkeyPatch) -> None:
         return original(*args, **{"starts": 2, "steps": 30, "scan": False, **kwargs})
 
     monkeypatch.setattr(adaptive, "residual_metrics", cheap)
+
+
+@pytest.fixture(autouse=True)
+def cheap_neural_cleanse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every Neural Cleanse search (`nc`, repairer and detector) that a test does not size
+    itself runs 3 steps of one mini-batch of 8 images per class (~1 s on SimpleNet, against
+    ~5 min at the defaults): enough for the registry tests, which check what it may see and
+    that it runs through the one loop. tests/defenses/test_neural_cleanse.py sizes its own."""
+    from vptlab.defenses import neural_cleanse
+
+    small = replace(neural_cleanse.DEFAULTS, steps=3, batches=1, batch_size=8)
+    monkeypatch.setattr(neural_cleanse, "DEFAULTS", small)
 
 
 # The report tests: the browser, and tables read back out of a page.

@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _poisoned_run_parser(
         sub, "defend", cmd_defend,
         "repair a poisoned run with clean data into a new run folder (parent: it)",
-        "--defense", "a registered defense (`vptlab list defenses`): ft, fp, nad or prompt; for "
-        "CLIP runs ft, nad, cleanclip or clip-prompt",
+        "--defense", "a registered defense (`vptlab list defenses`): ft, fp, nad, nc or prompt; "
+        "for CLIP runs ft, nad, cleanclip or clip-prompt",
     )  # fmt: skip
     p.add_argument("--clean-fraction", type=float, default=None,
                    help="share of the clean train split the defender holds (default 0.05)")
@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "detect", cmd_detect,
         "backdoor detection on a poisoned run (detection.json in its folder)",
         "--detector", "a registered detector (`vptlab list detectors`): strip (AUROC, triggered "
-        "vs clean test images) or spectral (precision / recall of flagged samples)",
+        "vs clean test images), spectral (precision / recall of flagged samples) or nc (Neural "
+        "Cleanse: anomaly index, flagged classes)",
     )  # fmt: skip
     p.add_argument("--overlays", type=int, default=20, help="STRIP: clean images blended in")
 

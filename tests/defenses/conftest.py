@@ -2,7 +2,8 @@
 two that wait for each other on a busy machine. And the suite's one backdoored SimpleNet
 (`backdoored`, built once per session through `vptlab.backdoors.poison` and the one loop), which
 the repairers and the prompt defense repair and the trigger search looks into, with the trigger
-and an ASR evaluator. Tests must not change its model: take `backdoored.copy()`."""
+and an ASR evaluator, and its clean twin (`clean_model`). Tests must not change their models: take
+`backdoored.copy()`."""
 
 from __future__ import annotations
 
@@ -141,6 +142,23 @@ def backdoored(tmp_path_factory: pytest.TempPathFactory) -> Backdoored:
         torch.set_num_threads(threads)
     final = metrics["final"]
     return Backdoored(data, model.eval(), final["test_top1"], final["badnets/asr"], seconds)
+
+
+@pytest.fixture(scope="session")
+def clean_model(backdoored: Backdoored, tmp_path_factory: pytest.TempPathFactory) -> nn.Module:
+    """A SimpleNet trained as the backdoored one (same data, recipe and seed), unpoisoned:
+    the reference of the trigger searches (adaptive attacker, Neural Cleanse)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = backdoored.config(tmp_path_factory.mktemp("clean"), "clean",
+                                train={"epochs": 1, "lr": 3e-3})  # fmt: skip
+        torch.manual_seed(0)
+        model = create_model("simplenet", num_classes=10, img_size=28)
+        fit(model, backdoored.data, cfg, cfg.output.dir + "/clean")
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
 
 
 # --- Run folders for `vptlab defend` / `vptlab detect` ----------------------------------------

@@ -16,8 +16,6 @@ from vptlab.backdoors.triggers import create_trigger
 from vptlab.data.base import seeded_generator, subset
 from vptlab.data.loaders import to_rgb
 from vptlab.defenses.adaptive import budget_of, residual_asr, residual_metrics
-from vptlab.engine.loop import fit
-from vptlab.models import create_model
 
 # A cheap search for CPU tests: 2 random starts, 30 steps of 16 images, no scan (~3 s here).
 CHEAP: dict[str, Any] = {"starts": 2, "steps": 30, "batch_size": 16, "scan": False}
@@ -29,22 +27,6 @@ def attacker(backdoored) -> dict[str, torch.Tensor]:
     train = subset(backdoored.data.train, 512, seed=7)
     x, y = backdoored.test_images()
     return {"x": to_rgb(train.x).contiguous(), "y": train.y, "test_x": x, "test_y": y}
-
-
-@pytest.fixture(scope="module")
-def clean_model(backdoored, tmp_path_factory) -> nn.Module:
-    """A SimpleNet trained as the backdoored one (same data, recipe and seed), unpoisoned."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = backdoored.config(tmp_path_factory.mktemp("clean"), "clean",
-                                train={"epochs": 1, "lr": 3e-3})  # fmt: skip
-        torch.manual_seed(0)
-        model = create_model("simplenet", num_classes=10, img_size=28)
-        fit(model, backdoored.data, cfg, cfg.output.dir + "/clean")
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval()
 
 
 def search(model: nn.Module, attacker: dict[str, torch.Tensor], trigger_name: str = "badnets",

@@ -1,7 +1,7 @@
 """Backdoor detection: AUROC and precision/recall on hand-made cases; on a BadNets run, every
 registered detector separates poisoned from clean better than chance (STRIP triggered from clean
-test digits, spectral signatures the poisoned training digits far above the poison rate);
-`vptlab detect` records both in detection.json."""
+test digits, spectral signatures the poisoned training digits far above the poison rate, Neural
+Cleanse the target class); `vptlab detect` records them in detection.json."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from vptlab.cli import main
+from vptlab.defenses import neural_cleanse
 from vptlab.defenses.detectors import (
     DETECTORS,
     Strip,
@@ -20,8 +21,13 @@ from vptlab.defenses.detectors import (
     strip_scores,
     superimpose,
 )
+from vptlab.defenses.neural_cleanse import SearchOptions
 from vptlab.errors import ConfigError
 from vptlab.steps.detect import auroc, precision_recall
+
+# Neural Cleanse's search as tests/defenses/test_neural_cleanse.py sizes it (CHEAP there).
+NC_TEST_SEARCH = {"steps": 60, "batches": 1, "batch_size": 8, "lr": 0.3, "init_cost": 0.01,
+                  "reset_cost_to_zero": False}  # fmt: skip
 
 
 def test_auroc_on_hand_made_scores() -> None:
@@ -110,19 +116,28 @@ def test_unknown_detector_is_a_config_error_naming_the_choices(
 ) -> None:
     from vptlab.steps.detect import detect_run
 
-    with pytest.raises(ConfigError, match="unknown detector 'nope'; choose from: spectral, strip"):
+    choices = "nc, spectral, strip"
+    with pytest.raises(ConfigError, match=f"unknown detector 'nope'; choose from: {choices}"):
         detect_run(poisoned_runs["poisoned"], "nope")
 
 
 @pytest.mark.parametrize("name", DETECTORS.names())
-def test_every_detector_beats_chance(name: str, poisoned_runs: dict[str, Path]) -> None:
-    # Chance: AUROC 0.5 at inference; in training, precision at the poison rate (10%).
+def test_every_detector_beats_chance(
+    name: str, poisoned_runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Chance: AUROC 0.5 at inference; in training, precision at the poison rate (10%); on the
+    # model, the target among the flagged classes first one time in ten.
     from vptlab.steps.detect import detect_run
 
-    result = detect_run(poisoned_runs["poisoned"], name, device="cpu", overlays=4)
     setting = DETECTORS.meta(name)["setting"]
+    if setting == "model":  # Neural Cleanse at the size its own tests search with
+        monkeypatch.setattr(neural_cleanse, "DEFAULTS", SearchOptions(**NC_TEST_SEARCH))
+    result = detect_run(poisoned_runs["poisoned"], name, device="cpu", overlays=4)
     if setting == "inference":
         assert result["auroc"] > 0.6
-    else:
-        assert setting == "training"
+    elif setting == "training":
         assert result["precision"] > 2 * 100 * result["poison_rate"]
+    else:
+        assert setting == "model"
+        assert result["flagged"][:1] == [result["target"]] and result["target_flagged"]
+        assert result["anomaly_index"] > 2.0

@@ -116,7 +116,7 @@ def residual_asr(
         searches = _searches(family, budget, target, starts, scan)
         order = torch.randperm(len(x), generator=seeded_generator(seed, _ATTACKER_STREAM))
         for step in range(steps):
-            index = _batch(order, step, batch_size).to(device)
+            index = batch_window(order, step, batch_size).to(device)
             for search in searches:
                 search.ascend(model, x[index], y[index], 1)
     with torch.no_grad():
@@ -148,9 +148,9 @@ def _searches(
     return [*(scanned if scan else []), uniform]
 
 
-def _batch(order: torch.Tensor, step: int, batch_size: int) -> torch.Tensor:
-    """The step's mini-batch: the next `batch_size` of the attacker's images in a fixed order,
-    wrapping around."""
+def batch_window(order: torch.Tensor, step: int, batch_size: int) -> torch.Tensor:
+    """Step `step`'s mini-batch: the next `batch_size` indices of `order` (a fixed order of the
+    images), wrapping around."""
     start = (step * batch_size) % len(order)
     return order.roll(-start)[: min(batch_size, len(order))]
 

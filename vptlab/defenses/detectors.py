@@ -1,5 +1,6 @@
 """Backdoor detectors, registered by name in `DETECTORS`: `Detector(model, x) -> scores`, one per
-input, higher = more likely to carry (or to have been trained with) a trigger.
+input, higher = more likely to carry (or to have been trained with) a trigger; a model-level
+detector scores the model's classes instead.
 
 A detector's registry entry says where it works, its `setting`:
 - "inference": it scores incoming inputs; judged by the AUROC of triggered against clean test
@@ -14,6 +15,10 @@ A detector's registry entry says where it works, its `setting`:
   signatures): within each label, the penultimate features of the poisoned samples are shifted
   along one direction, which is then the top singular vector of the centered features. Score =
   squared projection on it (see `spectral_flags` for what is flagged).
+- "model": one verdict on the model, from the defender's clean images; the scores are per
+  class, not per input. `nc` (Wang et al. 2019, Neural Cleanse: vptlab/defenses/neural_cleanse.py)
+  flags the classes whose reverse-engineered trigger is anomalously small; judged by whether the
+  attack's target is flagged.
 
 Both run batched on the model's device; N overlays (STRIP) are N batched passes. The data a
 detector is built with (STRIP's clean pool, the labels the samples were trained with) are given
@@ -32,7 +37,7 @@ from vptlab.data.base import seeded_generator
 from vptlab.errors import ConfigError
 from vptlab.registry import Registry
 
-Setting = Literal["inference", "training"]
+Setting = Literal["inference", "training", "model"]
 Superimpose = Literal["add", "blend"]
 _STRIP_STREAM = 0x57219
 

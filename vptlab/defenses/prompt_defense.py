@@ -86,6 +86,12 @@ def project_capped_simplex(m: torch.Tensor, budget: float) -> torch.Tensor:
     return torch.where(within.view(view), clipped, projected)
 
 
+def stamp_patch(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """The patch family of trigger searches, x' = (1 - m) x + m p, broadcast: a (.., 1, H, W)
+    mask in [0, 1] blends the pattern (.., C, H, W) into the images there."""
+    return (1 - mask) * x + mask * pattern
+
+
 def _square_masks(h: int, w: int, side: int, stride: int, device: torch.device) -> torch.Tensor:
     """(P, 1, h, w) masks of a side x side square at every grid place (the last row and column
     of places flush with the border)."""
@@ -201,7 +207,7 @@ class UniversalPerturbation:
         fills = values.repeat_interleave(len(squares))  # (S,)
         per_chunk = max(1, _SCAN_CHUNK // len(x))
         log_p = torch.cat([
-            model(((1 - m[:, None]) * x + m[:, None] * v.view(-1, 1, 1, 1, 1)).flatten(0, 1))
+            model(stamp_patch(x, m[:, None], v.view(-1, 1, 1, 1, 1)).flatten(0, 1))
             .float().log_softmax(1).view(len(m), len(x), -1)
             for m, v in zip(masks.split(per_chunk), fills.split(per_chunk), strict=True)
         ])  # fmt: skip
@@ -223,8 +229,7 @@ class UniversalPerturbation:
         pattern = self.pattern[:, None]
         if self.threat == "patch":
             assert self.mask is not None
-            mask = self.mask[:, None]
-            return (1 - mask) * x + mask * pattern
+            return stamp_patch(x, self.mask[:, None], pattern)
         return (x + pattern).clamp(0.0, 1.0)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:

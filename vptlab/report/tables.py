@@ -162,12 +162,15 @@ DETECTION_COLUMNS: tuple[Column, ...] = (
            "right"),  # fmt: skip
     Column("spectral recall %", at("detection", "spectral", "recall"), decimals(1), "right"),
     Column("flagged", at("detection", "spectral", "flagged"), thousands, "right"),
+    Column("NC anomaly index", at("detection", "nc", "anomaly_index"), decimals(2), "right"),
 )
 DETECTION_NOTE = (
     "STRIP: AUROC of the trigger-stamped non-target test images against the same images clean "
     "(0.5 is chance). Spectral signatures: the flagged training samples (1.5 x an assumed "
     "poison-rate bound of 0.1, not the attack's rate) against the poisoned ones; flagging at "
-    "random gives a precision equal to the poison rate."
+    "random gives a precision equal to the poison rate. Neural Cleanse (NC): the anomaly index "
+    "of the smallest reverse-engineered trigger among the classes' (MAD-scaled); above 2 the "
+    "model is judged backdoored."
 )
 
 

@@ -8,6 +8,9 @@ to be poisoned, by the detector's setting:
   spectral signatures: 1.5 x its assumed rate bound x N in the one most suspect label, or per
   label with `per_label`; see `spectral_flags`); judged by precision and recall of the flagged
   samples against the saved poisoned indices.
+- "model" (`nc`, Neural Cleanse): one verdict on the model from the defender's clean images
+  (5% of the clean train split): its anomaly index, the flagged classes, and whether the
+  attack's target is among them.
 
 Detectors are blind (docs/defense_protocol.md): they get the model, the inputs to score, and
 the defender's clean pool (STRIP) or the training labels (spectral), never the trigger, the
@@ -79,8 +82,9 @@ def detect_run(run_dir: str | Path, detector: str, device: str = "auto",
     inference detectors (strip): AUROC of the trigger-stamped non-target test images (positives)
     against the same images clean (negatives); STRIP blends them with the defender's clean images
     (5% of the clean train split). training detectors (spectral): precision / recall of the
-    flagged training samples against the poisoned indices the run saved. `overlays` goes to the
-    detectors that take it (STRIP).
+    flagged training samples against the poisoned indices the run saved. model detectors (nc):
+    the verdict from the defender's clean images, and whether the target is flagged.
+    `overlays` goes to the detectors that take it (STRIP).
     """
     from vptlab.steps.defend import parent_config
 
@@ -127,9 +131,16 @@ def _detect(run_dir: Path, detector: str, device: str, overlays: int) -> dict[st
         result = {**precision_recall(flags, record.poisoned), "poison_rate": record.config.rate,
                   "assumed_rate": scorer.rate, "samples": len(x),
                   "per_label": scorer.per_label}  # fmt: skip
+    elif setting == "model":
+        pool, _ = model_inputs(clean_subset(clean_data(cfg).train, 0.05, cfg.seed), cfg, dev)
+        scorer = DETECTORS.create(detector, seed=cfg.seed, **options)
+        scorer(model, pool)
+        verdict, target = scorer.verdict(), record.config.target
+        result = {**verdict, "target": target, "mode": record.config.mode,
+                  "target_flagged": target in verdict["flagged"], "samples": len(pool)}  # fmt: skip
     else:
-        raise ConfigError(f"detector {detector!r} has setting {setting!r}; "
-                          "a detector works at 'inference' or in 'training'")  # fmt: skip
+        raise ConfigError(f"detector {detector!r} has setting {setting!r}; a detector works at "
+                          "'inference', in 'training' or on the 'model'")  # fmt: skip
     path = run_dir / DETECTION_FILE
     saved = json.loads(path.read_text()) if path.is_file() else {}
     saved[detector] = result

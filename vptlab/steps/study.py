@@ -462,7 +462,8 @@ RUN_AVERAGED = ("top-1", "top-5", "s / epoch", "wall s")
 BACKDOOR_AVERAGED = ("CA %", "ASR %", "RA %")
 DEFENSE_AVERAGED = ("CA before %", "CA after %", "ASR before %", "ASR after %", "RA after %",
                     "ASR drop", "DER", "residual ASR %")  # fmt: skip
-DETECTION_AVERAGED = ("STRIP AUROC", "spectral precision %", "spectral recall %", "flagged")
+DETECTION_AVERAGED = ("STRIP AUROC", "spectral precision %", "spectral recall %", "flagged",
+                      "NC anomaly index")  # fmt: skip
 
 
 @dataclass
