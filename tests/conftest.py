@@ -7,7 +7,7 @@ tests/defenses/conftest.py.)
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from html.parser import HTMLParser
 
@@ -17,32 +17,28 @@ import torch
 from vptlab.report.browser import CHROMIUM_ENV, CHROMIUM_NAMES, find_chromium
 
 
-@pytest.fixture(autouse=True)
-def cheap_adaptive_search(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every `vptlab defend` in a test runs the adaptive attacker's search at 2 starts x 30
-    steps without the scanned start (~3 s on SimpleNet, against ~25 s at the defaults; it still
-    finds the shared BadNets backdoor at 98.9%). tests/defenses/test_adaptive.py calls the search
-    itself, at its own sizes."""
-    from vptlab.defenses import adaptive
+@pytest.fixture(scope="session", autouse=True)
+def cheap_searches() -> Iterator[None]:
+    """Test-sized searches for the whole session, session-scoped fixtures included (a
+    function-scoped patch would miss the defenses those fixtures run):
 
-    original = adaptive.residual_metrics
+    - the adaptive attacker's search that every `vptlab defend` runs: 2 starts x 30 steps
+      without the scanned start (~3 s on SimpleNet, against ~25 s at the defaults; it still
+      finds the shared BadNets backdoor at 98.9%). tests/defenses/test_adaptive.py sizes its own.
+    - every Neural Cleanse search (`nc`, repairer and detector) a test does not size itself: 3
+      steps of one mini-batch of 8 images per class (~1 s on SimpleNet, against ~5 min at the
+      defaults): enough for the registry tests, which check what it may see and that it runs
+      through the one loop. tests/defenses/test_neural_cleanse.py sizes its own.
 
-    def cheap(*args: object, **kwargs: object) -> dict:
-        return original(*args, **{"starts": 2, "steps": 30, "scan": False, **kwargs})
+    Processes a test starts (the CLI, Ray, kill-and-resume) run at the defaults: those tests
+    turn the adaptive search off."""
+    from vptlab.defenses import adaptive, neural_cleanse
 
-    monkeypatch.setattr(adaptive, "residual_metrics", cheap)
-
-
-@pytest.fixture(autouse=True)
-def cheap_neural_cleanse(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every Neural Cleanse search (`nc`, repairer and detector) that a test does not size
-    itself runs 3 steps of one mini-batch of 8 images per class (~1 s on SimpleNet, against
-    ~5 min at the defaults): enough for the registry tests, which check what it may see and
-    that it runs through the one loop. tests/defenses/test_neural_cleanse.py sizes its own."""
-    from vptlab.defenses import neural_cleanse
-
-    small = replace(neural_cleanse.DEFAULTS, steps=3, batches=1, batch_size=8)
-    monkeypatch.setattr(neural_cleanse, "DEFAULTS", small)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(adaptive, "DEFAULTS", adaptive.SearchSize(starts=2, steps=30, scan=False))
+        small = replace(neural_cleanse.DEFAULTS, steps=3, batches=1, batch_size=8)
+        patch.setattr(neural_cleanse, "DEFAULTS", small)
+        yield
 
 
 # The report tests: the browser, and tables read back out of a page.

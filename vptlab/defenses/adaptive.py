@@ -24,6 +24,7 @@ The trigger's family and budget, fixed up front from the original trigger alone 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -42,9 +43,18 @@ Family = Literal["patch", "linf"]
 # grew with it: 17% at 2 starts x 30 steps x 16 images, 34% at 4 x 100 x 16, 42% with the scanned
 # start too, no more at 4 x 200 x 64 (4x the cost). One call there: ~25 s on one CPU thread, 9 of
 # them the scan (a forward per square place on 8 images); on a GPU, seconds.
-STARTS = 4  # random starts (a patch search adds one scanned square)
-STEPS = 100  # sign-ascent steps, one mini-batch each
-BATCH_SIZE = 16  # attacker images per step
+@dataclass(frozen=True)
+class SearchSize:
+    """How hard the attacker searches; `DEFAULTS` is read at call time, so one place sizes
+    every search a caller does not size itself (the test suite shrinks it for CPU tests)."""
+
+    starts: int = 4  # random starts (a patch search adds one scanned square)
+    steps: int = 100  # sign-ascent steps, one mini-batch each
+    batch_size: int = 16  # attacker images per step
+    scan: bool = True  # a patch search's extra start from the best scanned square
+
+
+DEFAULTS = SearchSize()
 ALPHA = {"patch": 0.1, "linf": 0.05}  # step size: pixel range (patch), fraction of eps (linf)
 ATTACKER_SAMPLES = 512  # clean train images the attacker holds
 TEST_SAMPLES = 2000  # the most non-target test samples the residual ASR is measured on
@@ -80,10 +90,10 @@ def residual_asr(
     *,
     size: tuple[int, int] | None = None,
     channels: int | None = None,
-    starts: int = STARTS,
-    steps: int = STEPS,
-    batch_size: int = BATCH_SIZE,
-    scan: bool = True,
+    starts: int | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    scan: bool | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """The ASR (%) on the non-target test samples of the strongest universal trigger of
@@ -96,9 +106,13 @@ def residual_asr(
     scanned white or black square), and keeps the start that sends most attacker images to the
     target. Deterministic in `seed` (the caller's random state is left as it was).
 
-    Returns {"asr", "family", "budget", "starts" (every start searched), "steps",
-    "attacker_samples", "test_samples"}.
+    Options left None come from `DEFAULTS`. Returns {"asr", "family", "budget", "starts"
+    (every start searched), "steps", "attacker_samples", "test_samples"}.
     """
+    starts = DEFAULTS.starts if starts is None else starts
+    steps = DEFAULTS.steps if steps is None else steps
+    batch_size = DEFAULTS.batch_size if batch_size is None else batch_size
+    scan = DEFAULTS.scan if scan is None else scan
     if starts < 1 or steps < 1:
         raise ValueError(f"residual_asr needs starts >= 1 and steps >= 1, got {starts}, {steps}")
     device = next(model.parameters()).device
