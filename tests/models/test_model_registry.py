@@ -28,6 +28,8 @@ def small_kwargs(name: str) -> dict:
         kwargs["depth"] = 1
     if name.startswith("tiny_vit_"):
         kwargs["depths"] = (1, 1, 1, 1)
+    if name == "preact-resnet18":
+        kwargs["blocks"] = (1, 1, 1, 1)
     return kwargs
 
 

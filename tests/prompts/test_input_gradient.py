@@ -173,6 +173,8 @@ def small_model(name: str) -> nn.Module:
         kwargs["depth"] = 1
     if name.startswith("tiny_vit_"):
         kwargs["depths"] = (1, 1, 1, 1)
+    if name == "preact-resnet18":
+        kwargs["blocks"] = (1, 1, 1, 1)
     if name == "clip-tiny":
         kwargs.update(layers=1, text_layers=1, width=32, text_width=32, embed_dim=16)
     if name == "clip":
