@@ -303,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "detect", cmd_detect,
         "backdoor detection on a poisoned run (detection.json in its folder)",
         "--detector", "a registered detector (`vptlab list detectors`): strip (AUROC, triggered "
-        "vs clean test images), spectral (precision / recall of flagged samples) or nc (Neural "
-        "Cleanse: anomaly index, flagged classes)",
+        "vs clean test images), spectral or ac (precision / recall of flagged samples) or nc "
+        "(Neural Cleanse: anomaly index, flagged classes)",
     )  # fmt: skip
     p.add_argument("--overlays", type=int, default=20, help="STRIP: clean images blended in")
 

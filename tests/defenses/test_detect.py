@@ -15,6 +15,7 @@ from vptlab.cli import main
 from vptlab.defenses import neural_cleanse
 from vptlab.defenses.detectors import (
     DETECTORS,
+    ActivationClustering,
     Strip,
     spectral_flags,
     spectral_scores,
@@ -91,6 +92,33 @@ def test_spectral_signature_finds_a_shifted_cluster() -> None:
     assert len(flags) == 30 and set(range(20)) <= set(flags.tolist())
 
 
+def test_activation_clustering_flags_the_split_label_only() -> None:
+    """Label 0 holds two populations (the last 40 of its 100 shifted far along one direction),
+    labels 1-3 one each: "suspect" flags the 40 alone, "smaller" a cluster in every label."""
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(400, 16, generator=g), torch.arange(400) // 100
+    feats[60:100] += 6.0 * torch.nn.functional.normalize(torch.ones(16), dim=0)
+    suspect = ActivationClustering(labels, dims=4)
+    flags = suspect.flag(activation_scores(suspect, feats))
+    assert flags.tolist() == list(range(60, 100))
+    assert max(suspect.silhouettes, key=suspect.silhouettes.__getitem__) == 0
+    smaller = ActivationClustering(labels, dims=4, analysis="smaller")
+    every = smaller.flag(activation_scores(smaller, feats))
+    assert set(range(60, 100)) <= set(every.tolist())
+    assert set((labels[every]).tolist()) == {0, 1, 2, 3}
+    with pytest.raises(ConfigError, match="analysis suspect or smaller"):
+        ActivationClustering(labels, analysis="largest")  # type: ignore[arg-type]
+
+
+def activation_scores(detector: ActivationClustering, feats: torch.Tensor) -> torch.Tensor:
+    """`detector`'s scores with `feats` as the model's penultimate features (an identity net)."""
+    net = torch.nn.Identity()
+    net.forward_intermediates = lambda x, indices=1: (x, [x])  # type: ignore[assignment]
+    net.forward_head = lambda x, pre_logits=False: x  # type: ignore[assignment]
+    net.register_parameter("p", torch.nn.Parameter(torch.zeros(1)))
+    return detector(net, feats)
+
+
 @pytest.mark.slow
 def test_detect_cli_on_a_badnets_run(poisoned_runs: dict[str, Path],
                                      capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
@@ -116,7 +144,7 @@ def test_unknown_detector_is_a_config_error_naming_the_choices(
 ) -> None:
     from vptlab.steps.detect import detect_run
 
-    choices = "nc, spectral, strip"
+    choices = "ac, nc, spectral, strip"
     with pytest.raises(ConfigError, match=f"unknown detector 'nope'; choose from: {choices}"):
         detect_run(poisoned_runs["poisoned"], "nope")
 

@@ -4,9 +4,10 @@ to be poisoned, by the detector's setting:
 
 - "inference" (`strip`): scores of the trigger-stamped non-target test images against the same
   images clean; judged by their AUROC.
-- "training" (`spectral`): scores of the training samples, the detector flags the suspects (for
-  spectral signatures: 1.5 x its assumed rate bound x N in the one most suspect label, or per
-  label with `per_label`; see `spectral_flags`); judged by precision and recall of the flagged
+- "training" (`spectral`, `ac`): scores of the training samples, the detector flags the suspects
+  (spectral signatures: 1.5 x its assumed rate bound x N in the one most suspect label, or per
+  label with `per_label`, see `spectral_flags`; activation clustering: the smaller of two
+  clusters per label, see `ActivationClustering`); judged by precision and recall of the flagged
   samples against the saved poisoned indices.
 - "model" (`nc`, Neural Cleanse): one verdict on the model from the defender's clean images
   (5% of the clean train split): its anomaly index, the flagged classes, and whether the
@@ -126,11 +127,11 @@ def _detect(run_dir: Path, detector: str, device: str, overlays: int) -> dict[st
                   "samples": len(x), **options}  # fmt: skip
     elif setting == "training":
         x, y = model_inputs(splits.train, cfg, dev)
-        scorer = DETECTORS.create(detector, labels=y, **options)
-        flags = scorer.flag(scorer(model, x))  # blind: its own assumed rate, not the attack's
+        seeded = {"seed": cfg.seed} if "seed" in taken else {}
+        scorer = DETECTORS.create(detector, labels=y, **seeded, **options)
+        flags = scorer.flag(scorer(model, x))  # blind: its own settings, not the attack's
         result = {**precision_recall(flags, record.poisoned), "poison_rate": record.config.rate,
-                  "assumed_rate": scorer.rate, "samples": len(x),
-                  "per_label": scorer.per_label}  # fmt: skip
+                  "samples": len(x), **scorer.settings()}  # fmt: skip
     elif setting == "model":
         pool, _ = model_inputs(clean_subset(clean_data(cfg).train, 0.05, cfg.seed), cfg, dev)
         scorer = DETECTORS.create(detector, seed=cfg.seed, **options)
