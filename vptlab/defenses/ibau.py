@@ -50,6 +50,7 @@ climbed back to 46 by the third round, at 13 points of CA.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Annotated
 
 import torch
@@ -127,24 +128,26 @@ def hypergradient_loss(
     return outer + coupling - coupling.detach(), logits
 
 
+@dataclass(frozen=True)
+class IBAUOptions:
+    """i-BAU's options (see `implicit_backdoor_adversarial_unlearning` for each)."""
+
+    fixed_point_steps: int = 5
+    portion: float = 0.01
+    perturbation_lr: float = 10.0
+    perturbation_reg: float = 0.001
+    inner_lr: float = 0.1
+
+
 class ImplicitUnlearning:
     """i-BAU's outer step as a task of the one loop; the round's perturbation is searched at the
     first step of each epoch (the loop's `set_progress` says which epoch it is)."""
 
     def __init__(
-        self,
-        clean: TensorSplit | Dataset,
-        cfg: ExperimentConfig,
-        fixed_point_steps: int = 5,
-        portion: float = 0.01,
-        perturbation_lr: float = 10.0,
-        perturbation_reg: float = 0.001,
-        inner_lr: float = 0.1,
-    ) -> None:
-        self.clean, self.cfg = clean, cfg
-        self.fixed_point_steps, self.portion = fixed_point_steps, portion
-        self.perturbation_lr, self.perturbation_reg = perturbation_lr, perturbation_reg
-        self.inner_lr = inner_lr
+        self, clean: TensorSplit | Dataset, cfg: ExperimentConfig,
+        options: IBAUOptions = IBAUOptions(),  # noqa: B008 (frozen: one shared default is fine)
+    ) -> None:  # fmt: skip
+        self.clean, self.cfg, self.options = clean, cfg, options
         self.progress = 0.0
         self.round = -1
         self.delta: torch.Tensor | None = None
@@ -178,14 +181,16 @@ class ImplicitUnlearning:
                 batches = self.batches(batch.x.device)
                 if self.inner is None:
                     self.inner = (batches[0].x, batches[0].y)
+                o = self.options
                 self.delta = universal_perturbation(
-                    raw_model, [b.x for b in batches], self.perturbation_lr, self.perturbation_reg
+                    raw_model, [b.x for b in batches], o.perturbation_lr, o.perturbation_reg
                 )
                 self.round = math.floor(self.progress)
             assert self.inner is not None
+            o = self.options
             return hypergradient_loss(
-                raw_model, batch, self.delta, self.inner, self.portion, self.inner_lr,
-                self.perturbation_reg, self.fixed_point_steps,
+                raw_model, batch, self.delta, self.inner, o.portion, o.inner_lr,
+                o.perturbation_reg, o.fixed_point_steps,
             )  # fmt: skip
 
 
@@ -196,17 +201,8 @@ class ImplicitBackdoorAdversarialUnlearning:
     name = "ibau"
     trains = TRAINS_MODEL
 
-    def __init__(
-        self,
-        fixed_point_steps: int = 5,
-        portion: float = 0.01,
-        perturbation_lr: float = 10.0,
-        perturbation_reg: float = 0.001,
-        inner_lr: float = 0.1,
-    ) -> None:
-        self.fixed_point_steps, self.portion = fixed_point_steps, portion
-        self.perturbation_lr, self.perturbation_reg = perturbation_lr, perturbation_reg
-        self.inner_lr = inner_lr
+    def __init__(self, options: IBAUOptions = IBAUOptions()) -> None:  # noqa: B008 (frozen)
+        self.options = options
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model  # nothing to add: the model keeps its structure
@@ -214,10 +210,7 @@ class ImplicitBackdoorAdversarialUnlearning:
     def task(
         self, model: nn.Module, clean: DataSplits, cfg: ExperimentConfig
     ) -> ImplicitUnlearning:
-        return ImplicitUnlearning(
-            clean.train, cfg, self.fixed_point_steps, self.portion, self.perturbation_lr,
-            self.perturbation_reg, self.inner_lr,
-        )  # fmt: skip
+        return ImplicitUnlearning(clean.train, cfg, self.options)
 
 
 @REPAIRERS.register("ibau", repairs_pixel_prompts=False, needs_image_text=False)
@@ -234,6 +227,5 @@ def implicit_backdoor_adversarial_unlearning(
     weight of ||delta||^2; inner_lr: the step of the inner problem's fixed-point map. Defaults:
     Zeng et al. 2022's code and BackdoorBench's. Rounds and the outer optimizer: the recipe's
     `train` (see ibau.py)."""
-    return ImplicitBackdoorAdversarialUnlearning(
-        fixed_point_steps, portion, perturbation_lr, perturbation_reg, inner_lr
-    )
+    return ImplicitBackdoorAdversarialUnlearning(IBAUOptions(
+        fixed_point_steps, portion, perturbation_lr, perturbation_reg, inner_lr))  # fmt: skip
