@@ -111,6 +111,28 @@ def check_output_fmt(output_fmt: str, allowed: Sequence[str] = ("NCHW", "NLC")) 
         raise ConfigError(f"output_fmt must be {choices}, got {output_fmt!r}")
 
 
+class StagedCNN(nn.Module):
+    """A CNN of stages (`stage_modules()`, each (B, C, H, W) -> (B, C', H', W')) with timm's
+    CNN `forward_intermediates`: one output per stage; `norm` is accepted and does nothing (no
+    final norm), the last stage's output is the final features."""
+
+    def stage_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Intermediates:
+        check_output_fmt(output_fmt, ("NCHW",))
+        x, taken = run_blocks(x, self.stage_modules(), indices, stop_early)
+        return intermediates_result(x, taken, intermediates_only)
+
+
 class TokenIntermediates:
     """timm's `forward_intermediates` for a net whose blocks map (B, L, D) tokens to tokens, the
     first `num_prefix_tokens` of them class (or register) tokens and the rest a patch grid.

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vptlab.models import MODELS, build_classifier
-from vptlab.models.base import Intermediates, check_output_fmt, intermediates_result, run_blocks
+from vptlab.models.base import StagedCNN
 from vptlab.models.pretrained import load_own_weights
 from vptlab.models.simplenet import SCRATCH_MEAN, SCRATCH_STD
 
@@ -43,9 +43,9 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(StagedCNN):
     """PreAct-ResNet with timm's `forward_features` / `forward_head` / `get_classifier` /
-    `forward_intermediates` (one output per stage, the stem inside the first)."""
+    `forward_intermediates` (`StagedCNN`: one output per stage, the stem inside the first)."""
 
     def __init__(
         self, num_classes: int, blocks: tuple[int, ...] = (2, 2, 2, 2), in_chans: int = 3
@@ -71,21 +71,6 @@ class PreActResNet(nn.Module):
         for stage in self.stage_modules():
             x = stage(x)
         return x
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Intermediates:
-        """The four stages' (B, C, H, W) outputs in timm's CNN signature (`norm` is accepted and
-        does nothing: there is no final norm)."""
-        check_output_fmt(output_fmt, ("NCHW",))
-        x, taken = run_blocks(x, self.stage_modules(), indices, stop_early)
-        return intermediates_result(x, taken, intermediates_only)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x).flatten(1)

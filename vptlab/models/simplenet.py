@@ -16,7 +16,7 @@ from torch import nn
 
 from vptlab.errors import ConfigError
 from vptlab.models import MODELS, build_classifier
-from vptlab.models.base import Intermediates, check_output_fmt, intermediates_result, run_blocks
+from vptlab.models.base import StagedCNN
 from vptlab.models.custom_conv import CustomConv2d
 from vptlab.models.pretrained import load_own_weights
 
@@ -32,9 +32,9 @@ SCRATCH_STD = (0.5, 0.5, 0.5)
 SMALL_IMAGE = 28
 
 
-class SimpleNet(nn.Module):
+class SimpleNet(StagedCNN):
     """The MiniPlaces CNN with timm's `forward_features` / `forward_head` / `get_classifier` /
-    `forward_intermediates` (one output per stage)."""
+    `forward_intermediates` (one output per stage, `StagedCNN`)."""
 
     def __init__(
         self,
@@ -76,21 +76,6 @@ class SimpleNet(nn.Module):
         """The stages as views of `features` (the same modules): stem + pool, 1x1, 3x3 + pool."""
         starts = [0, *self.stage_ends[:-1]]
         return [self.features[a:b] for a, b in zip(starts, self.stage_ends, strict=True)]
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Intermediates:
-        """The stages' (B, C, H, W) outputs in timm's CNN signature (`norm` is accepted and does
-        nothing: there is no final norm); the last stage's is `forward_features`' output."""
-        check_output_fmt(output_fmt, ("NCHW",))
-        x, taken = run_blocks(x, self.stage_modules(), indices, stop_early)
-        return intermediates_result(x, taken, intermediates_only)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(self.global_pool(x).flatten(1))
