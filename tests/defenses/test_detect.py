@@ -24,7 +24,7 @@ from vptlab.defenses.detectors import (
 )
 from vptlab.defenses.neural_cleanse import SearchOptions
 from vptlab.errors import ConfigError
-from vptlab.steps.detect import auroc, precision_recall
+from vptlab.steps.detect import auroc, model_detection, precision_recall
 
 # Neural Cleanse's search as tests/defenses/test_neural_cleanse.py sizes it (CHEAP there).
 NC_TEST_SEARCH = {"steps": 60, "batches": 1, "batch_size": 8, "lr": 0.3, "init_cost": 0.01,
@@ -37,6 +37,22 @@ def test_auroc_on_hand_made_scores() -> None:
     assert auroc(torch.tensor([1.0, 1.0]), torch.tensor([1.0])) == 0.5  # ties count half
     # 2 of the 4 pairs ordered right, one tied: (2 + 0.5) / 4
     assert auroc(torch.tensor([2.0, 5.0]), torch.tensor([2.0, 6.0])) == pytest.approx(0.375)
+
+
+def test_model_detection_over_clean_and_backdoored_models() -> None:
+    verdicts = [
+        {"poisoned": True, "anomaly_index": 3.6, "backdoored": True},
+        {"poisoned": True, "anomaly_index": 1.5, "backdoored": False},
+        {"poisoned": False, "anomaly_index": 1.2, "backdoored": False},
+        {"poisoned": False, "anomaly_index": 2.4, "backdoored": True},
+        {"poisoned": None, "anomaly_index": 9.0},  # not a study model: left out
+    ]
+    judged = model_detection(verdicts, "anomaly_index")
+    assert judged is not None
+    assert judged["auroc"] == 0.75  # 3.6 beats both clean models, 1.5 only one of them
+    assert (judged["backdoored_models"], judged["clean_models"]) == (2, 2)
+    assert (judged["tpr"], judged["fpr"]) == (50.0, 50.0)
+    assert model_detection(verdicts[:2], "anomaly_index") is None  # no clean model
 
 
 def test_precision_recall_on_hand_made_flags() -> None:
@@ -155,7 +171,7 @@ def test_every_detector_beats_chance(
 ) -> None:
     # Chance: AUROC 0.5 at inference; in training, precision at the poison rate (10%); on the
     # model, the target among the flagged classes first one time in ten.
-    from vptlab.steps.detect import detect_run
+    from vptlab.steps.detect import detect_run, model_detection
 
     setting = DETECTORS.meta(name)["setting"]
     if setting == "model":  # Neural Cleanse at the size its own tests search with
@@ -168,4 +184,14 @@ def test_every_detector_beats_chance(
     else:
         assert setting == "model"
         assert result["flagged"][:1] == [result["target"]] and result["target_flagged"]
-        assert result["anomaly_index"] > 2.0
+        assert result["anomaly_index"] > 2.0 and result["poisoned"]
+        # A clean model is a negative of model-level detection: scored, never "poisoned".
+        clean = detect_run(poisoned_runs["clean"], name, device="cpu")
+        assert clean["poisoned"] is False and clean["target_flagged"] is None
+        score = DETECTORS.meta(name)["score"]
+        judged = model_detection([result, clean], score)
+        # One model of each kind: the AUROC says which scored higher. (At this search size the
+        # clean SimpleNet also has an outlying class: NC's false positives, measured in the
+        # backdoorbench_fashion study's model-level table.)
+        higher = result[score] > clean[score]
+        assert judged is not None and judged["auroc"] == (1.0 if higher else 0.0)

@@ -18,7 +18,8 @@ A detector's registry entry says where it works, its `setting`:
 - "model": one verdict on the model, from the defender's clean images; the scores are per
   class, not per input. `nc` (Wang et al. 2019, Neural Cleanse: vptlab/defenses/neural_cleanse.py)
   flags the classes whose reverse-engineered trigger is anomalously small; judged by whether the
-  attack's target is flagged.
+  attack's target is flagged, and, over a study's clean and backdoored models, by the AUROC of
+  its model score (the entry's `score`: the anomaly index).
 
 Both run batched on the model's device; N overlays (STRIP) are N batched passes. The data a
 detector is built with (STRIP's clean pool, the labels the samples were trained with) are given

@@ -497,7 +497,7 @@ def neural_cleanse_repair(
                          unlearn_ratio)  # fmt: skip
 
 
-@DETECTORS.register("nc", setting="model")
+@DETECTORS.register("nc", setting="model", score="anomaly_index")
 class NeuralCleanseDetector:
     """Neural Cleanse as a model-level detector: called with the defender's clean images, it
     runs the search (`DEFAULTS`) and the MAD test, keeps the verdict (`result`), and returns one

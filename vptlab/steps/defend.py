@@ -68,14 +68,24 @@ DEFENSE_TRAIN: dict[str, Any] = {
 
 def parent_config(parent: Path) -> ExperimentConfig:
     """The parent run's config; it must be a finished, poisoned run."""
-    if not (parent / CONFIG_FILE).is_file():
-        raise ConfigError(f"{parent} is not a run folder: no {CONFIG_FILE} there")
-    cfg = resolved(load_yaml(parent / CONFIG_FILE))
-    if cfg.data.poison is None or not (parent / POISON_FILE).is_file():
+    cfg = finished_config(parent)
+    if not is_poisoned(parent, cfg):
         raise ConfigError(
             f"run {parent} was never poisoned (its config has no data.poison): a backdoor "
             "defense has no trigger to repair or measure"
         )
+    return cfg
+
+
+def is_poisoned(run: Path, cfg: ExperimentConfig) -> bool:
+    return cfg.data.poison is not None and (run / POISON_FILE).is_file()
+
+
+def finished_config(parent: Path) -> ExperimentConfig:
+    """A run's config; it must be a finished run."""
+    if not (parent / CONFIG_FILE).is_file():
+        raise ConfigError(f"{parent} is not a run folder: no {CONFIG_FILE} there")
+    cfg = resolved(load_yaml(parent / CONFIG_FILE))
     metrics_path = parent / METRICS_FILE
     status = json.loads(metrics_path.read_text()).get("status") if metrics_path.is_file() else None
     if status != "complete":

@@ -11,7 +11,8 @@ to be poisoned, by the detector's setting:
   samples against the saved poisoned indices.
 - "model" (`nc`, Neural Cleanse): one verdict on the model from the defender's clean images
   (5% of the clean train split): its anomaly index, the flagged classes, and whether the
-  attack's target is among them.
+  attack's target is among them. It also runs on clean (never poisoned) runs: over a study's
+  clean and backdoored models, `model_detection` judges the detector's score by its AUROC.
 
 Detectors are blind (docs/defense_protocol.md): they get the model, the inputs to score, and
 the defender's clean pool (STRIP) or the training labels (spectral), never the trigger, the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,26 @@ def precision_recall(flagged: torch.Tensor, poisoned: torch.Tensor) -> dict[str,
     }
 
 
+def model_detection(verdicts: Iterable[dict[str, Any]], score: str) -> dict[str, Any] | None:
+    """A model detector judged over a set of models: the AUROC of its `score` (higher = more
+    suspect) with the backdoored models (`poisoned`) as positives and the clean ones as
+    negatives, and the shares of each its own verdict (`backdoored`) flags: the true and the
+    false positive rate at the detector's threshold. None without both kinds of model."""
+    rows = [v for v in verdicts if v.get(score) is not None and v.get("poisoned") is not None]
+    positive = [v for v in rows if v["poisoned"]]
+    negative = [v for v in rows if not v["poisoned"]]
+    if not positive or not negative:
+        return None
+
+    def flagged(group: list[dict[str, Any]]) -> float:
+        return 100.0 * sum(bool(v.get("backdoored")) for v in group) / len(group)
+
+    return {"auroc": auroc(torch.tensor([float(v[score]) for v in positive]),
+                           torch.tensor([float(v[score]) for v in negative])),
+            "backdoored_models": len(positive), "clean_models": len(negative),
+            "tpr": flagged(positive), "fpr": flagged(negative), "score": score}  # fmt: skip
+
+
 def model_inputs(split: Any, cfg: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole split as the model sees it (channels repeated, resized to `data.img_size`), on
     the CPU, with its labels; detection runs on small splits (mnist-5k, CIFAR-10 train)."""
@@ -77,8 +99,8 @@ def model_inputs(split: Any, cfg: Any, device: torch.device) -> tuple[torch.Tens
 
 def detect_run(run_dir: str | Path, detector: str, device: str = "auto",
                overlays: int = 20) -> dict[str, Any]:  # fmt: skip
-    """Run `detector` (a name in `DETECTORS`) on a poisoned run and record the result in its
-    `detection.json`.
+    """Run `detector` (a name in `DETECTORS`) on a poisoned run (a model detector: on any
+    finished run) and record the result in its `detection.json`.
 
     inference detectors (strip): AUROC of the trigger-stamped non-target test images (positives)
     against the same images clean (negatives); STRIP blends them with the defender's clean images
@@ -87,13 +109,16 @@ def detect_run(run_dir: str | Path, detector: str, device: str = "auto",
     the verdict from the defender's clean images, and whether the target is flagged.
     `overlays` goes to the detectors that take it (STRIP).
     """
-    from vptlab.steps.defend import parent_config
+    from vptlab.steps.defend import finished_config, parent_config
 
     if detector not in DETECTORS:
         raise ConfigError(f"--detector: unknown detector {detector!r}; choose from: "
                           f"{', '.join(DETECTORS.names())}")  # fmt: skip
     run_dir = Path(run_dir)
-    parent_config(run_dir)  # a finished, poisoned run, or one clear error
+    if DETECTORS.meta(detector).get("setting") == "model":
+        finished_config(run_dir)  # a clean model is a negative of model-level detection
+    else:
+        parent_config(run_dir)  # a finished, poisoned run, or one clear error
     with folder_lock(run_dir, "detect"):
         return _detect(run_dir, detector, device, overlays)
 
@@ -103,17 +128,30 @@ def _detect(run_dir: Path, detector: str, device: str, overlays: int) -> dict[st
     from vptlab.backdoors.metrics import select_samples
     from vptlab.backdoors.poison import load_poison_record, non_target_index
     from vptlab.defenses.repair import clean_subset
-    from vptlab.steps.defend import clean_data, threat_of
+    from vptlab.steps.defend import clean_data, is_poisoned, threat_of
     from vptlab.steps.train import load_run
 
     cfg, model, splits = load_run(run_dir, device=device)
     dev = next(model.parameters()).device
-    record = load_poison_record(run_dir)
+    record = load_poison_record(run_dir) if is_poisoned(run_dir, cfg) else None
+    setting = DETECTORS.meta(detector).get("setting")
     factory = DETECTORS.get(detector)
     taken = inspect.signature(factory).parameters
     options = {k: v for k, v in {"overlays": overlays}.items() if k in taken}
-    setting = DETECTORS.meta(detector).get("setting")
-    if setting == "inference":
+    if setting == "model":
+        pool, _ = model_inputs(clean_subset(clean_data(cfg).train, 0.05, cfg.seed), cfg, dev)
+        scorer = DETECTORS.create(detector, seed=cfg.seed, **options)
+        scorer(model, pool)
+        verdict = scorer.verdict()
+        truth: dict[str, Any] = {"poisoned": False, "target": None, "target_flagged": None}
+        if record is not None:
+            target = record.config.target
+            truth = {"poisoned": True, "target": target, "mode": record.config.mode,
+                     "target_flagged": target in verdict["flagged"]}  # fmt: skip
+        result = {**verdict, **truth, "samples": len(pool)}
+    elif record is None:
+        raise ConfigError(f"run {run_dir} was never poisoned: {detector} has nothing to find")
+    elif setting == "inference":
         data = clean_data(cfg)
         threat = threat_of(run_dir, cfg, data)
         cfg_p = record.config
@@ -132,13 +170,6 @@ def _detect(run_dir: Path, detector: str, device: str, overlays: int) -> dict[st
         flags = scorer.flag(scorer(model, x))  # blind: its own settings, not the attack's
         result = {**precision_recall(flags, record.poisoned), "poison_rate": record.config.rate,
                   "samples": len(x), **scorer.settings()}  # fmt: skip
-    elif setting == "model":
-        pool, _ = model_inputs(clean_subset(clean_data(cfg).train, 0.05, cfg.seed), cfg, dev)
-        scorer = DETECTORS.create(detector, seed=cfg.seed, **options)
-        scorer(model, pool)
-        verdict, target = scorer.verdict(), record.config.target
-        result = {**verdict, "target": target, "mode": record.config.mode,
-                  "target_flagged": target in verdict["flagged"], "samples": len(pool)}  # fmt: skip
     else:
         raise ConfigError(f"detector {detector!r} has setting {setting!r}; a detector works at "
                           "'inference', in 'training' or on the 'model'")  # fmt: skip

@@ -34,6 +34,7 @@ from vptlab.config import (
 from vptlab.defenses.detectors import DETECTORS
 from vptlab.engine.distributed import is_main_process
 from vptlab.errors import ConfigError, TrainingDiverged, format_validation_error
+from vptlab.report.leaderboard import leaderboard_section
 from vptlab.report.plots import plot_curves, plot_robust_accuracy, seed_curve
 from vptlab.report.tables import (
     BACKDOOR_COLUMNS,
@@ -93,6 +94,26 @@ class StudyDefense(BaseModel):
     )
 
 
+class ReferenceFigures(BaseModel):
+    """A published cell: CA, ASR and DER in % (None where not published)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    ca: float | None = Field(None, ge=0, le=100)
+    asr: float | None = Field(None, ge=0, le=100)
+    der: float | None = Field(None, ge=0, le=100)
+
+
+class Reference(BaseModel):
+    """Published figures to set beside the study's leaderboard (vptlab/report/leaderboard.py):
+    by run label, then by defense label (`none` for the undefended model)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    source: str = Field(min_length=1, description="where the figures are published")
+    cells: dict[str, dict[str, ReferenceFigures]] = Field(min_length=1)
+
+
 class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -125,7 +146,15 @@ class StudyConfig(BaseModel):
     )  # fmt: skip
     detectors: list[str] = Field(
         default_factory=list, description="backdoor detectors (vptlab.defenses.detectors."
-        "DETECTORS) run on every poisoned run"
+        "DETECTORS) run on every poisoned run (model detectors on the clean runs too)"
+    )
+    training_defenses: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="training-time defenses ({abl: {train: {objective: "
+        "abl}}}): run-config fragments merged over every poisoned run, trained as "
+        "<run>+<label> and reported as that run's defense",
+    )  # fmt: skip
+    reference: Reference | None = Field(
+        None, description="published figures beside the leaderboard (BackdoorBench's)"
     )
 
     @field_validator("adaptive")
@@ -138,12 +167,51 @@ class StudyConfig(BaseModel):
         "folders, and report mean ± std over them"
     )
 
+    def run_specs(self) -> dict[str, dict[str, Any]]:
+        """Every run to train by label: the `runs`, then per poisoned run and training-time
+        defense its twin `<run>+<defense>` (the run's spec with the defense's merged over it)."""
+        specs = dict(self.runs)
+        for label in self.poisoned_runs():
+            for defense, fragment in self.training_defenses.items():
+                specs[twin_label(label, defense)] = deep_merge(self.runs[label], fragment)
+        return specs
+
+    def poisoned_runs(self) -> list[str]:
+        """The labels of the `runs` (not their twins) trained on a poisoned split."""
+        merged = {label: deep_merge(self.base, spec) for label, spec in self.runs.items()}
+        return [label for label, raw in merged.items()
+                if (raw.get("data") or {}).get("poison") is not None]  # fmt: skip
+
     def run_names(self, label: str) -> dict[str, int | None]:
         """The folder of each seed of run `label` (`<label>-s<seed>`), or `label` alone (seed
         None: the run's own) without a seeds axis."""
         if self.seeds is None:
             return {label: None}
         return {f"{label}-s{seed}": seed for seed in self.seeds}
+
+
+def twin_label(run: str, defense: str) -> str:
+    """The label of poisoned run `run` trained with training-time defense `defense`."""
+    return f"{run}+{defense}"
+
+
+def _check_labels(study: StudyConfig) -> None:
+    """Training-time defenses and repairs share the report's columns, so their labels must
+    differ; a reference names runs and defenses of the study."""
+    both = set(study.defenses) & set(study.training_defenses)
+    if both:
+        raise ConfigError(f"training_defenses.{sorted(both)[0]}: a repair defense has that "
+                          "label too; rename one")  # fmt: skip
+    if study.reference is None:
+        return
+    columns = {"none", *study.defenses, *study.training_defenses}
+    for run, row in study.reference.cells.items():
+        if run not in study.runs:
+            raise ConfigError(f"reference.cells.{run}: not a run of the study")
+        for defense in row:
+            if defense not in columns:
+                raise ConfigError(f"reference.cells.{run}.{defense}: not a defense of the study "
+                                  f"(none, {', '.join(sorted(columns - {'none'}))})")  # fmt: skip
 
 
 def is_study(raw: dict[str, Any]) -> bool:
@@ -257,6 +325,7 @@ def run_study(
         build_attack(attack, where=f"attacks.{i}")
     for i, name in enumerate(study.detectors):
         DETECTORS.require(name, f"detectors.{i}")
+    _check_labels(study)
     out_dir = Path(study.output) / study.study
     device_overrides = [o for o in overrides if o.startswith("device=")]
     pretrained = None
@@ -269,7 +338,8 @@ def run_study(
                           "override seeds instead")  # fmt: skip
     configs = {
         name: _run_config(study, label, spec, out_dir, pretrained, overrides, name, seed)
-        for label, spec in study.runs.items() if not only or label in only
+        for label, spec in study.run_specs().items()
+        if not only or label.split("+")[0] in only or label in only
         for name, seed in study.run_names(label).items()
     }  # fmt: skip
     if study.backbone is not None:
@@ -282,14 +352,21 @@ def _run_all(study: StudyConfig, configs: dict[str, ExperimentConfig], out_dir: 
              fresh: bool, pretrained: Path | None) -> Path:  # fmt: skip
     """The study's runs, their attacks, defenses and detectors, then the report."""
     results: dict[str, dict[str, Any]] = {}
+    twins = {name for label in study.run_specs() if label not in study.runs
+             for name in study.run_names(label)}  # fmt: skip
     for label, cfg in configs.items():  # a label is a run's folder name (with its seed)
         results[label] = run_or_diverge(cfg, fresh)
-        if study.attacks and is_main_process() and results[label].get("status") == "complete":
+        done = results[label].get("status") == "complete"
+        if study.attacks and is_main_process() and done:
             results[label]["robustness"] = _robustness(cfg, study)
+        if label in twins:  # a defense's own model: not defended or detected again
+            continue
         if study.defenses and cfg.data.poison is not None:
             results[label]["defended"] = _defend_all(cfg, study, fresh)
-        if study.detectors and cfg.data.poison is not None and is_main_process():
-            results[label]["detection"] = _detect_all(cfg, study, fresh)
+        detectors = [name for name in study.detectors if cfg.data.poison is not None
+                     or DETECTORS.meta(name).get("setting") == "model"]  # fmt: skip
+        if detectors and done and is_main_process():
+            results[label]["detection"] = _detect_all(cfg, detectors, fresh)
     if is_main_process():
         write_study_report(study, out_dir, results, backbone=pretrained)
     return out_dir / "report.md"
@@ -381,16 +458,16 @@ def _defend_all(cfg: ExperimentConfig, study: StudyConfig, fresh: bool) -> dict[
     return out
 
 
-def _detect_all(cfg: ExperimentConfig, study: StudyConfig, fresh: bool) -> dict[str, Any]:
-    """The study's detectors on one finished poisoned run, read back from its detection.json
-    when it already holds them (unless `fresh`)."""
+def _detect_all(cfg: ExperimentConfig, detectors: Sequence[str], fresh: bool) -> dict[str, Any]:
+    """`detectors` on one finished run, read back from its detection.json when it already holds
+    them (unless `fresh`)."""
     from vptlab.steps.detect import DETECTION_FILE, detect_run
 
     run_dir = run_dir_of(cfg)
     path = run_dir / DETECTION_FILE
     saved = json.loads(path.read_text()) if path.is_file() and not fresh else {}
     out: dict[str, Any] = {}
-    for name in study.detectors:
+    for name in detectors:
         out[name] = saved.get(name) or detect_run(run_dir, name, device=cfg.device)
     return out
 
@@ -416,11 +493,12 @@ def write_study_report(
     metrics of each run folder); with a seeds axis every table is over each run's seeds."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = Tables(seeded=study.seeds is not None)
+    where = {name: (label, seed) for label in study.run_specs()
+             for name, seed in study.run_names(label).items()}  # fmt: skip
+    labelled = {name: {"label": where[name][0], "seed": where[name][1], **metrics}
+                if name in where else metrics for name, metrics in results.items()}  # fmt: skip
     if tables.seeded:  # each seed's row says which run and seed it is (results.json too)
-        where = {name: (label, seed) for label in study.runs
-                 for name, seed in study.run_names(label).items()}  # fmt: skip
-        results = {name: {"label": where[name][0], "seed": where[name][1], **metrics}
-                   for name, metrics in results.items()}  # fmt: skip
+        results = labelled
     plot_curves(_curves(results, tables.seeded), out_dir / "curves.png",
                 title=study.title or study.study)  # fmt: skip
     lines = [f"# {study.title or study.study}", ""]
@@ -444,6 +522,14 @@ def write_study_report(
         lines += defense_section(results, tables)
     if any("detection" in m for m in results.values()):
         lines += detection_section(results, tables)
+        lines += model_detection_section(labelled, study.detectors)
+    if study.defenses or study.training_defenses:
+        ran = {m.get("label") for m in labelled.values()}
+        lines += leaderboard_section(
+            labelled, [r for r in study.poisoned_runs() if r in ran], list(study.defenses),
+            list(study.training_defenses),
+            None if study.reference is None else study.reference.model_dump(),
+        )
     if study.attacks:
         lines += robustness_section(out_dir, results, tables)
     if tables.appendix:
@@ -571,6 +657,36 @@ def _suite_values(seeds: Sequence[Row]) -> dict[str, float | None]:
 
     return {"asr_after": mean(at("defense", "asr_after")), "ca_cost": mean(ca_cost),
             "der": mean(at("defense", "der")), "residual_asr": mean(residual_asr)}  # fmt: skip
+
+
+def model_detection_section(results: dict[str, dict[str, Any]],
+                            detectors: Sequence[str]) -> list[str]:  # fmt: skip
+    """Each model detector over the study's models (every seed's run one model; training-time
+    defenses' runs left out): AUROC of its score, backdoored against clean models, and the
+    shares its verdict flags (`steps.detect.model_detection`)."""
+    from vptlab.steps.detect import model_detection
+
+    rows = []
+    for name in detectors:
+        score = DETECTORS.meta(name).get("score")
+        if DETECTORS.meta(name).get("setting") != "model" or score is None:
+            continue
+        verdicts = [m["detection"][name] for m in results.values()
+                    if name in (m.get("detection") or {})]  # fmt: skip
+        judged = model_detection(verdicts, score)
+        if judged is not None:
+            rows.append(f"| {name} | {score} | {judged['auroc']:.3f} | "
+                        f"{judged['backdoored_models']} | {judged['clean_models']} | "
+                        f"{judged['tpr']:.1f} | {judged['fpr']:.1f} |")  # fmt: skip
+    if not rows:
+        return []
+    return ["## Model-level detection", "",
+            "| detector | score | AUROC | backdoored models | clean models | flagged backdoored "
+            "% | flagged clean % |", "|---|---|---:|---:|---:|---:|---:|", *rows, "",
+            "Every run (each seed) is one model: the poisoned runs are the positives, the clean "
+            "runs the negatives. AUROC: the chance that a backdoored model scores above a clean "
+            "one (0.5 is chance); flagged: the share of each kind the detector's own verdict "
+            "calls backdoored (its threshold, not tuned here).", ""]  # fmt: skip
 
 
 def detection_section(results: dict[str, dict[str, Any]],
