@@ -351,12 +351,12 @@ def load_poison_record(run_dir: str | Path) -> PoisonRecord:
     trigger = trigger_from_spec(summary["trigger"])
     state = {k.removeprefix(_STATE_PREFIX): v for k, v in tensors.items()
              if k.startswith(_STATE_PREFIX)}  # fmt: skip
-    if trigger.fitted or state:
-        if not state:
-            raise VptlabError(
-                f"{run_dir / POISON_INDICES_FILE} holds no learnt state of the fitted trigger "
-                f"{trigger.name}: the poison record is incomplete"
-            )
+    if trigger.fitted and trigger.state_keys and not state:
+        raise VptlabError(
+            f"{run_dir / POISON_INDICES_FILE} holds no learnt state of the fitted trigger "
+            f"{trigger.name}: the poison record is incomplete"
+        )
+    if trigger.fitted or state:  # a plain trigger given a state: load_state names the keys
         trigger.load_state(state)
     return PoisonRecord(
         config=PoisonConfig.model_validate(summary["config"]),
