@@ -59,6 +59,8 @@ def test_state_survives_the_run_folder(name: str, channels: int, tmp_path: Path)
     # Only the chosen samples changed, each to the trigger's own stamp of it (at most).
     changed = (poisoned.x != split.x).flatten(1).any(1)
     assert changed.nonzero().flatten().tolist() == record.poisoned.tolist()
+    # Seeded on the CPU: the same config fits and stamps the same again.
+    assert torch.equal(poison_split(split, cfg(name), num_classes=4).x, poisoned.x)
 
 
 @pytest.mark.parametrize("name", [n for n in FITTED if TRIGGERS.get(n).state_keys])
