@@ -1,12 +1,16 @@
 """Triggers: the registry-wide contract (shape, [0,1], changes every image, seeded, any size and
-channel count, per-image, rebuilt from its spec), then each paper's formula on known inputs."""
+channel count, per-image, rebuilt from its spec and learnt state), then each paper's formula on
+known inputs. Fitted triggers (TrojanNN, label-consistent ...) are fitted once per channel count
+on a small random split with fast options (`ready`); their own tests are in test_fitted.py."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,20 +19,39 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vptlab.backdoors.triggers import TRIGGERS, create_trigger, trigger_from_spec
+from vptlab.backdoors.triggers import TRIGGERS, Trigger, create_trigger, trigger_from_spec
 from vptlab.errors import ConfigError
 
 NAMES = TRIGGERS.names()
 # Triggers whose pattern comes from the seed (badnets only with its random pattern).
 SEEDED = {"badnets": {"pattern": "random"}, "blended": {}, "lf": {}, "wanet": {}}
+# Fit options of the fitted triggers that take a fraction of a second on `FIT_SPLIT`.
+FAST_FIT = {"trojannn": {"steps": 5, "images": 16, "surrogate_epochs": 1},
+            "lc": {"steps": 3, "alpha": 0.02, "surrogate_epochs": 1}}  # fmt: skip
 
 
 def images(n: int, channels: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, channels, height, width, generator=torch.Generator().manual_seed(seed))
 
 
-def test_registry_holds_the_six_papers() -> None:
-    assert NAMES == ["badnets", "blended", "bpp", "lf", "sig", "wanet"]
+@functools.cache
+def fitted_state(name: str, channels: int) -> dict[str, torch.Tensor]:
+    """What `name` learns (fast options, seed 0) from 64 random 28x28 images of 4 classes."""
+    trigger = create_trigger(name, **FAST_FIT.get(name, {}))
+    trigger.fit(images(64, channels, 28, 28), torch.arange(64) % 4, num_classes=4, target=0)
+    return trigger.state()
+
+
+def ready(name: str, seed: int = 0, channels: int = 3, **options: Any) -> Trigger:
+    """`create_trigger(name, seed, **options)`, given a fitted state when it is fitted."""
+    trigger = create_trigger(name, seed=seed, **options)
+    if trigger.fitted:
+        trigger.load_state(fitted_state(name, channels))
+    return trigger
+
+
+def test_registry_holds_the_papers() -> None:
+    assert NAMES == ["badnets", "blended", "bpp", "lc", "lf", "sig", "trojannn", "wanet"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -42,14 +65,14 @@ def test_registry_holds_the_six_papers() -> None:
 def test_contract(name: str, channels: int, height: int, width: int, seed: int) -> None:
     x = images(5, channels, height, width, seed)
     before = x.clone()
-    out = create_trigger(name, seed=seed).apply(x)
+    out = ready(name, seed, channels).apply(x)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert out.min() >= 0 and out.max() <= 1
     assert torch.equal(x, before), "the input batch must not be changed in place"
     assert ((out - x).flatten(1).abs().amax(dim=1) > 1e-3).all(), "every image must change"
-    assert torch.equal(create_trigger(name, seed=seed).apply(x), out), "same seed, same output"
+    assert torch.equal(ready(name, seed, channels).apply(x), out), "same seed, same output"
     # Per image: a sample is stamped the same alone or in a batch.
-    torch.testing.assert_close(create_trigger(name, seed=seed).apply(x[2:3]), out[2:3])
+    torch.testing.assert_close(ready(name, seed, channels).apply(x[2:3]), out[2:3])
 
 
 @pytest.mark.parametrize("name", sorted(SEEDED))
@@ -62,19 +85,38 @@ def test_another_seed_draws_another_pattern(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_spec_rebuilds_the_trigger_and_pickles(name: str) -> None:
-    trigger = create_trigger(name, seed=7, **SEEDED.get(name, {}))
+    trigger = ready(name, seed=7, channels=1, **SEEDED.get(name, {}))
     x = images(3, 1, 20, 24)  # neither square nor a dataset's size
     out = trigger.apply(x)
     spec = json.loads(json.dumps(trigger.spec()))
     assert spec["name"] == name and spec["seed"] == 7
-    assert torch.equal(trigger_from_spec(spec).apply(x), out)
+    rebuilt = trigger_from_spec(spec)
+    if rebuilt.fitted:  # spec + learnt state: what a run's poison record holds
+        rebuilt.load_state(trigger.state())
+    else:
+        assert trigger.state() == {}
+    assert torch.equal(rebuilt.apply(x), out)
     assert torch.equal(pickle.loads(pickle.dumps(trigger)).apply(x), out)  # loader workers
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_poisoned_training_samples_stay_images(name: str) -> None:
+    """`poison(x, y)`, what a poisoned training sample becomes: apply(x) for all but the
+    triggers that change the image first (label-consistent), and an image all the same."""
+    x, y = images(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)
+    trigger = create_trigger(name, seed=1, **FAST_FIT.get(name, {}))
+    if trigger.fitted:
+        trigger.fit(images(64, 1, 28, 28), torch.arange(64) % 4, num_classes=4, target=0)
+    out = trigger.poison(x, y)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    if type(trigger).poison is Trigger.poison:
+        assert torch.equal(out, trigger.apply(x))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", NAMES)
 def test_follows_the_device(name: str) -> None:
-    trigger = create_trigger(name, seed=3, **SEEDED.get(name, {}))
+    trigger = ready(name, seed=3, **SEEDED.get(name, {}))
     x = images(4, 3, 32, 32)
     on_gpu = trigger.apply(x.cuda())
     assert on_gpu.device.type == "cuda"

@@ -10,6 +10,8 @@ mode with fresh noise, labels kept (`CrossNoise`, the split's `train_transform`,
 loader applies; evaluation and the test split never see it).
 A TensorSplit becomes a new TensorSplit (`PoisonedTensorSplit`, the original's tensors untouched
 and kept as `.clean`); a streaming Dataset is wrapped (`PoisonedDataset`) and stamped per item.
+A fitted trigger (TrojanNN, label-consistent ...) is first fitted on the clean split's tensors
+(`Trigger.fit`; a streaming split cannot be), and poisoned samples become `trigger.poison(x, y)`.
 Both carry a `PoisonRecord` (`.poison`): the config, the trigger and the chosen indices, which
 `save_poison` writes into a run folder (poison.json + poison.safetensors) and `load_poison`
 reads back, so detection and defenses know what was poisoned.
@@ -41,6 +43,7 @@ POISON_FILE = "poison.json"
 POISON_INDICES_FILE = "poison.safetensors"
 _SELECT_STREAM = 2  # seeded streams, apart from the trigger's pattern draws (stream 1)
 _CHUNK = 4096  # images stamped at a time: bounds the temporary memory of a large split
+_STATE_PREFIX = "trigger."  # a fitted trigger's learnt tensors in poison.safetensors
 
 
 def target_labels(
@@ -222,7 +225,8 @@ class PoisonedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         x, y = self.base[index]
         if self.is_poisoned[index]:
-            return self.poison.trigger.apply(x[None])[0], self.targets[index]
+            y = torch.tensor([int(y)])
+            return self.poison.trigger.poison(x[None], y)[0], self.targets[index]
         return x, int(y)
 
 
@@ -240,6 +244,11 @@ def poison_split(
         )
     seed = _seed(cfg, seed)
     trigger = poison_trigger(cfg, seed)
+    if trigger.fitted and not isinstance(split, TensorSplit):
+        raise ConfigError(
+            f"data.poison.trigger: {trigger.name} is fitted on the train split's tensors, and "
+            "this train split streams from disk; use a dataset held in memory"
+        )
     labels = split_labels(split)
     poisoned = select_poison(labels, cfg, seed)
     record = PoisonRecord(
@@ -252,8 +261,11 @@ def poison_split(
     )
     if not isinstance(split, TensorSplit):
         return PoisonedDataset(split, record, labels)
+    if trigger.fitted:
+        trigger.fit(split.x, split.y, num_classes, cfg.target)
     x = split.x.clone()
-    x[poisoned] = _in_chunks(trigger.apply, split.x[poisoned])
+    chunks = [trigger.poison(split.x[part], split.y[part]) for part in poisoned.split(_CHUNK)]
+    x[poisoned] = torch.cat(chunks) if chunks else split.x[poisoned]
     return PoisonedTensorSplit(
         x, record.labels(split.y), clean=split, poison=record, train_transform=cross_noise(record)
     )
@@ -309,8 +321,9 @@ def backdoor_test_split(
 
 
 def save_poison(run_dir: str | Path, record: PoisonRecord) -> None:
-    """poison.json (config, trigger spec, counts) and poison.safetensors (poisoned indices and
-    their true labels) in `run_dir`, each written atomically."""
+    """poison.json (config, trigger spec, counts) and poison.safetensors (poisoned indices,
+    their true labels and a fitted trigger's learnt tensors as `trigger.<key>`) in `run_dir`,
+    each written atomically."""
     run_dir = Path(run_dir)
     summary = {
         "config": record.config.model_dump(mode="json"),
@@ -321,21 +334,33 @@ def save_poison(run_dir: str | Path, record: PoisonRecord) -> None:
     tensors = {
         "poisoned": record.poisoned.contiguous(),
         "original_labels": record.original_labels.contiguous(),
+        **{f"{_STATE_PREFIX}{k}": v.contiguous() for k, v in record.trigger.state().items()},
     }
     atomic_write(run_dir / POISON_INDICES_FILE, lambda tmp: save_file(tensors, tmp))
     atomic_write_text(run_dir / POISON_FILE, json.dumps(summary, indent=2))
 
 
 def load_poison_record(run_dir: str | Path) -> PoisonRecord:
+    """The `PoisonRecord` `save_poison` wrote; a fitted trigger gets its learnt state back."""
     run_dir = Path(run_dir)
     path = run_dir / POISON_FILE
     if not path.is_file():
         raise VptlabError(f"{run_dir} holds no {POISON_FILE}: it is not a poisoned run")
     summary: dict[str, Any] = json.loads(path.read_text())
     tensors = load_file(run_dir / summary.get("indices", POISON_INDICES_FILE))
+    trigger = trigger_from_spec(summary["trigger"])
+    state = {k.removeprefix(_STATE_PREFIX): v for k, v in tensors.items()
+             if k.startswith(_STATE_PREFIX)}  # fmt: skip
+    if trigger.fitted and trigger.state_keys and not state:
+        raise VptlabError(
+            f"{run_dir / POISON_INDICES_FILE} holds no learnt state of the fitted trigger "
+            f"{trigger.name}: the poison record is incomplete"
+        )
+    if trigger.fitted or state:  # a plain trigger given a state: load_state names the keys
+        trigger.load_state(state)
     return PoisonRecord(
         config=PoisonConfig.model_validate(summary["config"]),
-        trigger=trigger_from_spec(summary["trigger"]),
+        trigger=trigger,
         poisoned=tensors["poisoned"],  # older runs also hold fixed "cross" indices: not read
         original_labels=tensors["original_labels"],
         num_samples=int(summary["counts"]["samples"]),

@@ -12,6 +12,12 @@ Every trigger works on (N, C, H, W) batches of any size and channel count, follo
 device, and is deterministic from its seed: its pattern is drawn once per (device, dtype,
 channels, size) from a CPU generator seeded by it (so CPU and GPU stamp the same pixels) and
 cached. `spec()` holds what rebuilds it: `create_trigger(**spec)`.
+
+Fitted triggers (`fitted = True`: trojannn.py, label_consistent.py ...) are learnt from the clean
+train split as well: `poison_split` calls `fit(x, y, num_classes, target)` before stamping, and
+their learnt tensors (`state()`) travel in the run's poison record (`load_state`), so spec plus
+state rebuild them. `poison(x, y)` is what a poisoned training sample becomes (label-consistent
+perturbs it first); the test split and every evaluation use `apply(x)`.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field, NonNegativeInt
 
 from vptlab.data.base import seeded_generator
-from vptlab.errors import ConfigError
+from vptlab.errors import ConfigError, VptlabError
 from vptlab.registry import Registry
 
 TRIGGERS = Registry["Trigger"]("trigger")
@@ -47,18 +53,54 @@ class Trigger:
 
     name: str = "trigger"
     cross_ratio: float = 0.0
+    fitted: bool = False  # True: learnt from the clean train split (`fit`) besides the seed
+    state_keys: tuple[str, ...] = ()  # the names of a fitted trigger's learnt tensors
 
     def __init__(self, seed: int = 0) -> None:
         if seed < 0:
             raise ConfigError(f"{self.name} seed must be >= 0, got {seed}")
         self.seed = seed
         self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._state: dict[str, torch.Tensor] = {}
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) in [0,1] -> the triggered batch, same shape, device and dtype, in [0,1]."""
         if x.ndim != 4:
             raise ValueError(f"{self.name}: expected a (N,C,H,W) batch, got {tuple(x.shape)}")
+        self.require_state()
         return self.stamp(x).clamp(0.0, 1.0)
+
+    def poison(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """What poisoned TRAINING samples x (true labels y) become: `apply(x)` unless a trigger
+        says otherwise (label-consistent perturbs them first). Tests and evaluation use apply."""
+        return self.apply(x)
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, target: int) -> None:
+        """Learn from the clean train split (x (N,C,H,W) in [0,1] at its stored size, y (N,)
+        int64), deterministic from the seed on the CPU; `poison_split` calls it once, before
+        stamping, when `fitted`. Plain triggers learn nothing."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The learnt tensors (CPU copies; {} for a plain trigger), saved in the poison record."""
+        return {key: value.detach().cpu().clone() for key, value in self._state.items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take learnt tensors (what `state()` gave); the keys must be `state_keys`."""
+        if set(state) != set(self.state_keys):
+            raise VptlabError(
+                f"{self.name}: learnt state must hold {sorted(self.state_keys)}, "
+                f"got {sorted(state)}"
+            )
+        self._state = {key: value.detach().cpu().clone() for key, value in state.items()}
+        self._cache.clear()
+
+    def require_state(self) -> None:
+        """One clear error when a fitted trigger is used before it was fitted or loaded."""
+        if self.fitted and not self._state:
+            raise ConfigError(
+                f"{self.name} is fitted on the train split: poison a split first or load its "
+                "run's poison record"
+            )
 
     def stamp(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -164,7 +164,8 @@ def build_evaluators(
 ) -> list[Evaluator]:
     """Clean test accuracy (zero-shot for objective clip), plus the robust-accuracy probe when
     `train.robust_probe` asks for it (by default: adversarial objectives), plus ASR and RA of
-    the trigger on the test split when the train split is poisoned (`data.poison`).
+    the trigger on the test split when the train split is poisoned (`data.poison`): the trigger
+    of the train split's poison record, so a fitted trigger is evaluated as it was fitted.
 
     The probe attacks `data.probe` (held out of the train split by `build_data`) at the eps the
     training `task` has reached (its eps ramp), or at `train.attack.eps` for a task without one.
@@ -174,7 +175,10 @@ def build_evaluators(
         evaluators = [ZeroShotAccuracy(data.test, *zero_shot_prompts(data))]
     poison = cfg.data.poison
     if poison is not None:
-        threat = BackdoorThreat(poison_trigger(poison, cfg.seed), poison.target, poison.mode,
+        # The poisoned split's own trigger: a fitted one (TrojanNN ...) is what was learnt there.
+        record = getattr(data.train, "poison", None)
+        trigger = record.trigger if record is not None else poison_trigger(poison, cfg.seed)
+        threat = BackdoorThreat(trigger, poison.target, poison.mode,
                                 num_classes=data.num_classes)  # fmt: skip
         evaluators.append(BackdoorAccuracy(data.test, threat))
     tcfg = cfg.train
