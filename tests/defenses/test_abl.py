@@ -77,7 +77,8 @@ def test_training_phase_masks_the_isolated_samples() -> None:
     model = create_model("simplenet", num_classes=10, img_size=8).eval()
     x = split.x.expand(-1, 3, -1, -1)
     batch = Batch(x[:8], split.y[:8], torch.arange(8))
-    loss, logits = task.loss(model, batch, model)
+    with torch.no_grad():
+        loss, logits = task.loss(model, batch, model)
     per_sample = F.cross_entropy(logits, batch.y, reduction="none")
     kept = torch.tensor([1, 2, 4, 5, 6, 7])
     assert float(loss) == pytest.approx(float(per_sample[kept].mean()), rel=1e-5)
@@ -159,3 +160,54 @@ def test_abl_removes_the_backdoor_and_keeps_accuracy(
     assert backdoored.asr > 90
     assert final["badnets/asr"] < backdoored.asr - 60, (final, backdoored.asr)
     assert final["test_top1"] > 60, final  # chance is 10%
+
+
+def test_a_matrix_crosses_abl_with_every_trigger(tmp_path: Path) -> None:
+    """In a matrix ABL is a defense that changes training (`kind: adversarial`, the kind whose
+    `train:` replaces the objective) against backdoor threats: one cell per trigger, each
+    training its poisoned split with objective abl."""
+    from vptlab.matrix.cells import plan
+    from vptlab.matrix.config import parse_matrix
+
+    poison = {"rate": 0.1, "options": {}}
+    raw = {
+        "matrix": "m", "output": str(tmp_path / "runs"),
+        "base": {"seed": 0, "device": "cpu", "train": {"epochs": 5},
+                 "data": {"name": "digits", "batch_size": 64, "num_workers": 0}},
+        "models": {"simplenet": {"model": {"name": "simplenet"}}},
+        "threats": {name: {"kind": "backdoor", "poison": {"trigger": name, **poison}}
+                    for name in ("badnets", "blended")},
+        "defenses": {"abl": {"kind": "adversarial", "train": {"objective": "abl"},
+                             "against": ["backdoor"]}},
+    }  # fmt: skip
+    cells = {c.id: c for c in plan(parse_matrix(raw))}
+    for trigger in ("badnets", "blended"):
+        cell = cells[f"simplenet/full/{trigger}/abl"]
+        assert cell.skip is None and cell.train["train"]["objective"] == "abl"
+        assert cell.train["data"]["poison"]["trigger"] == trigger
+
+
+def test_a_resumed_run_keeps_the_isolated_samples(tmp_path: Path) -> None:
+    """The isolated set lives in the checkpoint (`task_state`): a run stopped after its
+    training-phase epoch and resumed unlearns the same samples to the same weights as an
+    uninterrupted one (digits: 4 epochs, isolation after the first)."""
+    from vptlab.data import load_dataset
+
+    data = poison_data(load_dataset("digits", seed=0), POISON, seed=0)
+
+    def run(name: str, stop: int | None = None, resume: bool = False) -> dict[str, Any]:
+        cfg = repair_config(tmp_path, name, train={"epochs": 4, "lr": 3e-3, "objective": "abl"})
+        cfg.data.name = "digits"
+        torch.manual_seed(0)
+        model = create_model("simplenet", num_classes=10, img_size=8)
+        task = create_objective(cfg.train, model=model, data=data)
+        metrics = fit(model, data, cfg, tmp_path / name, task=task, evaluators=[],
+                      stop_after_epochs=stop, resume=resume)  # fmt: skip
+        return {"state": model.state_dict(), "abl": metrics["abl"]}
+
+    whole = run("whole")
+    run("parts", stop=3)
+    resumed = run("parts", resume=True)
+    assert whole["abl"]["isolated"] == resumed["abl"]["isolated"] > 0
+    assert whole["abl"]["unlearning_steps"] == resumed["abl"]["unlearning_steps"] > 0
+    assert all(torch.equal(whole["state"][k], v) for k, v in resumed["state"].items())
