@@ -25,6 +25,7 @@ from vptlab.engine.loop import fit
 from vptlab.engine.tasks import create_objective
 from vptlab.errors import ConfigError
 from vptlab.models import create_model
+from vptlab.steps.train import abl_sentence
 
 from conftest import POISON, Backdoored, repair_config  # isort: skip
 
@@ -151,6 +152,7 @@ def test_abl_isolates_mostly_poisoned_samples(abl_run: dict[str, Any]) -> None:
     assert abl["isolated"] == 40  # 1% of the 4,000 train digits
     assert abl["unlearning_steps"] == 5  # 5 passes of one batch of 40
     assert abl["precision"] > 5 * BASE_RATE, abl
+    assert f"{abl['isolated_poisoned']} of them were poisoned" in abl_sentence(abl)  # report.md
 
 
 def test_abl_removes_the_backdoor_and_keeps_accuracy(
@@ -190,14 +192,14 @@ def test_a_matrix_crosses_abl_with_every_trigger(tmp_path: Path) -> None:
 def test_a_resumed_run_keeps_the_isolated_samples(tmp_path: Path) -> None:
     """The isolated set lives in the checkpoint (`task_state`): a run stopped after its
     training-phase epoch and resumed unlearns the same samples to the same weights as an
-    uninterrupted one (digits: 4 epochs, isolation after the first)."""
-    from vptlab.data import load_dataset
-
-    data = poison_data(load_dataset("digits", seed=0), POISON, seed=0)
+    uninterrupted one (3 epochs on 512 random 8x8 images, isolation after the first, stopped
+    before the last)."""
+    g = torch.Generator().manual_seed(0)
+    split = TensorSplit(torch.rand(512, 1, 8, 8, generator=g), torch.arange(512) % 10)
+    data = poison_data(DataSplits("tiny", split, split, num_classes=10), POISON, seed=0)
 
     def run(name: str, stop: int | None = None, resume: bool = False) -> dict[str, Any]:
-        cfg = repair_config(tmp_path, name, train={"epochs": 4, "lr": 3e-3, "objective": "abl"})
-        cfg.data.name = "digits"
+        cfg = repair_config(tmp_path, name, train={"epochs": 3, "lr": 3e-3, "objective": "abl"})
         torch.manual_seed(0)
         model = create_model("simplenet", num_classes=10, img_size=8)
         task = create_objective(cfg.train, model=model, data=data)
@@ -206,7 +208,7 @@ def test_a_resumed_run_keeps_the_isolated_samples(tmp_path: Path) -> None:
         return {"state": model.state_dict(), "abl": metrics["abl"]}
 
     whole = run("whole")
-    run("parts", stop=3)
+    run("parts", stop=2)
     resumed = run("parts", resume=True)
     assert whole["abl"]["isolated"] == resumed["abl"]["isolated"] > 0
     assert whole["abl"]["unlearning_steps"] == resumed["abl"]["unlearning_steps"] > 0

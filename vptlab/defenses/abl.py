@@ -143,7 +143,8 @@ class ABLTask:
         if phase == "unlearning":
             return self.unlearned >= self.unlearning_steps()
         if phase == "training" and not _distributed():
-            # Under DDP another rank may have samples left; this rank's masked loss is 0 then.
+            # One device sync per step of this phase (reading the mask). Under DDP another
+            # rank may have samples left: no skip, this rank's masked loss is 0 then.
             return bool(self._isolated_mask(batch.index).all())
         return False
 
