@@ -30,11 +30,15 @@ Defaults, from the authors' code (bboylyg/ABL config.py, backdoor_isolation.py,
 backdoor_unlearning.py) and BackdoorBench (defense/abl.py, config/defense/abl/*.yaml): isolation
 ratio 0.01, gamma 0.5 (every dataset's yaml), unlearning lr 5e-4 (the authors'; BackdoorBench
 sets 1e-4 in its `learning_rate_unlearning`) for 5 passes (the authors' `unlearning_epochs`;
-BackdoorBench 20). The epoch mapping: both spend 100 epochs as 20 isolation (the authors' README;
-BackdoorBench's `tuning_epochs`), 60 fine-tuning and 5-20 unlearning; here I = 20% of E (rounded,
-at least 1, or `abl.isolation_epochs`), the unlearning passes take (a part of) the last epoch,
-and the epochs between are phase 3. The optimizer and schedule stay the run's (`train`), not the
-authors' SGD stages at 0.1 / 0.01: a study compares objectives under one recipe.
+BackdoorBench 20). The epoch mapping: both spend a 100-epoch budget as 20 epochs of isolation
+(BackdoorBench's `tuning_epochs`; the authors' config.py says 10), 60 of
+fine-tuning and 5-20 of unlearning; here I = 20% of E (rounded, at least 1, or
+`abl.isolation_epochs`), the last epoch unlearns (only its first passes x ceil(k / batch) steps
+train) and the epochs between are phase 3. The passes are not scaled: they count passes over the
+isolated set, whose size does not depend on E. The optimizer and schedule stay the run's
+(`train`), not the authors' SGD stages at 0.1 / 0.01: a study compares objectives under one
+recipe. Isolation needs the backdoor learned first: on mnist-5k with SimpleNet one LGA epoch
+leaves the easiest clean digits as low as the poisoned ones (tests/defenses/test_abl.py uses 2).
 
 The isolation statistics (how many isolated, and how many of them are really poisoned when the
 split carries a poison record) are for the report only: `summary()` writes them into
