@@ -213,6 +213,26 @@ class ChecksConfig(Section):
     extra_restarts: int = Field(1, ge=0, description="... and this many more restarts")
 
 
+class ABLConfig(Section):
+    """Anti-backdoor learning's options (`train.objective: abl`, vptlab/defenses/abl.py), at the
+    defaults of the authors' code (bboylyg/ABL) and BackdoorBench's (defense/abl.py, every
+    dataset's yaml): isolate the 1% lowest-loss samples, LGA at gamma 0.5, unlearn with lr 5e-4.
+    BackdoorBench's 20 isolation epochs of 100 become 20% of `train.epochs` (at least 1)."""
+
+    isolation_ratio: float = Field(
+        0.01, gt=0, lt=1, description="share of the train split isolated"
+    )
+    isolation_epochs: int | None = Field(
+        None, gt=0, description="epochs of LGA before isolating (None: 20% of train.epochs, >= 1)"
+    )
+    gamma: float = Field(0.5, gt=0, description="LGA's loss floor: sign(L - gamma) L")
+    unlearning_passes: int = Field(
+        5, gt=0, description="passes of gradient ascent over the isolated samples (the authors' "
+        "unlearning epochs)",
+    )  # fmt: skip
+    unlearning_lr: float = Field(5e-4, gt=0, description="the lr of the unlearning steps")
+
+
 class TrainConfig(Section):
     epochs: int = Field(10, gt=0)
     optimizer: Literal["sgd", "adamw"] = "adamw"
@@ -236,10 +256,12 @@ class TrainConfig(Section):
     # cross-entropy, `clip` (contrastive image-text pretraining of a clip model on a captioned
     # dataset; evaluated zero-shot), or adversarial training (vptlab/defenses/adversarial.py):
     # pgd, fgsm_rs and trades, with `attack` as its budget (norm, eps, alpha, steps, amp); its
-    # `name` is not read by training, `options` refused. Checked by vptlab.steps.resolve.
+    # `name` is not read by training, `options` refused; or `abl` (anti-backdoor learning,
+    # vptlab/defenses/abl.py) with `abl` as its options. Checked by vptlab.steps.resolve.
     objective: str = "standard"
     attack: AttackConfig = AttackConfig()
     trades_beta: float = Field(6.0, ge=0, description="TRADES weight of the KL term")
+    abl: ABLConfig = ABLConfig()
     eps_ramp_epochs: float = Field(
         0.0, ge=0, description="grow the training eps linearly from 0 over these epochs (0: off)"
     )
@@ -452,6 +474,7 @@ UNSET_NOT_IN_RUN_KEY = (
 # CUDA before it existed: a rounding-level change, as a re-run on other hardware is.
 DEFAULT_NOT_IN_RUN_KEY: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("train", "attack", "amp"), False), (("train", "attack", "options"), {}),
+    (("train", "abl"), ABLConfig().model_dump(mode="json")),
 )  # fmt: skip
 
 

@@ -72,7 +72,7 @@ def _objective(name: str) -> Task:
 
 def test_the_paper_objectives_are_registered_as_adversarial() -> None:
     assert {"pgd", "fgsm_rs", "trades"} <= set(ADVERSARIAL)
-    assert OBJECTIVES.names(adversarial=False) == ["clip", "standard"]
+    assert OBJECTIVES.names(adversarial=False) == ["abl", "clip", "standard"]
     assert isinstance(_objective("trades"), TradesTraining)
 
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,9 @@ def _tensorboard(run_dir: Path, enabled: bool) -> Any:
 
 @dataclass
 class Position:
-    """Where training stands: `batch` batches of epoch `epoch` done, `step` optimizer steps in all,
-    plus the running sums of the epoch in progress (so a mid-epoch resume reports the same row)."""
+    """Where training stands: `batch` batches of epoch `epoch` done, `step` loop steps in all (a
+    step the task skips included), plus the running sums of the epoch in progress (so a
+    mid-epoch resume reports the same row)."""
 
     epoch: int = 0
     batch: int = 0
@@ -120,7 +122,9 @@ def fit(
     test split). `trainable_only` saves just the trained tensors (prompts, head); by default it
     follows the adaptation mode. `stop_after_epochs` ends the call early, as an interrupted run.
     `epoch_hooks` run before each epoch's first step (not when resuming inside an epoch), e.g.
-    a pixel prompt's label remapping (engine/hooks.py).
+    a pixel prompt's label remapping (engine/hooks.py); so does the task's own `before_epoch`,
+    after them. The task's other optional hooks (`skip`, `step_lr`, `task_state`, `summary`)
+    are described in engine/tasks.py's `Task`.
     """
     run_dir = Path(run_dir)
     tcfg = cfg.train
@@ -149,7 +153,8 @@ def fit(
     torch.manual_seed(cfg.seed + dist_info.rank)
     pos = Position()
     if resume:
-        pos = _restore(model, optimizer, scheduler, run_dir, trainable_only, dist_info, device)
+        pos = _restore(model, optimizer, scheduler, run_dir, trainable_only, dist_info, device,
+                       task)  # fmt: skip
     if is_main:  # on resume too: the allowed overrides (epochs, device, output) are recorded
         atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
 
@@ -168,9 +173,12 @@ def fit(
     }
 
     set_progress = getattr(task, "set_progress", None)
+    before_epoch = getattr(task, "before_epoch", None)
+    task_summary = getattr(task, "summary", None)
 
     def checkpoint(position: Position) -> None:
-        _checkpoint(model, optimizer, scheduler, position, run_dir, trainable_only, dist_info)
+        _checkpoint(model, optimizer, scheduler, position, run_dir, trainable_only, dist_info,
+                    task)  # fmt: skip
 
     try:
         while pos.epoch < tcfg.epochs:
@@ -181,6 +189,8 @@ def fit(
             if pos.batch == 0:
                 for hook in epoch_hooks or []:
                     hook(model, ctx, pos.epoch)
+                if before_epoch is not None:
+                    before_epoch(model, ctx, pos.epoch)
             row = _train_epoch(
                 step_model, model, task, train_loader, optimizer, scheduler, pos, cfg, amp_dtype,
                 dist_info, checkpoint, show_progress=cfg.output.progress and is_main,
@@ -201,6 +211,8 @@ def fit(
                         writer.add_scalar(key.replace("_", "/", 1), value, pos.epoch)
                 writer.flush()
             metrics.update(_summary(pos.history), status="running")
+            if task_summary is not None:
+                metrics.update(task_summary())
             checkpoint(pos)
             if is_main:
                 _write_metrics(run_dir, metrics)
@@ -244,6 +256,8 @@ def _train_epoch(
     # `pos` is checkpointed, so a resumed run tells them the same.
     set_progress = getattr(task, "set_progress", None)
     count_correct = getattr(task, "correct", None)
+    skip = getattr(task, "skip", None)
+    step_lr = getattr(task, "step_lr", None)
     model.train()
     loader.set_epoch(pos.epoch, pos.batch)
     if pos.lr is None:
@@ -257,31 +271,45 @@ def _train_epoch(
         f"{cfg.name} epoch {pos.epoch + 1}/{tcfg.epochs}", len(loader), show_progress,
         completed=pos.batch,
     ) as advance:  # fmt: skip
+        loss: torch.Tensor | None = None  # the last step's (None while every step skipped)
         for batch in loader:
             device_type = batch.x.device.type
             if set_progress is not None:
                 set_progress(pos.epoch + pos.batch / len(loader))
-            with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, logits = task.loss(model, batch, raw_model)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tcfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            loss_sum = loss_sum.to(loss.device) + loss.detach().double() * len(batch.y)
-            if count_correct is not None:
-                hits = count_correct(logits, batch)
+            if skip is not None and skip(batch):
+                # No forward and no optimizer step: AdamW's momentum and weight decay would move
+                # the weights on a zero gradient. The schedule follows the loop's position (torch
+                # warns when it steps before the optimizer ever has: here that is meant).
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                    scheduler.step()
             else:
-                hits = (logits.detach().argmax(1) == batch.y).sum()
-            correct = correct.to(batch.y.device) + hits
-            pos.seen += len(batch.y)
+                with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss, logits = task.loss(model, batch, raw_model)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tcfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+                lr = step_lr() if step_lr is not None else None
+                if lr is not None:  # this step only: the scheduler's step sets its lr again
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                optimizer.step()
+                scheduler.step()
+                loss_sum = loss_sum.to(loss.device) + loss.detach().double() * len(batch.y)
+                if count_correct is not None:
+                    hits = count_correct(logits, batch)
+                else:
+                    hits = (logits.detach().argmax(1) == batch.y).sum()
+                correct = correct.to(batch.y.device) + hits
+                pos.seen += len(batch.y)
             pos.batch += 1
             pos.step += 1
-            if pos.step % _CHECK_EVERY == 0:
+            if pos.step % _CHECK_EVERY == 0 and loss is not None:
                 _check_finite(float(loss.detach()), pos)
             if every is not None and pos.step % every == 0 and pos.batch < len(loader):
-                _check_finite(float(loss.detach()), pos)
+                if loss is not None:
+                    _check_finite(float(loss.detach()), pos)
                 pos.loss_sum, pos.correct = float(loss_sum), int(correct)
                 pos.seconds += time.perf_counter() - start
                 start = time.perf_counter()
@@ -330,6 +358,7 @@ def _checkpoint(
     run_dir: Path,
     trainable_only: bool,
     info: DistInfo,
+    task: Task | None = None,
 ) -> None:
     """Write model and loop state as a pair that resume can check (same position and digest).
 
@@ -352,6 +381,8 @@ def _checkpoint(
         "partial": [pos.loss_sum, pos.correct, pos.seen, pos.seconds, pos.lr or 0.0],
         "model_digest": digest,
     }
+    if hasattr(task, "task_state"):  # a task's own state (ABL's isolated samples)
+        state["task"] = task.task_state()
     model_path, previous = run_dir / MODEL_FILE, run_dir / PREVIOUS_MODEL_FILE
     had_model = model_path.is_file()
     if had_model:
@@ -382,6 +413,7 @@ def _restore(
     trainable_only: bool,
     info: DistInfo,
     device: torch.device,
+    task: Task | None = None,
 ) -> Position:
     """Load the last checkpoint pair; a model file one write ahead of its state is repaired."""
     state = load_state(run_dir / STATE_FILE)
@@ -405,6 +437,11 @@ def _restore(
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
         raise VptlabError(f"checkpoint state {run_dir / STATE_FILE}: its optimizer or schedule "
                           f"does not fit this run ({error}); retrain with --force") from None
+    if hasattr(task, "load_task_state"):
+        if "task" not in state:
+            raise VptlabError(f"checkpoint state {run_dir / STATE_FILE} lacks the objective's "
+                              "state; retrain the run with --force")  # fmt: skip
+        task.load_task_state(state["task"])
     rng = state["rng_cpu"]
     rows = rng if rng.ndim == 2 else rng[None]
     # A run resumed on another number of ranks cannot replay each rank's stream exactly.

@@ -38,6 +38,19 @@ class Task(Protocol):
     its eps with it); and `correct(logits, batch) -> tensor`, the count of right answers the
     loop's train accuracy sums (default: argmax == label; the contrastive task counts captions
     retrieved in the batch instead).
+
+    A task with phases (ABL, vptlab/defenses/abl.py) may also define, all optional:
+    - `before_epoch(model, ctx, epoch)`: run with the bare model and the `EvalContext` before
+      each epoch's first step, as the loop's epoch hooks (not when resuming inside an epoch);
+    - `skip(batch) -> bool`: True makes the loop skip this batch: no forward, no optimizer step
+      (AdamW's momentum and weight decay would move the weights on a zero gradient), nothing
+      counted; the schedule still advances. Under DDP it must answer the same on every rank;
+    - `step_lr() -> float | None`: the lr of this step's optimizer step in every parameter group
+      instead of the schedule's (None: the schedule's), e.g. an unlearning stage's own lr;
+    - `task_state() -> dict` and `load_task_state(state)`: what the task learned while training
+      (tensors and plain values), saved with the optimizer in every checkpoint and restored on
+      resume;
+    - `summary() -> dict`: top-level entries for the run's metrics.json, written each epoch.
     """
 
     def loss(

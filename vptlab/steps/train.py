@@ -201,6 +201,19 @@ def probe_sentence(probe: dict[str, Any]) -> str:
     return text + f", best {probe['best']:.1f}% at epoch {probe['best_epoch']}."
 
 
+def abl_sentence(abl: dict[str, Any]) -> str:
+    """One sentence on ABL's isolation (objective abl, metrics.json's `abl`): how many samples
+    it isolated after its LGA epochs and, where the split was poisoned, how many of them were."""
+    text = (f"ABL isolated {abl['isolated']} train samples (the lowest-loss "
+            f"{100 * abl['isolation_ratio']:g}%) after {abl['isolation_epochs']} LGA epochs and "
+            f"unlearned them in {abl['unlearning_steps']} steps")  # fmt: skip
+    if "isolated_poisoned" in abl:
+        text += (f"; {abl['isolated_poisoned']} of them were poisoned (precision "
+                 f"{abl['precision']:.1f}%, recall {abl['recall']:.1f}%; the defense never "
+                 "read the poisoned indices)")  # fmt: skip
+    return text + "."
+
+
 def write_run_report(run_dir: Path, metrics: dict[str, Any]) -> None:
     status = f"Status: {metrics.get('status')}, {metrics.get('epochs_done', 0)} epochs done."
     table = markdown_table(RUN_COLUMNS, [metrics])
@@ -210,6 +223,8 @@ def write_run_report(run_dir: Path, metrics: dict[str, Any]) -> None:
         text += f"{BACKDOOR_NOTE}\n"
     if "robust_probe" in metrics:
         text += f"\n{probe_sentence(metrics['robust_probe'])}\n"
+    if "abl" in metrics and "isolated" in metrics["abl"]:
+        text += f"\n{abl_sentence(metrics['abl'])}\n"
     if "best_robust" in metrics:
         text += (
             f"\nThe weights of epoch {metrics['best_robust']['epoch']} (best on the held-out "
