@@ -199,7 +199,8 @@ def test_run_key_of_an_unpoisoned_config_is_unchanged() -> None:
     ("poison", "expected"),
     [
         ({"trigger": "badnet"}, r"^data\.poison\.trigger: unknown trigger 'badnet'; choose from: "
-                                r"badnets, blended, bpp, lc, lf, sig, trojannn, wanet$"),
+                                r"badnets, blended, bpp, inputaware, lc, lf, sig, trojannn, "
+                                r"wanet$"),
         ({"trigger": "badnets", "rate": 0}, r"^data\.poison\.rate: .*greater than 0, got 0$"),
         ({"trigger": "badnets", "rate": 1.5}, r"^data\.poison\.rate: .*less than or equal to 1"),
         ({"trigger": "badnets", "target": -1}, r"^data\.poison\.target: "),

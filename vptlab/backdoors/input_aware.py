@@ -30,7 +30,7 @@ from torch import nn
 
 from vptlab.backdoors.triggers import TRIGGERS, Trigger
 from vptlab.data.base import seeded_generator
-from vptlab.errors import ConfigError
+from vptlab.errors import ConfigError, VptlabError
 
 # The authors' constants (config.py; BackdoorBench's config/attack/inputaware/default.yaml).
 P_ATTACK = 0.1  # share of each fit batch given its own trigger and the target label
@@ -38,6 +38,7 @@ LAMBDA_DIV = 1.0  # weight of the diversity loss
 LAMBDA_NORM = 100.0  # weight of the mask's norm loss
 BATCH = 128  # the authors' batch size, for the joint stage
 MASK_BATCH = 32  # smaller for the mask stage: its steps, not its samples, make the mask converge
+CALIBRATION = 1024  # images whose BatchNorm statistics the frozen generators keep
 STEPS = 2  # the MNIST generator's down/up-sampling steps: sizes are padded to multiples of 4
 _EPSILON = 1e-7
 _FIT_STREAM = 3  # the fit's batch order, apart from the pattern (1) and poison (2) streams
@@ -85,6 +86,23 @@ class Generator(nn.Sequential):
     def threshold(m: torch.Tensor) -> torch.Tensor:
         """The authors' soft step at 1/2 that makes the mask almost binary."""
         return torch.tanh(m * 20 - 10) / (2 + _EPSILON) + 0.5
+
+
+@torch.no_grad()
+def _calibrate(net: Generator, x: torch.Tensor) -> None:
+    """BatchNorm's running statistics recomputed as exact averages over x (train-mode passes):
+    after a fit of tens of steps the running averages (momentum 0.05) still hold much of their
+    initialisation, and the eval-mode generator would not be the one the classifier saw."""
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average
+    net.train()
+    for part in x.split(MASK_BATCH * 4):
+        net(part)
+    for norm in norms:
+        norm.momentum = 0.05
+    net.eval()
 
 
 def _diversity(
@@ -154,22 +172,26 @@ class InputAwareTrigger(Trigger):
         for net in (pattern_net, mask_net):
             net.eval().requires_grad_(False)
         self.pattern_net, self.mask_net, self._moved = pattern_net, mask_net, {}
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """The frozen generators' weights and BatchNorm statistics, `pattern.<key>` and
-        `mask.<key>`; {} before the fit."""
-        if self.pattern_net is None or self.mask_net is None:
-            return {}
-        nets = {"pattern": self.pattern_net, "mask": self.mask_net}
-        return {f"{name}.{k}": v.detach().clone() for name, net in nets.items()
-                for k, v in net.state_dict().items()}  # fmt: skip
+        # The learnt state (`state()`): both generators' weights and BatchNorm statistics.
+        self._state = {f"{name}.{k}": v.detach().clone()
+                       for name, net in (("pattern", pattern_net), ("mask", mask_net))
+                       for k, v in net.state_dict().items()}  # fmt: skip
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        channels = int(state["pattern.0.weight"].shape[1])
-        pattern_net, mask_net = self._build(channels)
+        """Rebuild the generators from `state()` (`pattern.<key>`, `mask.<key>`), for the
+        channel count their first conv was fitted on."""
+        if "pattern.0.weight" not in state:
+            raise VptlabError(f"{self.name}: learnt state holds no pattern.0.weight")
+        pattern_net, mask_net = self._build(int(state["pattern.0.weight"].shape[1]))
         for prefix, net in (("pattern.", pattern_net), ("mask.", mask_net)):
-            net.load_state_dict({k[len(prefix):]: v for k, v in state.items()
-                                 if k.startswith(prefix)})  # fmt: skip
+            part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            try:
+                net.load_state_dict(part)
+            except RuntimeError as error:
+                first = str(error).splitlines()[0]
+                raise VptlabError(
+                    f"{self.name}: learnt state does not fit width {self.width}: {first}"
+                ) from None
         self._freeze(pattern_net, mask_net)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -179,11 +201,8 @@ class InputAwareTrigger(Trigger):
     # ---- stamping ----
 
     def _nets(self, x: torch.Tensor) -> tuple[Generator, Generator]:
-        if self.pattern_net is None or self.mask_net is None:
-            raise ConfigError(
-                f"{self.name} is fitted on the train split: poison a split first or load its "
-                "run's poison record"
-            )
+        self.require_state()
+        assert self.pattern_net is not None and self.mask_net is not None
         if x.shape[-3] != self.pattern_net.channels:
             raise ConfigError(
                 f"{self.name} was fitted on {self.pattern_net.channels}-channel images, got "
@@ -225,16 +244,22 @@ class InputAwareTrigger(Trigger):
     def fit(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, target: int) -> None:
         """The authors' two stages on (x, y) (the clean train split, CPU, seeded; see the module):
         the mask generator alone, then the pattern generator with a fresh classifier."""
-        from vptlab.models.simplenet import SimpleNet
+        from vptlab.models import build_classifier
+        from vptlab.models.simplenet import SCRATCH_MEAN, SCRATCH_STD, SMALL_IMAGE, SimpleNet
 
         start = time.perf_counter()
         x, y = x.detach().float().cpu(), y.detach().long().cpu()
         n, batch = len(x), min(BATCH, len(x))
         g = seeded_generator(self.seed, _FIT_STREAM)
+        channels, size = int(x.shape[1]), min(x.shape[-2:])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            pattern_net, mask_net = self._build(x.shape[1])
-            classifier = SimpleNet(num_classes, in_chans=x.shape[1])
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+            pattern_net, mask_net = self._build(channels)
+            # The surrogate's SimpleNet (backdoors/surrogate.py), trained here WITH the
+            # generator from scratch, as the authors' classifier is.
+            net = SimpleNet(num_classes, in_chans=channels,
+                            stem_stride=1 if size < SMALL_IMAGE else 2)  # fmt: skip
+        classifier = build_classifier(net, SCRATCH_MEAN[:1] * channels, SCRATCH_STD[:1] * channels)
 
         def pairs(steps: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             # The authors' two shuffled loaders over the same split, whole batches only.
@@ -258,7 +283,8 @@ class InputAwareTrigger(Trigger):
             opt_m.zero_grad(set_to_none=True)
             loss.backward()
             opt_m.step()
-        mask_net.eval().requires_grad_(False)
+        _calibrate(mask_net, x[:CALIBRATION])
+        mask_net.requires_grad_(False)
 
         opt_g = torch.optim.Adam(pattern_net.parameters(), **adam)
         opt_c = torch.optim.AdamW(classifier.parameters(), lr=3e-3, weight_decay=0.01)
@@ -278,7 +304,7 @@ class InputAwareTrigger(Trigger):
                 x1[num_bd + num_cross :],
             ])  # fmt: skip
             y1[:num_bd] = target
-            loss = F.cross_entropy(classifier(inputs * 2 - 1), y1)
+            loss = F.cross_entropy(classifier(inputs), y1)
             pairs_n = min(num_bd, len(p2))
             loss = loss + LAMBDA_DIV * _diversity(
                 x1[:pairs_n], others[:pairs_n], p1[:pairs_n], p2[:pairs_n]
@@ -288,6 +314,7 @@ class InputAwareTrigger(Trigger):
             loss.backward()
             opt_g.step()
             opt_c.step()
+        _calibrate(pattern_net, x[:CALIBRATION])
         self._freeze(pattern_net, mask_net)
         self.fit_seconds = time.perf_counter() - start
 
