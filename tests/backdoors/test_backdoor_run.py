@@ -131,15 +131,14 @@ def test_lc_run_on_digits_needs_the_whole_target_class(
 
 @pytest.mark.slow
 def test_inputaware_run_plants_a_partial_backdoor(runs: dict[str, Any], tmp_path: Path) -> None:
-    """Input-aware at 10% (its generators fitted in seconds, cross_ratio 1) does NOT reach 80%
+    """Input-aware at 10% (generators fitted in seconds, cross_ratio 1) does NOT reach 80%
     ASR in the 2-epoch budget: measured ASR 38.0, CA 93.4 against the clean model's 95.3, and a
     trigger generated from another digit sends 23% of the digits to the target (cross-trigger
     ASR; 68% keep their label). After 6 epochs: ASR 48.3, CA 95.5, cross-trigger 18.7. Without
-    cross samples (cross_ratio 0), 2 epochs: see the trigger's docstring. Why: each digit's
-    trigger is a different sparse pattern at different pixels (about 7% of them), and the cross
-    samples teach the victim that such a pattern alone is no trigger: it must learn which
-    pattern belongs to which digit, what the authors' classifier learns over 600 epochs WITH the
-    generator, and a victim trained on a frozen generator's fixed samples learns slowly."""
+    cross samples (cross_ratio 0): ASR 33.4 after 2 epochs, so they are not what holds it back.
+    Why: each digit's trigger is a different sparse pattern at different pixels (about 7% of
+    them), which a victim trained on a frozen generator's fixed samples learns slowly; the
+    authors' classifier learns it over 600 epochs together with the generator."""
     final = poisoned_run(tmp_path, "{trigger: inputaware, rate: 0.1}")
     clean = runs["clean"]["final"]
     assert 25.0 < final["inputaware/asr"] < 80.0  # planted in part, well above the ~1% by chance

@@ -52,7 +52,7 @@ def test_each_image_gets_its_own_trigger(fitted: InputAwareTrigger) -> None:
 
 def test_the_fit_is_seeded(digits: tuple[torch.Tensor, torch.Tensor],
                            fitted: InputAwareTrigger) -> None:  # fmt: skip
-    x, y = digits[0][:256], digits[1][:256]
+    x, y = digits[0][:128], digits[1][:128]
     first, again, other = (create_trigger("inputaware", seed=s, steps=1, mask_steps=2)
                            for s in (0, 0, 1))  # fmt: skip
     for trigger in (first, again, other):
