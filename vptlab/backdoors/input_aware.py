@@ -169,7 +169,7 @@ class InputAwareTrigger(Trigger):
         self.pattern_net: Generator | None = None
         self.mask_net: Generator | None = None
         self.fit_seconds: float | None = None
-        self._moved: dict[tuple[Any, ...], tuple[Generator, Generator]] = {}
+        self._moved: dict[torch.device, tuple[Generator, Generator]] = {}
 
     def options(self) -> dict[str, Any]:
         return {"cross_ratio": self.cross_ratio, "width": self.width,
@@ -208,7 +208,7 @@ class InputAwareTrigger(Trigger):
         self._freeze(pattern_net, mask_net)
 
     def __getstate__(self) -> dict[str, Any]:
-        # Loader workers get the CPU generators; device copies are rebuilt there.
+        # Loader workers get the fitted generators; their float64 copies are rebuilt there.
         return {**super().__getstate__(), "_moved": {}}
 
     # ---- stamping ----
@@ -221,18 +221,20 @@ class InputAwareTrigger(Trigger):
                 f"{self.name} was fitted on {self.pattern_net.channels}-channel images, got "
                 f"{x.shape[-3]} channels"
             )
-        if x.device.type == "cpu" and x.dtype == torch.float32:
-            return self.pattern_net, self.mask_net
-        key = (x.device, x.dtype)
-        if key not in self._moved:
-            self._moved[key] = (copy.deepcopy(self.pattern_net).to(x.device, x.dtype),
-                                copy.deepcopy(self.mask_net).to(x.device, x.dtype))  # fmt: skip
-        return self._moved[key]
+        if x.device not in self._moved:
+            nets = (self.pattern_net, self.mask_net)
+            pattern_net, mask_net = (copy.deepcopy(n).to(x.device, torch.float64) for n in nets)
+            self._moved[x.device] = (pattern_net, mask_net)
+        return self._moved[x.device]
 
     def trigger_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (pattern (N, C, H, W), mask (N, 1, H, W)) generated from each image of x."""
+        """The (pattern (N, C, H, W), mask (N, 1, H, W)) generated from each image of x, in
+        float64 (then x's dtype): the mask's steep threshold (slope 10) would otherwise turn
+        float32 rounding that differs with the batch size into visible differences."""
         pattern_net, mask_net = self._nets(x)
-        return pattern_net(x), Generator.threshold(mask_net(x))
+        wide = x.double()
+        pattern, mask = pattern_net(wide), Generator.threshold(mask_net(wide))
+        return pattern.to(x.dtype), mask.to(x.dtype)
 
     def stamp(self, x: torch.Tensor) -> torch.Tensor:
         pattern, mask = self.trigger_of(x)
