@@ -132,7 +132,7 @@ def test_lc_run_on_digits_needs_the_whole_target_class(
 @pytest.mark.slow
 def test_inputaware_run_plants_a_partial_backdoor(runs: dict[str, Any], tmp_path: Path) -> None:
     """Input-aware at 10% (generators fitted in seconds, cross_ratio 1) does NOT reach 80%
-    ASR in the 2-epoch budget: measured ASR 38.0, CA 93.4 against the clean model's 95.3, and a
+    ASR in the 2-epoch budget: measured ASR 38.0, CA 93.7 against the clean model's 95.3, and a
     trigger generated from another digit sends 23% of the digits to the target (cross-trigger
     ASR; 68% keep their label). After 6 epochs: ASR 48.3, CA 95.5, cross-trigger 18.7. Without
     cross samples (cross_ratio 0): ASR 33.4 after 2 epochs, so they are not what holds it back.

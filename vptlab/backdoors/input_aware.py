@@ -136,7 +136,7 @@ class InputAwareTrigger(Trigger):
 
     Measured on mnist-5k, SimpleNet victim, 10% poison (tests/backdoors/test_backdoor_run.py):
     the frozen trigger is learnt only in part, ASR 38.0 after 2 epochs and 48.3 after 6, at no
-    cost in CA (93.4 / 95.5 against 95.3 clean); a trigger from another digit sends 23% (18.7%
+    cost in CA (93.7 / 95.5 against 95.3 clean); a trigger from another digit sends 23% (18.7%
     after 6 epochs) of the digits to the target. Not the cross samples' doing: without them
     (cross_ratio 0) ASR is 33.4 after 2 epochs; a 3x longer joint fit (steps 96) gives 41.0;
     mask_density 0.1 gives 58.7 but a cross-trigger rate of 45% (less input-specific). Each
