@@ -26,7 +26,8 @@ from vptlab.errors import ConfigError
 FITTED = [name for name in TRIGGERS.names() if TRIGGERS.get(name).fitted]
 # Options that fit in a fraction of a second on the toy split below.
 FAST = {"trojannn": {"steps": 5, "images": 16, "surrogate_epochs": 1},
-        "lc": {"steps": 3, "alpha": 0.02, "surrogate_epochs": 1}}  # fmt: skip
+        "lc": {"steps": 3, "alpha": 0.02, "surrogate_epochs": 1},
+        "inputaware": {"steps": 2, "mask_steps": 2}}  # fmt: skip
 
 
 def toy_split(n: int = 200, classes: int = 4, channels: int = 1, size: int = 12) -> TensorSplit:
@@ -41,7 +42,7 @@ def cfg(name: str, **kwargs) -> PoisonConfig:
 
 
 def test_the_fitted_triggers_are_registered() -> None:
-    assert {"trojannn", "lc"} <= set(FITTED)
+    assert {"trojannn", "lc", "inputaware"} <= set(FITTED)
 
 
 @pytest.mark.parametrize("name", FITTED)

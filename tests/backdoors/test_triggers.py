@@ -27,7 +27,8 @@ NAMES = TRIGGERS.names()
 SEEDED = {"badnets": {"pattern": "random"}, "blended": {}, "lf": {}, "wanet": {}}
 # Fit options of the fitted triggers that take a fraction of a second on `FIT_SPLIT`.
 FAST_FIT = {"trojannn": {"steps": 5, "images": 16, "surrogate_epochs": 1},
-            "lc": {"steps": 3, "alpha": 0.02, "surrogate_epochs": 1}}  # fmt: skip
+            "lc": {"steps": 3, "alpha": 0.02, "surrogate_epochs": 1},
+            "inputaware": {"steps": 2, "mask_steps": 2}}  # fmt: skip
 
 
 def images(n: int, channels: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -51,7 +52,8 @@ def ready(name: str, seed: int = 0, channels: int = 3, **options: Any) -> Trigge
 
 
 def test_registry_holds_the_papers() -> None:
-    assert NAMES == ["badnets", "blended", "bpp", "lc", "lf", "sig", "trojannn", "wanet"]
+    assert NAMES == ["badnets", "blended", "bpp", "inputaware", "lc", "lf", "sig", "trojannn",
+                     "wanet"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", NAMES)
