@@ -64,6 +64,29 @@ def test_state_survives_the_run_folder(name: str, channels: int, tmp_path: Path)
     assert torch.equal(poison_split(split, cfg(name), num_classes=4).x, poisoned.x)
 
 
+@pytest.mark.parametrize("name", FITTED)
+def test_a_reload_takes_the_saved_samples_without_fitting_again(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    split = toy_split()
+    poisoned = poison_split(split, cfg(name), num_classes=4)
+    save_poison(tmp_path, poisoned.poison)
+    saved = load_poison_record(tmp_path)
+    assert saved.images is not None and torch.equal(saved.images, poisoned.x[saved.poisoned])
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted again")
+
+    monkeypatch.setattr(type(saved.trigger), "fit", no_fit)
+    again = poison_split(split, cfg(name), num_classes=4, saved=saved)
+    assert torch.equal(again.x, poisoned.x) and again.poison.trigger is saved.trigger
+    x = toy_split(8).x
+    assert torch.equal(again.poison.trigger.apply(x), poisoned.poison.trigger.apply(x))
+    # A record of another poisoning (another seed draws other samples) is not taken.
+    with pytest.raises(AssertionError, match="fitted again"):
+        poison_split(split, cfg(name, seed=5), num_classes=4, saved=saved)
+
+
 @pytest.mark.parametrize("name", [n for n in FITTED if TRIGGERS.get(n).state_keys])
 def test_apply_before_fit_is_one_clear_error(name: str) -> None:
     message = rf"^{name} is fitted on the train split: poison a split first or load its run's"

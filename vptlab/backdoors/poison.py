@@ -84,6 +84,9 @@ class PoisonRecord:
     original_labels: torch.Tensor  # (n,) int64: true labels of `poisoned`
     num_samples: int
     num_classes: int
+    # A fitted trigger's poisoned train samples as trained ((n, C, H, W), else None): a reload
+    # of the run (defend, detect, resume) takes them instead of fitting the trigger again.
+    images: torch.Tensor | None = None
 
     def counts(self) -> dict[str, int | float]:
         """Samples, classes, poisoned samples, and cross samples per poisoned one in a batch."""
@@ -235,9 +238,12 @@ def poison_split(
     cfg: PoisonConfig,
     num_classes: int,
     seed: int = 0,
+    saved: PoisonRecord | None = None,
 ) -> PoisonedTensorSplit | PoisonedDataset:
     """`split` poisoned as `cfg` says (trigger and sample draws seeded by `cfg.seed`, else
-    `seed`); the input split and its tensors are left as they were."""
+    `seed`); the input split and its tensors are left as they were. `saved`: the run's own
+    record (`load_poison_record`), whose fitted trigger and poisoned samples are taken as they
+    were trained, without fitting again, when it is a record of this very poisoning."""
     if cfg.mode == "all2one" and cfg.target >= num_classes:
         raise ConfigError(
             f"data.poison.target: {cfg.target} is not a class (the dataset has {num_classes})"
@@ -261,17 +267,35 @@ def poison_split(
     )
     if not isinstance(split, TensorSplit):
         return PoisonedDataset(split, record, labels)
-    if trigger.fitted:
-        trigger.fit(split.x, split.y, num_classes, cfg.target)
+    if saved is not None and saved.images is not None and _same_poisoning(saved, record):
+        record = replace(record, trigger=saved.trigger, images=saved.images)
+        stamped = saved.images
+    else:
+        if trigger.fitted:
+            trigger.fit(split.x, split.y, num_classes, cfg.target)
+        chunks = [trigger.poison(split.x[part], split.y[part]) for part in poisoned.split(_CHUNK)]
+        stamped = torch.cat(chunks) if chunks else split.x[poisoned]
+        if trigger.fitted:
+            record = replace(record, images=stamped)
     x = split.x.clone()
-    chunks = [trigger.poison(split.x[part], split.y[part]) for part in poisoned.split(_CHUNK)]
-    x[poisoned] = torch.cat(chunks) if chunks else split.x[poisoned]
+    x[poisoned] = stamped.to(x.dtype)
     return PoisonedTensorSplit(
         x, record.labels(split.y), clean=split, poison=record, train_transform=cross_noise(record)
     )
 
 
-def poison_data(data: DataSplits, cfg: PoisonConfig, seed: int = 0) -> DataSplits:
+def _same_poisoning(saved: PoisonRecord, record: PoisonRecord) -> bool:
+    """Whether `saved` is a record of the poisoning `record` describes, by a fitted trigger:
+    the same config, trigger spec and indices, on a split of the same size."""
+    return (record.trigger.fitted and saved.config == record.config
+            and saved.trigger.spec() == record.trigger.spec()
+            and saved.num_samples == record.num_samples
+            and torch.equal(saved.poisoned, record.poisoned))  # fmt: skip
+
+
+def poison_data(
+    data: DataSplits, cfg: PoisonConfig, seed: int = 0, saved: PoisonRecord | None = None
+) -> DataSplits:
     """`data` with its train split poisoned (see `poison_split`; image-text data also get the
     target's captions on poisoned pairs, backdoors/clip_poison.py); the test split stays clean."""
     # Imported here: clip_poison builds on this module.
@@ -283,7 +307,7 @@ def poison_data(data: DataSplits, cfg: PoisonConfig, seed: int = 0) -> DataSplit
         raise ConfigError(
             f"data.poison.captions: {data.name} has no captions to replace (it is not image-text)"
         )
-    return replace(data, train=poison_split(data.train, cfg, data.num_classes, seed))
+    return replace(data, train=poison_split(data.train, cfg, data.num_classes, seed, saved))
 
 
 def non_target_index(labels: torch.Tensor, target: int, mode: str) -> torch.Tensor:
@@ -336,6 +360,8 @@ def save_poison(run_dir: str | Path, record: PoisonRecord) -> None:
         "original_labels": record.original_labels.contiguous(),
         **{f"{_STATE_PREFIX}{k}": v.contiguous() for k, v in record.trigger.state().items()},
     }
+    if record.images is not None:
+        tensors["images"] = record.images.contiguous()
     atomic_write(run_dir / POISON_INDICES_FILE, lambda tmp: save_file(tensors, tmp))
     atomic_write_text(run_dir / POISON_FILE, json.dumps(summary, indent=2))
 
@@ -365,6 +391,7 @@ def load_poison_record(run_dir: str | Path) -> PoisonRecord:
         original_labels=tensors["original_labels"],
         num_samples=int(summary["counts"]["samples"]),
         num_classes=int(summary["counts"]["classes"]),
+        images=tensors.get("images"),
     )
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vptlab.backdoors.metrics import BackdoorAccuracy, BackdoorThreat
-from vptlab.backdoors.poison import poison_data, poison_trigger
+from vptlab.backdoors.poison import PoisonRecord, poison_data, poison_trigger
 from vptlab.config import ExperimentConfig, PixelConfig
 from vptlab.data import dataset_options, load_dataset
 from vptlab.data.base import DataSplits, TensorSplit, hold_out
@@ -36,14 +36,15 @@ from vptlab.prompts import adapt
 from vptlab.prompts.label_mapping import DATA_MAPPINGS
 
 
-def build_data(cfg: ExperimentConfig) -> DataSplits:
+def build_data(cfg: ExperimentConfig, saved: PoisonRecord | None = None) -> DataSplits:
     """Load the dataset; `data.img_size` reaches folder readers here and the loaders per batch.
 
     With the robust probe on (`train.robust_probe`), `probe_size` samples drawn by the seed leave
     the train split for `data.probe` (the probe's held-out slice; data/base.py `hold_out`), so
     the model never trains on them. With `data.poison`, the train split is poisoned
     (backdoors/poison.py: a new split beside the clean one, carrying its record as `.poison`);
-    the test split stays clean.
+    the test split stays clean. `saved`: the run's poison record, whose fitted trigger and
+    poisoned samples a reload takes as trained (`poison_split`).
     """
     dcfg = cfg.data
     options = dict(dcfg.options)
@@ -56,7 +57,7 @@ def build_data(cfg: ExperimentConfig) -> DataSplits:
         # trains on (poisoning after the cut needs no index remapping).
         data = hold_out_probe(data, probe_size(cfg.train), cfg.seed)
     if dcfg.poison is not None:
-        data = poison_data(data, dcfg.poison, seed=cfg.seed)
+        data = poison_data(data, dcfg.poison, seed=cfg.seed, saved=saved)
     return data
 
 
@@ -131,10 +132,13 @@ def _adapt_clip(model: nn.Module, cfg: ExperimentConfig, num_classes: int) -> Pi
     return cfg.adapt.pixel_prompt
 
 
-def build_experiment(cfg: ExperimentConfig) -> tuple[DataSplits, nn.Module]:
-    """Data and adapted model of a config; seeded, so the same config gives the same start."""
+def build_experiment(
+    cfg: ExperimentConfig, saved: PoisonRecord | None = None
+) -> tuple[DataSplits, nn.Module]:
+    """Data (`saved`: see `build_data`) and adapted model of a config; seeded, so the same
+    config gives the same start."""
     torch.manual_seed(cfg.seed)
-    data = build_data(cfg)
+    data = build_data(cfg, saved)
     model = build_model(cfg, data.num_classes, image_size(data, cfg))
     if is_clip(model):
         # An image-text model classifies through its text tower: the head starts as the

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from vptlab.backdoors.poison import PoisonRecord, save_poison
+from vptlab.backdoors.poison import POISON_FILE, PoisonRecord, load_poison_record, save_poison
 from vptlab.config import (
     ExperimentConfig,
     load_yaml,
@@ -158,8 +158,14 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str,
         raise VptlabError(f"nothing to resume in {run_dir}: no {CONFIG_FILE} there")
     with folder_lock(run_dir, "train --resume"):
         cfg = resolved(load_yaml(run_dir / CONFIG_FILE), overrides)
-        data, model = build_experiment(cfg)
+        data, model = build_experiment(cfg, saved_poison(run_dir))
         return _fit_run(cfg, data, model, run_dir, resume=(run_dir / STATE_FILE).is_file())
+
+
+def saved_poison(run_dir: Path) -> PoisonRecord | None:
+    """The run folder's poison record, if it holds one: a reload then takes a fitted trigger's
+    poisoned samples as they were trained."""
+    return load_poison_record(run_dir) if (run_dir / POISON_FILE).is_file() else None
 
 
 def load_run(
@@ -181,7 +187,7 @@ def load_run(
             f"run {run_dir} was trained on backbone {backbone}, which is missing; "
             "restore that file or train the run again"
         )
-    splits, model = build_experiment(cfg)
+    splits, model = build_experiment(cfg, saved_poison(run_dir) if data is None else None)
     load_model(model, run_dir / MODEL_FILE)
     return cfg, model.to(resolve_device(cfg.device)).eval(), splits
 
