@@ -165,9 +165,9 @@ def test_abl_removes_the_backdoor_and_keeps_accuracy(
 
 
 def test_a_matrix_crosses_abl_with_every_trigger(tmp_path: Path) -> None:
-    """In a matrix ABL is a defense that changes training (`kind: adversarial`, the kind whose
-    `train:` replaces the objective) against backdoor threats: one cell per trigger, each
-    training its poisoned split with objective abl."""
+    """In a matrix ABL is a training-time defense (`kind: training`: its `train:` replaces the
+    objective; against backdoor threats by default): one cell per trigger, each training its
+    poisoned split with objective abl, and none on the clean threat."""
     from vptlab.matrix.cells import plan
     from vptlab.matrix.config import parse_matrix
 
@@ -177,16 +177,20 @@ def test_a_matrix_crosses_abl_with_every_trigger(tmp_path: Path) -> None:
         "base": {"seed": 0, "device": "cpu", "train": {"epochs": 5},
                  "data": {"name": "digits", "batch_size": 64, "num_workers": 0}},
         "models": {"simplenet": {"model": {"name": "simplenet"}}},
-        "threats": {name: {"kind": "backdoor", "poison": {"trigger": name, **poison}}
-                    for name in ("badnets", "blended")},
-        "defenses": {"abl": {"kind": "adversarial", "train": {"objective": "abl"},
-                             "against": ["backdoor"]}},
+        "threats": {"clean": {"kind": "clean"},
+                    **{name: {"kind": "backdoor", "poison": {"trigger": name, **poison}}
+                       for name in ("badnets", "blended")}},
+        "defenses": {"abl": {"kind": "training", "train": {"objective": "abl"}}},
     }  # fmt: skip
     cells = {c.id: c for c in plan(parse_matrix(raw))}
     for trigger in ("badnets", "blended"):
         cell = cells[f"simplenet/full/{trigger}/abl"]
         assert cell.skip is None and cell.train["train"]["objective"] == "abl"
         assert cell.train["data"]["poison"]["trigger"] == trigger
+    assert "answers backdoor threats" in (cells["simplenet/full/clean/abl"].skip or "")
+    raw["defenses"] = {"abl": {"kind": "training"}}  # a training defense that changes nothing
+    with pytest.raises(ConfigError, match="a training defense changes the training"):
+        parse_matrix(raw)
 
 
 def test_a_resumed_run_keeps_the_isolated_samples(tmp_path: Path) -> None:

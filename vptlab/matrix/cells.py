@@ -27,7 +27,7 @@ import torch
 
 from vptlab.config import ExperimentConfig, apply_overrides, run_key
 from vptlab.errors import ConfigError
-from vptlab.matrix.config import DefenseSpec, MatrixConfig, ThreatSpec
+from vptlab.matrix.config import TRAINING_KINDS, DefenseSpec, MatrixConfig, ThreatSpec
 from vptlab.steps.attack import build_attack
 from vptlab.steps.resolve import resolved
 from vptlab.steps.study import deep_merge
@@ -193,8 +193,9 @@ def _skipped(cell: Cell, reason: str) -> Cell:
 def _train_config(cell: Cell, matrix: MatrixConfig, out: Path, overrides: list[str],
                   backbones: dict[str, Path]) -> ExperimentConfig:  # fmt: skip
     """The training step: base, then the model's and the adaptation's fragments, the threat's
-    poison, an adversarial defense's training; named by its run key so equal steps share a
-    folder (with a seed: by the key of its recipe without the seed, then `-s<seed>`)."""
+    poison, an adversarial or training-time defense's training; named by its run key so equal
+    steps share a folder (with a seed: by the key of its recipe without the seed, then
+    `-s<seed>`)."""
     adaptation = {k: v for k, v in matrix.adaptations[cell.adaptation].items() if k != "backbone"}
     raw = deep_merge(deep_merge(matrix.base, matrix.models[cell.model]), adaptation)
     stem = [cell.model, cell.adaptation]
@@ -202,7 +203,7 @@ def _train_config(cell: Cell, matrix: MatrixConfig, out: Path, overrides: list[s
         raw = deep_merge(raw, {"data": {"poison": cell.threat_spec.poison.model_dump()}})
         stem.append(cell.threat)
     without_defense = raw
-    if cell.defense_spec.kind == "adversarial":
+    if cell.defense_spec.kind in TRAINING_KINDS:
         raw = deep_merge(raw, {"train": cell.defense_spec.train_for(cell.model)})
         stem.append(cell.defense)
     if cell.adaptation in backbones and "pretrained" not in raw.get("model", {}):
@@ -211,7 +212,7 @@ def _train_config(cell: Cell, matrix: MatrixConfig, out: Path, overrides: list[s
     try:
         cfg = resolved(raw, [*overrides, f"output.dir={out / RUNS}"])
     except ConfigError as error:
-        if cell.defense_spec.kind == "adversarial" and _builds(without_defense, overrides):
+        if cell.defense_spec.kind in TRAINING_KINDS and _builds(without_defense, overrides):
             where = f"defenses.{cell.defense} (cell {cell.id}): "  # its `train` is to blame
         raise ConfigError(where + str(error)) from None
     name = f"{'-'.join(stem)}-{run_key(cfg)}{seed_suffix(cell.seed)}"

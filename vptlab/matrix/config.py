@@ -8,7 +8,8 @@ it came from. Threats and defenses have a `kind` that says which step of a cell'
 - threat `clean`: nothing; `evasion`: evaluation under `attacks` (budgets); `backdoor`: training on
   a train split poisoned by `poison` (a `data.poison` section), evaluation of CA / ASR / RA.
 - defense `none`; `adversarial`: training changed by `train` (an objective such as pgd or trades);
-  `repair`: a backdoor repairer (`vptlab defend`) applied to the trained model.
+  `training`: a training-time backdoor defense, the training changed by `train` as well (objective
+  abl); `repair`: a backdoor repairer (`vptlab defend`) applied to the trained model.
 
 `seeds: [0, 1, 2]` (optional) does every training run and every cell once per seed, as a study's
 seeds axis does; the seed is then the axis's alone, so a `seed` in `base`, a model or an
@@ -39,8 +40,10 @@ LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 DEFAULT_AGAINST: dict[str, tuple[ThreatKind, ...]] = {
     "none": ("clean", "evasion", "backdoor"),
     "adversarial": ("clean", "evasion"),
+    "training": ("backdoor",),
     "repair": ("backdoor",),
 }
+TRAINING_KINDS = ("adversarial", "training")  # the defenses that change a cell's training
 
 
 class Strict(BaseModel):
@@ -70,7 +73,7 @@ class ThreatSpec(Strict):
 class DefenseSpec(Strict):
     """One defense of the matrix; see the module docstring for the kinds."""
 
-    kind: Literal["none", "adversarial", "repair"]
+    kind: Literal["none", "adversarial", "training", "repair"]
     name: str | None = Field(None, description="repair: the repairer (ft, fp, nad, prompt)")
     clean_fraction: float = Field(0.05, gt=0, le=1, description="repair: clean data held")
     options: dict[str, Any] = Field(default_factory=dict, description="repair: its options")
@@ -95,6 +98,9 @@ class DefenseSpec(Strict):
             raise ValueError("defense kind none changes no training: drop train")
         if self.kind == "adversarial" and self.train.get("objective", "standard") == "standard":
             raise ValueError("an adversarial defense needs train.objective: pgd, fgsm_rs or trades")
+        if self.kind == "training" and not (self.train or self.train_by_model):
+            raise ValueError("a training defense changes the training: give train, e.g. "
+                             "{objective: abl}")  # fmt: skip
         return self
 
     @property
