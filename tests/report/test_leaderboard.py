@@ -56,10 +56,14 @@ def test_the_comparison_counts_agreeing_and_differing_cells() -> None:
                 "abl": {"ca": 80.0, "asr": 50.0}},
         "blend": {"ft": {"ca": 92.0, "asr": 10.0}},
     })  # fmt: skip
-    text, counts = leaderboard.agreement(ours, theirs, ["bad", "blend"], ["ft", "abl"])
-    assert counts == {"agree": 1, "differ": 2}
+    weak = leaderboard.cells({**RESULTS, "weak-s0": run("weak", 0, 90.0, 30.0, ft=(89.0, 5.0))},
+                             ["weak"], ["ft"], [])  # fmt: skip
+    text, counts = leaderboard.agreement({**ours, **weak}, theirs, ["bad", "blend", "weak"],
+                                         ["ft", "abl"])  # fmt: skip
+    assert counts == {"agree": 1, "differ": 2, "not planted": 1}
     assert "| bad | removed (agrees) | removed (BackdoorBench: partly) |" in text
     assert "| blend | survives (BackdoorBench: removed) | n/a |" in text
+    assert "| weak | not planted (undefended ASR 30.0%) | |" in text
     assert [leaderboard.verdict(a) for a in (19.9, 20.0, 79.9, 80.0, None)] == [
         "removed", "partly", "partly", "survives", None]  # fmt: skip
 
@@ -70,14 +74,15 @@ def test_a_study_report_holds_the_leaderboard_and_its_reference(tmp_path: Path) 
         defenses={"ft": {"name": "ft"}}, training_defenses={"abl": {"train": {"objective": "abl"}}},
         reference={"source": "a paper, table 1", "cells": {"bad": {"ft": {"ca": 89, "asr": 1.5}}}},
     )  # fmt: skip
-    results = {k: {**v, "model": "simplenet", "final": {}, "history": []}
+    history = [{"epoch": 1, "test_top1": 50.0}]
+    results = {k: {**v, "model": "simplenet", "final": {}, "history": history}
                for k, v in RESULTS.items() if k.startswith("bad")}  # fmt: skip
     text = study_mod.write_study_report(study, tmp_path, results).read_text()
     board = text.split("## Leaderboard", 1)[1]
     assert "| attack | none | ft | abl |" in board
     assert "| bad | 91.0 ± 1.4 / 99.0 ± 1.4 / n/a | 89.0 ± 1.4 / 5.0 ± 1.4 / 96.0 ± 1.4 | " \
            "80.0 / 0.0 / 95.0 |" in board  # fmt: skip
-    assert "Source: a paper, table 1." in board and "1 agree, 0 differ" in board
+    assert "Source: a paper, table 1." in board and "1 agree, 0 differ (0 attacks" in board
 
 
 def test_training_defenses_twin_every_poisoned_run() -> None:

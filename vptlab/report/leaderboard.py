@@ -126,11 +126,20 @@ def agreement(ours: Mapping[str, Mapping[str, Figures]],
               theirs: Mapping[str, Mapping[str, Figures]], runs: Sequence[str],
               defenses: Sequence[str]) -> tuple[str, dict[str, int]]:  # fmt: skip
     """Per cell, our outcome and the reference's (`verdict` of the mean ASR) and whether they
-    agree; with the counts of agreeing and differing cells."""
+    agree; with the counts of agreeing and differing cells. A row whose undefended backdoor
+    did not take (mean ASR below `SURVIVES_FROM`, ours or theirs) has nothing to remove: its
+    cells say so and are not counted."""
     lines = ["| attack | " + " | ".join(defenses) + " |",
              "|---|" + "---|" * len(defenses)]  # fmt: skip
-    counts = {"agree": 0, "differ": 0}
+    counts = {"agree": 0, "differ": 0, "not planted": 0}
     for run in runs:
+        planted = [_mean_asr(board.get(run, {}).get(NONE)) for board in (ours, theirs)]
+        weak = [asr for asr in planted if asr is not None and asr < SURVIVES_FROM]
+        if weak:
+            counts["not planted"] += 1
+            lines.append(f"| {run} | not planted (undefended ASR {min(weak):.1f}%) |"
+                         + " |" * (len(defenses) - 1))  # fmt: skip
+            continue
         texts = []
         for defense in defenses:
             mine = _mean_asr(ours.get(run, {}).get(defense))
@@ -172,7 +181,9 @@ def leaderboard_section(results: Results, runs: Sequence[str],
               table(theirs, runs, defenses), "",
               "### Does the defense remove the attack? vptlab against the reference", "",
               f"Outcome by the mean ASR after the defense: removed below {REMOVED_BELOW:g}%, "
-              f"survives from {SURVIVES_FROM:g}%, partly between. Cells with both figures: "
-              f"{counts['agree']} agree, {counts['differ']} differ.", "",
+              f"survives from {SURVIVES_FROM:g}%, partly between; an attack whose undefended "
+              f"ASR is under {SURVIVES_FROM:g}% is not planted and not compared. Cells with both "
+              f"figures: {counts['agree']} agree, {counts['differ']} differ "
+              f"({counts['not planted']} attacks not planted).", "",
               compare, ""]  # fmt: skip
     return lines
