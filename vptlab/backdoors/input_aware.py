@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from vptlab.backdoors.surrogate import surrogate_model
 from vptlab.backdoors.triggers import TRIGGERS, Trigger
 from vptlab.data.base import seeded_generator
 from vptlab.errors import ConfigError, VptlabError
@@ -259,22 +260,16 @@ class InputAwareTrigger(Trigger):
     def fit(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, target: int) -> None:
         """The authors' two stages on (x, y) (the clean train split, CPU, seeded; see the module):
         the mask generator alone, then the pattern generator with a fresh classifier."""
-        from vptlab.models import build_classifier
-        from vptlab.models.simplenet import SCRATCH_MEAN, SCRATCH_STD, SMALL_IMAGE, SimpleNet
-
         start = time.perf_counter()
         x, y = x.detach().float().cpu(), y.detach().long().cpu()
         n, batch = len(x), min(BATCH, len(x))
         g = seeded_generator(self.seed, _FIT_STREAM)
-        channels, size = int(x.shape[1]), min(x.shape[-2:])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
-            pattern_net, mask_net = self._build(channels)
-            # The surrogate's SimpleNet (backdoors/surrogate.py), trained here WITH the
-            # generator from scratch, as the authors' classifier is.
-            net = SimpleNet(num_classes, in_chans=channels,
-                            stem_stride=1 if size < SMALL_IMAGE else 2)  # fmt: skip
-        classifier = build_classifier(net, SCRATCH_MEAN[:1] * channels, SCRATCH_STD[:1] * channels)
+            pattern_net, mask_net = self._build(int(x.shape[1]))
+            # The surrogate's model, trained here WITH the generator from scratch, as the
+            # authors' classifier is.
+            classifier = surrogate_model(x, num_classes)
 
         def pairs(steps: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             # The authors' two shuffled loaders over the same split, whole batches only.

@@ -20,6 +20,15 @@ from vptlab.models.simplenet import SCRATCH_MEAN, SCRATCH_STD, SMALL_IMAGE, Simp
 _SURROGATE_STREAM = 3  # apart from the trigger's pattern (1) and the poison draws (2)
 
 
+def surrogate_model(x: torch.Tensor, num_classes: int) -> nn.Module:
+    """The untrained surrogate for images like x (N,C,H,W): a SimpleNet for their channels
+    (its stem's stride by their short side) behind its normalization. Its weights are drawn
+    from the global RNG: seed (or fork) it first."""
+    channels, size = int(x.shape[1]), min(int(x.shape[-2]), int(x.shape[-1]))
+    net = SimpleNet(num_classes, in_chans=channels, stem_stride=1 if size < SMALL_IMAGE else 2)
+    return build_classifier(net, SCRATCH_MEAN[:1] * channels, SCRATCH_STD[:1] * channels)
+
+
 def train_surrogate(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -39,13 +48,10 @@ def train_surrogate(
                           f"{tuple(x.shape)} and {tuple(y.shape)}")  # fmt: skip
     if epochs < 1:
         raise ConfigError(f"surrogate epochs must be >= 1, got {epochs}")
-    channels, size = int(x.shape[1]), min(int(x.shape[-2]), int(x.shape[-1]))
     g = seeded_generator(seed, _SURROGATE_STREAM)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
-        net = SimpleNet(num_classes, in_chans=channels,
-                        stem_stride=1 if size < SMALL_IMAGE else 2)  # fmt: skip
-    model = build_classifier(net, SCRATCH_MEAN[:1] * channels, SCRATCH_STD[:1] * channels)
+        model = surrogate_model(x, num_classes)
     x, y = x.detach().float().cpu(), y.detach().long().cpu()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()

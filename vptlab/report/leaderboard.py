@@ -20,6 +20,11 @@ from vptlab.backdoors.metrics import der
 from vptlab.report.tables import Stat, aggregate, stat_text
 
 NONE = "none"  # the undefended column
+
+
+def twin_label(run: str, defense: str) -> str:
+    """The label of poisoned run `run` trained with training-time defense `defense`."""
+    return f"{run}+{defense}"
 REMOVED_BELOW = 20.0  # ASR % under which a defense counts as removing the backdoor
 SURVIVES_FROM = 80.0  # ASR % from which the backdoor counts as surviving it
 DIGITS = 1
@@ -85,7 +90,7 @@ def cells(results: Results, runs: Sequence[str], repairs: Sequence[str],
                     (numbers.get("ca_after"), numbers.get("asr_after"),
                      None if score is None else 100.0 * score))  # fmt: skip
             for defense in training:
-                twin = _seed_runs(results, f"{run}+{defense}").get(seed)
+                twin = _seed_runs(results, twin_label(run, defense)).get(seed)
                 if twin is None:
                     continue
                 ca, asr = _backdoor(twin)

@@ -34,7 +34,7 @@ from vptlab.config import (
 from vptlab.defenses.detectors import DETECTORS
 from vptlab.engine.distributed import is_main_process
 from vptlab.errors import ConfigError, TrainingDiverged, format_validation_error
-from vptlab.report.leaderboard import leaderboard_section
+from vptlab.report.leaderboard import leaderboard_section, twin_label
 from vptlab.report.plots import plot_curves, plot_robust_accuracy, seed_curve
 from vptlab.report.tables import (
     BACKDOOR_COLUMNS,
@@ -190,11 +190,6 @@ class StudyConfig(BaseModel):
         return {f"{label}-s{seed}": seed for seed in self.seeds}
 
 
-def twin_label(run: str, defense: str) -> str:
-    """The label of poisoned run `run` trained with training-time defense `defense`."""
-    return f"{run}+{defense}"
-
-
 def _check_labels(study: StudyConfig) -> None:
     """Training-time defenses and repairs share the report's columns, so their labels must
     differ; a reference names runs and defenses of the study."""
@@ -336,10 +331,13 @@ def run_study(
     if study.seeds is not None and any(o.startswith("seed=") for o in overrides):
         raise ConfigError("seed: the study's seeds axis sets each run's seed; "
                           "override seeds instead")  # fmt: skip
+    # `only` names runs; a training-time defense's twin comes with its poisoned run.
+    of_run = {twin_label(run, defense): run for run in study.poisoned_runs()
+              for defense in study.training_defenses}  # fmt: skip
     configs = {
         name: _run_config(study, label, spec, out_dir, pretrained, overrides, name, seed)
         for label, spec in study.run_specs().items()
-        if not only or label.split("+")[0] in only or label in only
+        if not only or of_run.get(label, label) in only or label in only
         for name, seed in study.run_names(label).items()
     }  # fmt: skip
     if study.backbone is not None:
