@@ -168,7 +168,11 @@ def test_a_detector_is_built_from_the_defenders_data_only(
     for kwargs in built:
         # The training labels (spectral) are the data it inspects; what else it holds is checked.
         forbidden.check({k: v for k, v in kwargs.items() if k != "labels"}, name)
-        assert set(kwargs) <= {"pool", "labels", "seed", "overlays"}, kwargs
+        assert set(kwargs) <= {"pool", "labels", "seed", "overlays", "cache"}, kwargs
+        # A detector that keeps its work (nc) gets the study's folder for it, not the run's,
+        # where the poison record lies.
+        assert kwargs.get("cache", poisoned_runs["poisoned"].parent) == (
+            poisoned_runs["poisoned"].parent)  # fmt: skip
 
 
 def test_the_defender_splits_hold_out_a_stratified_validation_slice() -> None:

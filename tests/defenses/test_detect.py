@@ -195,3 +195,27 @@ def test_every_detector_beats_chance(
         # backdoorbench_fashion study's model-level table.)
         higher = result[score] > clean[score]
         assert judged is not None and judged["auroc"] == (1.0 if higher else 0.0)
+
+
+def test_the_nc_repair_takes_back_the_detectors_search(
+    poisoned_runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neural Cleanse's search runs once per run: the detector keeps it beside the run (in the
+    study's folder) and the `nc` repair of that run (the same clean images, options and seed)
+    takes it back, though the repair is not told where its parent is."""
+    from vptlab.steps.defend import defend
+    from vptlab.steps.detect import detect_run
+
+    monkeypatch.setattr(neural_cleanse, "DEFAULTS", SearchOptions(**NC_TEST_SEARCH))
+    run = poisoned_runs["poisoned"]
+    found = detect_run(run, "nc", device="cpu")
+    assert list((run.parent / neural_cleanse.CACHE_FOLDER).glob("*.safetensors"))
+    calls: list[int] = []
+    real = neural_cleanse.reverse_engineer
+    monkeypatch.setattr(neural_cleanse, "reverse_engineer",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))  # fmt: skip
+    metrics = defend(run, {"name": "nc", "clean_fraction": 0.05}, train={"epochs": 1},
+                     adaptive=False, fresh=True)  # fmt: skip
+    repaired = metrics["neural_cleanse"]
+    assert calls == [] and repaired["reused"] is True
+    assert repaired["norms"] == found["norms"] and repaired["flagged"] == found["flagged"]

@@ -151,3 +151,31 @@ def test_unset_options_are_the_defaults_when_the_search_starts(
     repairer = create_repairer("nc", steps=7)
     monkeypatch.setattr(nc, "DEFAULTS", replace(authors, batches=2))  # after it was made
     assert nc.search_options(**repairer.options) == replace(authors, steps=7, batches=2)
+
+
+def test_a_search_is_kept_and_taken_back_only_for_the_same_search(
+    backdoored: Any, clean_model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a cache folder the same search (weights, images, classes, options, seed) is taken
+    back instead of run again; other weights, another seed or other options search anew, and a
+    damaged entry is searched again, not trusted."""
+    x = clean_images(clean_splits(backdoored.data, 0.05, 0).train, 1000, 0, None)
+    o = SearchOptions(**{**CHEAP, "steps": 3})
+    first = neural_cleanse(backdoored.model, x, 10, o, seed=0, cache=tmp_path)
+    calls: list[int] = []
+    real = nc.reverse_engineer
+    monkeypatch.setattr(nc, "reverse_engineer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = neural_cleanse(backdoored.model, x, 10, o, seed=0, cache=tmp_path)
+    assert not first.reused and again.reused and calls == []
+    assert torch.equal(again.triggers.masks, first.triggers.masks)
+    assert again.triggers.norms == first.triggers.norms and again.seconds == first.seconds
+    neural_cleanse(clean_model, x, 10, o, seed=0, cache=tmp_path)
+    neural_cleanse(backdoored.model, x, 10, o, seed=1, cache=tmp_path)
+    neural_cleanse(backdoored.model, x[:-1], 10, o, seed=0, cache=tmp_path)
+    neural_cleanse(backdoored.model, x, 10, replace(o, steps=4), seed=0, cache=tmp_path)
+    assert len(calls) == 4
+    for entry in (tmp_path / nc.CACHE_FOLDER).glob("*.safetensors"):
+        entry.write_bytes(b"not a safetensors file")
+    searched = neural_cleanse(backdoored.model, x, 10, o, seed=0, cache=tmp_path)
+    assert not searched.reused and len(calls) == 5
+    assert searched.triggers.norms == first.triggers.norms  # the search is seeded

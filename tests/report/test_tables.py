@@ -15,6 +15,7 @@ from vptlab.report.tables import (
     decimals,
     markdown_table,
     overfitting_column,
+    present,
     seed_columns,
     seed_rows,
     stat_text,
@@ -46,6 +47,13 @@ def test_run_table_keeps_its_columns() -> None:
         "| n/a | 1.23 | 12.3 |\n"
         "| x | diverged | s | linear | d | 1 | 2 | n/a | n/a | n/a | n/a | n/a |"
     )
+
+
+def test_a_column_no_row_has_is_left_out() -> None:
+    columns = [Column("run", at("name")), Column("a", at("a")), Column("b", at("b"))]
+    rows = [{"name": "x", "a": 1}, {"name": "y", "a": None}]
+    assert [c.title for c in present(columns, rows)] == ["run", "a"]
+    assert [c.title for c in present(columns, [])] == ["run"]  # the first column always stays
 
 
 def test_catastrophic_overfitting_is_marked() -> None:

@@ -220,7 +220,7 @@ def test_backdoor_study_defends_and_detects_every_poisoned_run(
                    "train_by_model": {"simplenet": {"lr": 2e-3}, "vit-scratch": {"lr": 1.0}}},
             "broken": {"name": "fp", "options": {"max_ratio": 0.5}},
         },
-        "detectors": ["spectral"],
+        "detectors": ["spectral", "ac"],
     }
     # A bad defense config is refused before anything trains (tests/reliability); a defense
     # that fails while it runs is what the study lists and goes on from.
@@ -244,6 +244,10 @@ def test_backdoor_study_defends_and_detects_every_poisoned_run(
     defense_rows = [line for line in text.splitlines() if line.startswith("| badnets | ft |")]
     assert len(defense_rows) == 1
     assert "## Backdoor detection" in text and "| badnets |" in text.split("detection")[-1]
+    header = next(line for line in text.split("## Backdoor detection")[1].splitlines()
+                  if line.startswith("| run |"))  # fmt: skip
+    assert "AC precision %" in header and "spectral recall %" in header
+    assert "STRIP" not in header and "NC" not in header  # detectors the study did not run
     assert "`badnets` / `broken`: train.objective" in text
     mtime = (out / "badnets-ft" / "model.safetensors").stat().st_mtime_ns
     trained: list[str] = []

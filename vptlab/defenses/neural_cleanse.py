@@ -47,6 +47,8 @@ model, not a score per input (`NeuralCleanseDetector`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -57,6 +59,8 @@ from typing import Annotated, Any
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -68,8 +72,10 @@ from vptlab.defenses.adaptive import batch_window, model_inputs
 from vptlab.defenses.detectors import DETECTORS
 from vptlab.defenses.prompt_defense import stamp_patch
 from vptlab.defenses.repair import REPAIRERS, TRAINS_MODEL
+from vptlab.engine.checkpoint import read_metadata, tensor_digest
 from vptlab.engine.tasks import Task
-from vptlab.errors import ConfigError
+from vptlab.errors import ConfigError, VptlabError
+from vptlab.runs import atomic_write
 
 # Detection (mad_outlier_detection.py) and unlearning (the paper; BackdoorBench's nc.py).
 CONSISTENCY = 1.4826  # MAD -> standard deviation under a normal distribution
@@ -321,7 +327,8 @@ class CleanseResult:
 
     triggers: ReversedTriggers
     outliers: Outliers
-    seconds: float
+    seconds: float  # the search's
+    reused: bool = False  # taken from an earlier identical search (`neural_cleanse`'s cache)
 
     @property
     def flagged(self) -> list[int]:
@@ -339,7 +346,7 @@ class CleanseResult:
             "classes": t.classes, "norms": t.norms, "indices": out.indices,
             "success": t.success, "steps": t.steps, "median": out.median, "mad": out.mad,
             "anomaly_index": out.anomaly_index, "flagged": out.flagged,
-            "backdoored": bool(out.flagged), "seconds": self.seconds,
+            "backdoored": bool(out.flagged), "seconds": self.seconds, "reused": self.reused,
         }  # fmt: skip
 
 
@@ -350,15 +357,79 @@ def neural_cleanse(
     options: SearchOptions | None = None,
     threshold: float = THRESHOLD,
     seed: int = 0,
+    cache: Path | None = None,
 ) -> CleanseResult:
     """Neural Cleanse on `model` with clean model-ready images `x` (N, C, H, W) in [0, 1]:
     every class's reversed trigger (`reverse_engineer`) and the MAD test on their mask norms
     (`outliers`); the model is judged backdoored when a class is flagged. Model-level: one
-    verdict for the model, no score per input."""
+    verdict for the model, no score per input.
+
+    With a `cache` folder the reversed triggers are kept there under a key of everything the
+    search depends on (`search_key`) and taken back when the same search comes again: the
+    repair `nc` and the detector `nc` of one run search once (`reused` in the result)."""
     start = time.perf_counter()
-    triggers = reverse_engineer(model, x, num_classes, options, seed)
+    options = options or DEFAULTS
+    key = search_key(model, x, num_classes, options, seed) if cache is not None else None
+    cached = _cached(cache, key)
+    if cached is None:
+        triggers = reverse_engineer(model, x, num_classes, options, seed)
+        seconds = time.perf_counter() - start
+        _store(cache, key, triggers, seconds)
+    else:
+        triggers, seconds = cached
     found = outliers(triggers.norms, triggers.classes, threshold)
-    return CleanseResult(triggers, found, time.perf_counter() - start)
+    return CleanseResult(triggers, found, seconds, cached is not None)
+
+
+# Bump when the search changes what it finds: the cached triggers of an older search are then
+# not taken back.
+_SEARCH_VERSION = 1
+CACHE_FOLDER = ".neural_cleanse"  # in the cache folder given: a study's output folder
+
+
+def search_key(model: nn.Module, x: torch.Tensor, num_classes: int, options: SearchOptions,
+               seed: int) -> str:  # fmt: skip
+    """What a search's result depends on: the weights and buffers, the images, the classes, the
+    options, the seed and the device type (a GPU search draws the same but computes apart)."""
+    device = next(model.parameters()).device.type
+    h = hashlib.sha256()
+    h.update(tensor_digest(model.state_dict()).encode())
+    h.update(tensor_digest({"x": x}).encode())
+    spec = {"classes": num_classes, "options": asdict(options), "seed": seed, "device": device,
+            "version": _SEARCH_VERSION}  # fmt: skip
+    h.update(json.dumps(spec, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_path(cache: Path, key: str) -> Path:
+    return cache / CACHE_FOLDER / f"{key}.safetensors"
+
+
+def _cached(cache: Path | None, key: str | None) -> tuple[ReversedTriggers, float] | None:
+    """The search stored under `key` and the seconds it took; None when there is none, or when
+    it cannot be read (then it is searched again and stored anew)."""
+    if cache is None or key is None or not _cache_path(cache, key).is_file():
+        return None
+    path = _cache_path(cache, key)
+    try:
+        meta = json.loads(read_metadata(path)["search"])
+        tensors = load_file(str(path))
+        found = ReversedTriggers(meta["classes"], tensors["masks"], tensors["patterns"],
+                                 meta["norms"], meta["success"], meta["steps"])  # fmt: skip
+        return found, float(meta["seconds"])
+    except (VptlabError, SafetensorError, KeyError, ValueError, OSError):
+        return None
+
+
+def _store(cache: Path | None, key: str | None, t: ReversedTriggers, seconds: float) -> None:
+    if cache is None or key is None:
+        return
+    path = _cache_path(cache, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"classes": t.classes, "norms": t.norms, "success": t.success, "steps": t.steps,
+            "seconds": seconds}  # fmt: skip
+    tensors = {"masks": t.masks.contiguous(), "patterns": t.patterns.contiguous()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"search": json.dumps(meta)}))
 
 
 def clean_images(split: TensorSplit | Dataset, samples: int, seed: int,
@@ -441,11 +512,14 @@ class NeuralCleanse:
         self, model: nn.Module, clean: DataSplits, cfg: ExperimentConfig, run_dir: Path
     ) -> dict[str, Any]:
         """Neural Cleanse on the defender's clean train data; its numbers go to metrics.json
-        under `neural_cleanse`."""
+        under `neural_cleanse`. The search is kept in (and taken back from) the folder the
+        defended run lies in, a study's output folder, where the detector `nc` of the poisoned
+        run beside it keeps its own: the same search runs once. Nothing of the attack is read
+        there (the cache holds reversed triggers only, under a key of the defender's inputs)."""
         options = search_options(**self.options)
         x = clean_images(clean.train, options.samples, cfg.seed, cfg.data.img_size)
         self.result = neural_cleanse(model, x, clean.num_classes, options, self.threshold,
-                                     cfg.seed)  # fmt: skip
+                                     cfg.seed, Path(run_dir).parent)  # fmt: skip
         summary = self.result.summary()
         summary.update(samples=len(x), unlearn_ratio=self.unlearn_ratio,
                        threshold=self.threshold, options=asdict(options))  # fmt: skip
@@ -502,17 +576,20 @@ class NeuralCleanseDetector:
     """Neural Cleanse as a model-level detector: called with the defender's clean images, it
     runs the search (`DEFAULTS`) and the MAD test, keeps the verdict (`result`), and returns one
     score per class, (median - norm) / MAD, higher for a class whose trigger is smaller than
-    the others' (the flagged classes score above `threshold`)."""
+    the others' (the flagged classes score above `threshold`). With a `cache` folder (`vptlab
+    detect`: the one the run lies in) the search is kept there and taken back (see
+    `neural_cleanse`)."""
 
-    def __init__(self, seed: int = 0, threshold: float = THRESHOLD) -> None:
-        self.seed, self.threshold = seed, threshold
+    def __init__(self, seed: int = 0, threshold: float = THRESHOLD,
+                 cache: Path | None = None) -> None:  # fmt: skip
+        self.seed, self.threshold, self.cache = seed, threshold, cache
         self.result: CleanseResult | None = None
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with frozen_parameters(model), torch.no_grad():
             num_classes = int(model.eval()(x[:1].to(next(model.parameters()).device)).shape[1])
         self.result = neural_cleanse(model, x, num_classes, threshold=self.threshold,
-                                     seed=self.seed)  # fmt: skip
+                                     seed=self.seed, cache=self.cache)  # fmt: skip
         out = self.result.outliers
         below = torch.tensor(self.result.triggers.norms, dtype=torch.float64) < out.median
         index = torch.tensor(out.indices, dtype=torch.float64)

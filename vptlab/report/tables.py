@@ -161,17 +161,28 @@ DETECTION_COLUMNS: tuple[Column, ...] = (
     Column("spectral precision %", at("detection", "spectral", "precision"), decimals(1),
            "right"),  # fmt: skip
     Column("spectral recall %", at("detection", "spectral", "recall"), decimals(1), "right"),
-    Column("flagged", at("detection", "spectral", "flagged"), thousands, "right"),
+    Column("spectral flagged", at("detection", "spectral", "flagged"), thousands, "right"),
+    Column("AC precision %", at("detection", "ac", "precision"), decimals(1), "right"),
+    Column("AC recall %", at("detection", "ac", "recall"), decimals(1), "right"),
+    Column("AC flagged", at("detection", "ac", "flagged"), thousands, "right"),
     Column("NC anomaly index", at("detection", "nc", "anomaly_index"), decimals(2), "right"),
 )
 DETECTION_NOTE = (
     "STRIP: AUROC of the trigger-stamped non-target test images against the same images clean "
-    "(0.5 is chance). Spectral signatures: the flagged training samples (1.5 x an assumed "
-    "poison-rate bound of 0.1, not the attack's rate) against the poisoned ones; flagging at "
-    "random gives a precision equal to the poison rate. Neural Cleanse (NC): the anomaly index "
-    "of the smallest reverse-engineered trigger among the classes' (MAD-scaled); above 2 the "
-    "model is judged backdoored."
+    "(0.5 is chance). Spectral signatures and activation clustering (AC): the flagged training "
+    "samples against the poisoned ones (spectral: 1.5 x an assumed poison-rate bound of 0.1, "
+    "not the attack's rate; AC: the smaller 2-means cluster of the label whose split is the "
+    "clearest, by silhouette); flagging at random gives a precision equal to the poison rate. "
+    "Neural Cleanse (NC): the anomaly index of the smallest reverse-engineered trigger among "
+    "the classes' (MAD-scaled); above 2 the model is judged backdoored. A detector the study "
+    "did not run has no column."
 )
+
+
+def present(columns: Sequence[Column], rows: Sequence[Row], keep: int = 1) -> list[Column]:
+    """`columns` without those that no row has a value for (the first `keep` always stay)."""
+    return [*columns[:keep], *(c for c in columns[keep:]
+                               if any(c.value(row) is not None for row in rows))]  # fmt: skip
 
 
 def markdown_table(columns: Sequence[Column], rows: Iterable[Row]) -> str:

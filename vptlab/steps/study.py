@@ -51,6 +51,7 @@ from vptlab.report.tables import (
     defense_columns,
     finished,
     markdown_table,
+    present,
     residual_asr,
     robust_columns,
     seed_columns,
@@ -546,7 +547,8 @@ RUN_AVERAGED = ("top-1", "top-5", "s / epoch", "wall s")
 BACKDOOR_AVERAGED = ("CA %", "ASR %", "RA %")
 DEFENSE_AVERAGED = ("CA before %", "CA after %", "ASR before %", "ASR after %", "RA after %",
                     "ASR drop", "DER", "residual ASR %")  # fmt: skip
-DETECTION_AVERAGED = ("STRIP AUROC", "spectral precision %", "spectral recall %", "flagged",
+DETECTION_AVERAGED = ("STRIP AUROC", "spectral precision %", "spectral recall %",
+                      "spectral flagged", "AC precision %", "AC recall %", "AC flagged",
                       "NC anomaly index")  # fmt: skip
 
 
@@ -689,11 +691,13 @@ def model_detection_section(results: dict[str, dict[str, Any]],
 
 def detection_section(results: dict[str, dict[str, Any]],
                       tables: Tables | None = None) -> list[str]:  # fmt: skip
-    """STRIP AUROC and spectral-signature precision / recall of each poisoned run."""
+    """Each poisoned run's detection: STRIP AUROC, spectral-signature and activation-clustering
+    precision / recall, NC's anomaly index (a detector no run has: no column)."""
     tables = tables or Tables()
     rows = [{**_names(name, m), "detection": m["detection"]} for name, m in results.items()
             if "detection" in m]  # fmt: skip
-    table = tables.table("Backdoor detection", DETECTION_COLUMNS, rows, DETECTION_AVERAGED)
+    columns = present(DETECTION_COLUMNS, rows)
+    table = tables.table("Backdoor detection", columns, rows, DETECTION_AVERAGED)
     return ["## Backdoor detection", "", table, "", DETECTION_NOTE, ""]
 
 
