@@ -169,8 +169,8 @@ def small_model(name: str) -> nn.Module:
     kwargs: dict = {}
     if name.startswith("vit"):
         kwargs["patch_size"] = 4
-    if name.startswith("vit_"):
-        kwargs["depth"] = 1
+    if name.startswith("vit_"):  # timm's ViTs: 16 tokens of width 384-768 (patch 4: 64)
+        kwargs.update(depth=1, patch_size=8)
     if name.startswith("tiny_vit_"):
         kwargs["depths"] = (1, 1, 1, 1)
     if name == "preact-resnet18":
