@@ -59,8 +59,8 @@ from typing import Annotated, Any
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -72,9 +72,9 @@ from vptlab.defenses.adaptive import batch_window, model_inputs
 from vptlab.defenses.detectors import DETECTORS
 from vptlab.defenses.prompt_defense import stamp_patch
 from vptlab.defenses.repair import REPAIRERS, TRAINS_MODEL
-from vptlab.engine.checkpoint import read_metadata, tensor_digest
+from vptlab.engine.checkpoint import tensor_digest
 from vptlab.engine.tasks import Task
-from vptlab.errors import ConfigError, VptlabError
+from vptlab.errors import ConfigError
 from vptlab.runs import atomic_write
 
 # Detection (mad_outlier_detection.py) and unlearning (the paper; BackdoorBench's nc.py).
@@ -369,12 +369,14 @@ def neural_cleanse(
     repair `nc` and the detector `nc` of one run search once (`reused` in the result)."""
     start = time.perf_counter()
     options = options or DEFAULTS
-    key = search_key(model, x, num_classes, options, seed) if cache is not None else None
-    cached = _cached(cache, key)
+    path = None if cache is None else _cache_path(cache, search_key(model, x, num_classes,
+                                                                    options, seed))  # fmt: skip
+    cached = _cached(path)
     if cached is None:
         triggers = reverse_engineer(model, x, num_classes, options, seed)
         seconds = time.perf_counter() - start
-        _store(cache, key, triggers, seconds)
+        if path is not None:
+            _store(path, triggers, seconds)
     else:
         triggers, seconds = cached
     found = outliers(triggers.norms, triggers.classes, threshold)
@@ -405,26 +407,23 @@ def _cache_path(cache: Path, key: str) -> Path:
     return cache / CACHE_FOLDER / f"{key}.safetensors"
 
 
-def _cached(cache: Path | None, key: str | None) -> tuple[ReversedTriggers, float] | None:
-    """The search stored under `key` and the seconds it took; None when there is none, or when
-    it cannot be read (then it is searched again and stored anew)."""
-    if cache is None or key is None or not _cache_path(cache, key).is_file():
+def _cached(path: Path | None) -> tuple[ReversedTriggers, float] | None:
+    """The search stored at `path` and the seconds it took, in one read of the file; None when
+    there is none, or when it cannot be read (then it is searched again and stored anew)."""
+    if path is None or not path.is_file():
         return None
-    path = _cache_path(cache, key)
     try:
-        meta = json.loads(read_metadata(path)["search"])
-        tensors = load_file(str(path))
-        found = ReversedTriggers(meta["classes"], tensors["masks"], tensors["patterns"],
-                                 meta["norms"], meta["success"], meta["steps"])  # fmt: skip
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["search"])
+            masks, patterns = f.get_tensor("masks"), f.get_tensor("patterns")
+        found = ReversedTriggers(meta["classes"], masks, patterns, meta["norms"],
+                                 meta["success"], meta["steps"])  # fmt: skip
         return found, float(meta["seconds"])
-    except (VptlabError, SafetensorError, KeyError, ValueError, OSError):
+    except (SafetensorError, KeyError, ValueError, OSError):
         return None
 
 
-def _store(cache: Path | None, key: str | None, t: ReversedTriggers, seconds: float) -> None:
-    if cache is None or key is None:
-        return
-    path = _cache_path(cache, key)
+def _store(path: Path, t: ReversedTriggers, seconds: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"classes": t.classes, "norms": t.norms, "success": t.success, "steps": t.steps,
             "seconds": seconds}  # fmt: skip

@@ -137,13 +137,13 @@ def _detect(run_dir: Path, detector: str, device: str, overlays: int) -> dict[st
     setting = DETECTORS.meta(detector).get("setting")
     factory = DETECTORS.get(detector)
     taken = inspect.signature(factory).parameters
-    # Each detector takes what it uses: STRIP its overlays, a detector that keeps its work (nc's
-    # search, shared with the nc repair of this run) the folder the run lies in.
-    given = {"overlays": overlays, "cache": run_dir.parent}
-    options = {k: v for k, v in given.items() if k in taken}
+    options = {k: v for k, v in {"overlays": overlays}.items() if k in taken}
     if setting == "model":
         pool, _ = model_inputs(clean_subset(clean_data(cfg).train, 0.05, cfg.seed), cfg, dev)
-        scorer = DETECTORS.create(detector, seed=cfg.seed, **options)
+        # A detector that keeps its work (nc's search, shared with the nc repair of this run)
+        # keeps it in the folder the run lies in.
+        cached = {"cache": run_dir.parent} if "cache" in taken else {}
+        scorer = DETECTORS.create(detector, seed=cfg.seed, **options, **cached)
         scorer(model, pool)
         verdict = scorer.verdict()
         truth: dict[str, Any] = {"poisoned": False, "target": None, "target_flagged": None}
@@ -165,7 +165,7 @@ def _detect(run_dir: Path, detector: str, device: str, overlays: int) -> dict[st
         pool, _ = model_inputs(clean_subset(data.train, 0.05, cfg.seed), cfg, dev)
         scorer = DETECTORS.create(detector, pool=pool, seed=cfg.seed, **options)
         result = {"auroc": auroc(scorer(model, triggered), scorer(model, x)),
-                  "samples": len(x), **{k: options[k] for k in ("overlays",) if k in options}}
+                  "samples": len(x), **options}  # fmt: skip
     elif setting == "training":
         x, y = model_inputs(splits.train, cfg, dev)
         seeded = {"seed": cfg.seed} if "seed" in taken else {}
